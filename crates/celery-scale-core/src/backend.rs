@@ -1,0 +1,80 @@
+//! The two I/O traits: [`QueueSource`] observes a backlog, [`Scaler`] reads and sets capacity.
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+
+use crate::{Capacity, CapacityUnit, Observation, Result, SetOutcome, WorkersPerUnit};
+
+/// Observes the backlog of one set of Celery queues.
+///
+/// Implementations do I/O and are chosen at run time (`Box<dyn QueueSource>`). An observation
+/// either succeeds with what the broker really says or fails with a typed [`crate::Error`]:
+/// never a guess and never zero in place of "unknown".
+#[async_trait]
+pub trait QueueSource: Send + Sync + Debug + 'static {
+    /// Reads the backlog now.
+    async fn observe(&self) -> Result<Observation>;
+}
+
+/// Reads and sets the capacity of one compute target (an ECS service, an Auto Scaling Group, ...).
+#[async_trait]
+pub trait Scaler: Send + Sync + Debug + 'static {
+    /// What one unit of capacity is.
+    fn unit(&self) -> CapacityUnit;
+
+    /// How many Celery worker processes one unit runs.
+    fn workers_per_unit(&self) -> WorkersPerUnit;
+
+    /// Reads desired, running and pending capacity, in units.
+    async fn capacity(&self) -> Result<Capacity>;
+
+    /// Sets the desired capacity, in units. Setting the value the target already has is harmless.
+    async fn set_desired(&self, units: u32) -> Result<SetOutcome>;
+}
+
+#[async_trait]
+impl<T: QueueSource + ?Sized> QueueSource for Box<T> {
+    async fn observe(&self) -> Result<Observation> {
+        (**self).observe().await
+    }
+}
+
+#[async_trait]
+impl<T: QueueSource + ?Sized> QueueSource for std::sync::Arc<T> {
+    async fn observe(&self) -> Result<Observation> {
+        (**self).observe().await
+    }
+}
+
+#[async_trait]
+impl<T: Scaler + ?Sized> Scaler for Box<T> {
+    fn unit(&self) -> CapacityUnit {
+        (**self).unit()
+    }
+    fn workers_per_unit(&self) -> WorkersPerUnit {
+        (**self).workers_per_unit()
+    }
+    async fn capacity(&self) -> Result<Capacity> {
+        (**self).capacity().await
+    }
+    async fn set_desired(&self, units: u32) -> Result<SetOutcome> {
+        (**self).set_desired(units).await
+    }
+}
+
+#[async_trait]
+impl<T: Scaler + ?Sized> Scaler for std::sync::Arc<T> {
+    fn unit(&self) -> CapacityUnit {
+        (**self).unit()
+    }
+    fn workers_per_unit(&self) -> WorkersPerUnit {
+        (**self).workers_per_unit()
+    }
+    async fn capacity(&self) -> Result<Capacity> {
+        (**self).capacity().await
+    }
+    async fn set_desired(&self, units: u32) -> Result<SetOutcome> {
+        (**self).set_desired(units).await
+    }
+}

@@ -1,0 +1,298 @@
+//! Celery's worker events (`worker-heartbeat`, `worker-online`, `worker-offline`), decoded once
+//! for every broker, and a registry of live workers built from them.
+//!
+//! Every Celery worker sends a heartbeat every `freq` seconds (2 s by default) without any `-E`
+//! flag. The heartbeat's `active` is the number of tasks executing now: the only way to see
+//! executing tasks on Redis with Celery's default early ack. On Redis the events arrive on the
+//! PUB/SUB channel `/{db}.celeryev/worker.heartbeat` wrapped in kombu's JSON envelope
+//! ([`decode_kombu_envelope`]); on RabbitMQ they are messages on the `celeryev` topic exchange
+//! whose body is the event JSON itself ([`WorkerEvent::from_json`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// What kind of worker event this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEventKind {
+    /// `worker-heartbeat`: sent every `freq` seconds.
+    Heartbeat,
+    /// `worker-online`: the worker started.
+    Online,
+    /// `worker-offline`: the worker is shutting down (warm shutdown).
+    Offline,
+}
+
+/// One decoded Celery worker event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerEvent {
+    /// The kind of event.
+    pub kind: WorkerEventKind,
+    /// The worker's node name, e.g. `celery@host-1`.
+    pub hostname: String,
+    /// Tasks executing now.
+    pub active: u64,
+    /// Tasks the worker has received so far.
+    pub processed: u64,
+    /// Seconds between heartbeats.
+    pub freq: f64,
+    /// The worker's own clock, seconds since the Unix epoch.
+    pub timestamp: f64,
+}
+
+/// Why an event could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EventDecodeError {
+    /// The bytes are not the expected JSON.
+    #[error("worker event is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The envelope's body is not valid base64.
+    #[error("worker event body is not valid base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    /// The event is not a worker event (e.g. a task event).
+    #[error("not a worker event: type {0:?}")]
+    NotWorkerEvent(String),
+}
+
+#[derive(Deserialize)]
+struct RawEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    hostname: String,
+    #[serde(default)]
+    active: u64,
+    #[serde(default)]
+    processed: u64,
+    #[serde(default = "default_freq")]
+    freq: f64,
+    #[serde(default)]
+    timestamp: f64,
+}
+
+fn default_freq() -> f64 {
+    2.0
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    body: String,
+    #[serde(default)]
+    properties: EnvelopeProperties,
+}
+
+#[derive(Deserialize, Default)]
+struct EnvelopeProperties {
+    #[serde(default)]
+    body_encoding: Option<String>,
+}
+
+/// Unwraps kombu's Redis envelope (`{"body": <base64>, "properties": {"body_encoding": "base64"}, ...}`)
+/// and returns the event JSON inside.
+pub fn decode_kombu_envelope(payload: &[u8]) -> Result<Vec<u8>, EventDecodeError> {
+    let env: Envelope = serde_json::from_slice(payload)?;
+    match env.properties.body_encoding.as_deref() {
+        Some("base64") | None => Ok(base64::engine::general_purpose::STANDARD.decode(env.body)?),
+        Some(_) => Ok(env.body.into_bytes()),
+    }
+}
+
+impl WorkerEvent {
+    /// Decodes the event JSON (the body of the AMQP message, or the inside of kombu's envelope).
+    pub fn from_json(body: &[u8]) -> Result<Self, EventDecodeError> {
+        let raw: RawEvent = serde_json::from_slice(body)?;
+        let kind = match raw.kind.as_str() {
+            "worker-heartbeat" => WorkerEventKind::Heartbeat,
+            "worker-online" => WorkerEventKind::Online,
+            "worker-offline" => WorkerEventKind::Offline,
+            other => return Err(EventDecodeError::NotWorkerEvent(other.to_string())),
+        };
+        Ok(WorkerEvent {
+            kind,
+            hostname: raw.hostname,
+            active: raw.active,
+            processed: raw.processed,
+            freq: if raw.freq > 0.0 { raw.freq } else { default_freq() },
+            timestamp: raw.timestamp,
+        })
+    }
+
+    /// Decodes a Redis PUB/SUB payload: kombu's envelope around the event JSON.
+    pub fn from_kombu_envelope(payload: &[u8]) -> Result<Self, EventDecodeError> {
+        WorkerEvent::from_json(&decode_kombu_envelope(payload)?)
+    }
+}
+
+/// What the live workers say, summed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WorkerSummary {
+    /// Tasks executing now over all live workers.
+    pub executing: u64,
+    /// Workers whose last heartbeat is recent.
+    pub live_workers: u32,
+    /// Tasks one busy worker process completes per second, measured over the registry's window:
+    /// the completion rate divided by the mean number of executing tasks (Little's law).
+    /// `None` until there is enough history with work executing.
+    pub throughput_per_worker: Option<f64>,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    active: u64,
+    freq: f64,
+    last_beat: Instant,
+    /// (when, processed, active) samples within the window.
+    samples: VecDeque<(Instant, u64, u64)>,
+}
+
+/// Live workers by hostname, fed with [`WorkerEvent`]s, read as a [`WorkerSummary`].
+///
+/// A worker is forgotten when it sends `worker-offline` or when no heartbeat has arrived for
+/// `3 x freq` (Celery's own `worker-lost` rule uses a similar multiple).
+#[derive(Debug)]
+pub struct WorkerRegistry {
+    workers: HashMap<String, WorkerState>,
+    window: Duration,
+}
+
+impl Default for WorkerRegistry {
+    fn default() -> Self {
+        WorkerRegistry::new(Duration::from_secs(60))
+    }
+}
+
+impl WorkerRegistry {
+    /// A registry that measures throughput over `window`.
+    pub fn new(window: Duration) -> Self {
+        WorkerRegistry {
+            workers: HashMap::new(),
+            window,
+        }
+    }
+
+    /// Records an event received at `now`.
+    pub fn apply(&mut self, event: &WorkerEvent, now: Instant) {
+        if event.kind == WorkerEventKind::Offline {
+            self.workers.remove(&event.hostname);
+            return;
+        }
+        let state = self
+            .workers
+            .entry(event.hostname.clone())
+            .or_insert_with(|| WorkerState {
+                active: 0,
+                freq: event.freq,
+                last_beat: now,
+                samples: VecDeque::new(),
+            });
+        state.active = event.active;
+        state.freq = event.freq;
+        state.last_beat = now;
+        if event.kind == WorkerEventKind::Heartbeat {
+            state.samples.push_back((now, event.processed, event.active));
+            while let Some(&(t, _, _)) = state.samples.front() {
+                if now.saturating_duration_since(t) > self.window && state.samples.len() > 2 {
+                    state.samples.pop_front();
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Forgets every worker (e.g. after a reconnect, when beats may have been missed).
+    pub fn clear(&mut self) {
+        self.workers.clear();
+    }
+
+    /// Drops workers whose beats stopped and sums the rest.
+    pub fn summary(&mut self, now: Instant) -> WorkerSummary {
+        self.workers.retain(|_, w| {
+            now.saturating_duration_since(w.last_beat) <= Duration::from_secs_f64(3.0 * w.freq)
+        });
+        let mut completed_per_s = 0.0;
+        let mut mean_active = 0.0;
+        let mut measured = false;
+        for w in self.workers.values() {
+            if let (Some(first), Some(last)) = (w.samples.front(), w.samples.back()) {
+                let dt = last.0.saturating_duration_since(first.0).as_secs_f64();
+                if dt > 0.0 && w.samples.len() >= 2 {
+                    measured = true;
+                    completed_per_s += last.1.saturating_sub(first.1) as f64 / dt;
+                    mean_active +=
+                        w.samples.iter().map(|s| s.2 as f64).sum::<f64>() / w.samples.len() as f64;
+                }
+            }
+        }
+        WorkerSummary {
+            executing: self.workers.values().map(|w| w.active).sum(),
+            live_workers: self.workers.len() as u32,
+            throughput_per_worker: (measured && mean_active > 0.0 && completed_per_s > 0.0)
+                .then(|| completed_per_s / mean_active),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(host: &str, active: u64, processed: u64) -> WorkerEvent {
+        WorkerEvent {
+            kind: WorkerEventKind::Heartbeat,
+            hostname: host.into(),
+            active,
+            processed,
+            freq: 2.0,
+            timestamp: 0.0,
+        }
+    }
+
+    #[test]
+    fn decodes_kombu_envelope() {
+        let inner = br#"{"hostname": "celery@a", "active": 2, "processed": 7, "freq": 2.0, "timestamp": 1.5, "type": "worker-heartbeat", "loadavg": [0.1, 0.2, 0.3], "pid": 1}"#;
+        let body = base64::engine::general_purpose::STANDARD.encode(inner);
+        let env = format!(
+            r#"{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"hostname": "celery@a"}}, "properties": {{"delivery_mode": 1, "body_encoding": "base64", "delivery_tag": "x"}}}}"#
+        );
+        let e = WorkerEvent::from_kombu_envelope(env.as_bytes()).unwrap();
+        assert_eq!(e.kind, WorkerEventKind::Heartbeat);
+        assert_eq!(e.hostname, "celery@a");
+        assert_eq!((e.active, e.processed), (2, 7));
+        assert!(matches!(
+            WorkerEvent::from_json(br#"{"type": "task-received", "hostname": "x"}"#),
+            Err(EventDecodeError::NotWorkerEvent(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registry_tracks_live_workers_and_throughput() {
+        let mut reg = WorkerRegistry::default();
+        let t0 = Instant::now();
+        reg.apply(&beat("a", 2, 0), t0);
+        reg.apply(&beat("b", 1, 0), t0);
+        let s = reg.summary(t0);
+        assert_eq!((s.executing, s.live_workers), (3, 2));
+        assert_eq!(s.throughput_per_worker, None);
+        // a: 2 busy processes complete 10 tasks in 10 s -> 0.5 tasks/s per busy process.
+        reg.apply(&beat("a", 2, 10), t0 + Duration::from_secs(10));
+        reg.apply(&beat("b", 1, 0), t0 + Duration::from_secs(10));
+        let s = reg.summary(t0 + Duration::from_secs(10));
+        let tp = s.throughput_per_worker.unwrap();
+        assert!((tp - 1.0 / 3.0).abs() < 1e-9, "{tp}");
+        // b stops beating; after 3 x freq it is gone. a says offline.
+        reg.apply(&beat("a", 0, 12), t0 + Duration::from_secs(15));
+        let s = reg.summary(t0 + Duration::from_secs(17));
+        assert_eq!(s.live_workers, 1);
+        reg.apply(
+            &WorkerEvent {
+                kind: WorkerEventKind::Offline,
+                ..beat("a", 0, 12)
+            },
+            t0 + Duration::from_secs(17),
+        );
+        assert_eq!(reg.summary(t0 + Duration::from_secs(17)).live_workers, 0);
+    }
+}

@@ -1,0 +1,28 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod autoscaler;
+mod backend;
+mod capacity;
+pub mod celery_events;
+pub mod config;
+pub mod conformance;
+mod error;
+pub mod layer;
+mod memory;
+mod observation;
+pub mod policy;
+pub mod record;
+mod redact;
+pub mod sim;
+
+pub use autoscaler::{Autoscaler, Binding, LoopSettings};
+pub use backend::{QueueSource, Scaler};
+pub use capacity::{Capacity, CapacityUnit, SetOutcome, WorkersPerUnit};
+pub use error::{BoxError, ConfigError, Error, ErrorKind, Result};
+pub use memory::{MemoryMessage, MemoryQueue, MemoryScaler};
+pub use observation::{Observation, QueueDepth};
+pub use redact::{SecretUrl, redact_url};
+
+pub use async_trait::async_trait;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,161 @@
+//! What a [`QueueSource`](crate::QueueSource) sees: the backlog of a set of queues at one instant.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// The backlog of one binding's queues, observed at [`Observation::at`].
+///
+/// Counts are in messages (Celery tasks). Fields a broker cannot tell are `None`, never a guess:
+/// Redis without heartbeats cannot see executing tasks; RabbitMQ's passive declare cannot see
+/// unacknowledged ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// Messages waiting in the queues, not yet taken by any worker (all priorities).
+    pub ready: u64,
+    /// Messages taken by workers but not acknowledged: prefetched, ETA/countdown tasks held by
+    /// workers, and (with `acks_late`) executing tasks. `None` when the source cannot tell.
+    pub in_flight: Option<u64>,
+    /// Tasks executing right now, from Celery's worker heartbeats (`active`). `None` without them.
+    pub executing: Option<u64>,
+    /// Celery worker nodes whose heartbeats are current. `None` without heartbeats.
+    pub live_workers: Option<u32>,
+    /// Measured tasks completed per second per worker process, from heartbeats. `None` when
+    /// not measured yet.
+    pub throughput_per_worker: Option<f64>,
+    /// Age of the oldest ready message, when the message carries its publish time (or a past ETA).
+    pub oldest_age: Option<Duration>,
+    /// Consumers attached to the queues, when the broker says so.
+    pub consumers: Option<u32>,
+    /// The same numbers per queue.
+    pub queues: Vec<QueueDepth>,
+    /// When the observation was taken (the loop's clock).
+    pub at: Instant,
+}
+
+impl Observation {
+    /// An observation of `ready` messages at `at`, with nothing else known.
+    pub fn new(ready: u64, at: Instant) -> Self {
+        Observation {
+            ready,
+            in_flight: None,
+            executing: None,
+            live_workers: None,
+            throughput_per_worker: None,
+            oldest_age: None,
+            consumers: None,
+            queues: Vec::new(),
+            at,
+        }
+    }
+
+    /// Builds an observation from per-queue depths: sums ready and in-flight (in-flight is known
+    /// only if every queue knows it), takes the oldest age and sums consumers where known.
+    pub fn from_queues(queues: Vec<QueueDepth>, at: Instant) -> Self {
+        let ready = queues.iter().map(|q| q.ready).sum();
+        let in_flight = queues
+            .iter()
+            .map(|q| q.in_flight)
+            .try_fold(0u64, |acc, v| v.map(|v| acc + v));
+        let oldest_age = queues.iter().filter_map(|q| q.oldest_age).max();
+        let consumers = queues
+            .iter()
+            .filter_map(|q| q.consumers)
+            .reduce(|a, b| a + b);
+        Observation {
+            ready,
+            in_flight: if queues.is_empty() { None } else { in_flight },
+            oldest_age,
+            consumers,
+            queues,
+            ..Observation::new(0, at)
+        }
+    }
+
+    /// Work the fleet has to do: ready messages plus the larger of in-flight and executing.
+    ///
+    /// With Celery's default early ack an executing task is in neither the queue nor the unacked
+    /// set, and with `acks_late` it is in both `in_flight` and `executing`; taking the larger of
+    /// the two never double counts and never misses the executing tasks by more than the
+    /// prefetched buffer.
+    pub fn outstanding(&self) -> u64 {
+        self.ready + self.in_flight.unwrap_or(0).max(self.executing.unwrap_or(0))
+    }
+
+    /// How old the observation is at `now`.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.at)
+    }
+
+    /// Adds worker-heartbeat figures (see [`crate::celery_events::WorkerRegistry`]).
+    pub fn with_workers(mut self, workers: &crate::celery_events::WorkerSummary) -> Self {
+        self.executing = Some(workers.executing);
+        self.live_workers = Some(workers.live_workers);
+        self.throughput_per_worker = workers.throughput_per_worker;
+        self
+    }
+}
+
+/// The depth of one queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueDepth {
+    /// The Celery queue name (without any key prefix or priority suffix).
+    pub queue: String,
+    /// Ready messages over all priorities.
+    pub ready: u64,
+    /// Messages held by workers, when known.
+    pub in_flight: Option<u64>,
+    /// Age of the oldest ready message, when known.
+    #[serde(default, with = "humantime_serde")]
+    pub oldest_age: Option<Duration>,
+    /// Consumers, when known.
+    pub consumers: Option<u32>,
+}
+
+impl QueueDepth {
+    /// A queue with `ready` messages and nothing else known.
+    pub fn new(queue: impl Into<String>, ready: u64) -> Self {
+        QueueDepth {
+            queue: queue.into(),
+            ready,
+            in_flight: None,
+            oldest_age: None,
+            consumers: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_queues_sums_and_keeps_unknowns_unknown() {
+        let now = Instant::now();
+        let mut a = QueueDepth::new("a", 3);
+        a.in_flight = Some(2);
+        a.oldest_age = Some(Duration::from_secs(5));
+        let b = QueueDepth::new("b", 4);
+        let obs = Observation::from_queues(vec![a.clone(), b], now);
+        assert_eq!(obs.ready, 7);
+        assert_eq!(obs.in_flight, None, "b does not know its in-flight count");
+        assert_eq!(obs.oldest_age, Some(Duration::from_secs(5)));
+
+        let mut b = QueueDepth::new("b", 4);
+        b.in_flight = Some(1);
+        let obs = Observation::from_queues(vec![a, b], now);
+        assert_eq!(obs.in_flight, Some(3));
+        assert_eq!(obs.outstanding(), 10);
+    }
+
+    #[test]
+    fn outstanding_takes_larger_of_in_flight_and_executing() {
+        let mut obs = Observation::new(5, Instant::now());
+        obs.in_flight = Some(8);
+        obs.executing = Some(2);
+        assert_eq!(obs.outstanding(), 13);
+        obs.in_flight = Some(0);
+        assert_eq!(obs.outstanding(), 7);
+    }
+}

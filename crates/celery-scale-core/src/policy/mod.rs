@@ -1,0 +1,144 @@
+//! Scaling policies: pure, synchronous functions from what was observed to how many workers
+//! should run, with the reason.
+//!
+//! A policy speaks in **worker processes** (one Celery task at a time each); the loop converts
+//! to the scaler's units with [`WorkersPerUnit`](crate::WorkersPerUnit). Policies never read a
+//! clock: the time is part of the [`PolicyInput`], so the simulator and the tests drive them in
+//! virtual time. Behaviour that needs memory (stabilization, rate limits, scale to zero) lives in
+//! [layers](crate::layer) that wrap a policy.
+
+mod drain_time;
+mod target_backlog;
+
+use std::fmt::Debug;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+pub use drain_time::DrainTime;
+pub use target_backlog::TargetBacklog;
+
+use crate::{Capacity, Observation};
+
+/// Everything a policy may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyInput<'a> {
+    /// The fresh observation, or `None` when the observation failed or is stale.
+    pub observation: Option<&'a Observation>,
+    /// Observations that failed in a row before (and including) this tick; 0 when fresh.
+    pub consecutive_failures: u32,
+    /// The target's current capacity, in workers.
+    pub capacity: Capacity,
+    /// The time of the decision.
+    pub now: Instant,
+}
+
+/// One stage of a decision: a policy or a layer, what it made of the value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// The policy or layer, e.g. `target_backlog`, `bounds`, `stabilize`.
+    pub stage: String,
+    /// The desired worker count this stage received (for the base policy, the current desired).
+    pub before: u32,
+    /// The desired worker count after this stage.
+    pub after: u32,
+    /// Why, in words.
+    pub note: String,
+}
+
+/// A policy's answer: the desired number of worker processes and the stages that led to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Desired worker processes.
+    pub desired: u32,
+    /// The base policy first, then each layer from the innermost out.
+    pub steps: Vec<Step>,
+}
+
+impl Decision {
+    /// A decision made by a base policy.
+    pub fn new(stage: &str, before: u32, desired: u32, note: impl Into<String>) -> Self {
+        Decision {
+            desired,
+            steps: vec![Step {
+                stage: stage.to_string(),
+                before,
+                after: desired,
+                note: note.into(),
+            }],
+        }
+    }
+
+    /// Hold at the current desired value because there is no fresh observation.
+    pub fn hold(stage: &str, input: &PolicyInput<'_>) -> Self {
+        let current = input.capacity.desired;
+        Decision::new(
+            stage,
+            current,
+            current,
+            format!(
+                "hold at {current}: no fresh observation ({} failed in a row)",
+                input.consecutive_failures
+            ),
+        )
+    }
+
+    /// Records a layer's effect and sets the desired value to `after`.
+    pub fn push(&mut self, stage: &str, after: u32, note: impl Into<String>) {
+        self.steps.push(Step {
+            stage: stage.to_string(),
+            before: self.desired,
+            after,
+            note: note.into(),
+        });
+        self.desired = after;
+    }
+
+    /// The reason in one sentence: the note of the last stage that changed the value, or the
+    /// base policy's note when no layer did.
+    pub fn reason(&self) -> &str {
+        self.steps
+            .iter()
+            .skip(1)
+            .rev()
+            .find(|s| s.before != s.after)
+            .or(self.steps.first())
+            .map_or("", |s| s.note.as_str())
+    }
+}
+
+/// Decides how many worker processes should run.
+///
+/// Object-safe; `&mut self` because layers remember recent recommendations. Must be
+/// deterministic: the same sequence of inputs gives the same sequence of decisions.
+pub trait ScalingPolicy: Send + Sync + Debug {
+    /// The decision for this input.
+    fn decide(&mut self, input: &PolicyInput<'_>) -> Decision;
+}
+
+impl<P: ScalingPolicy + ?Sized> ScalingPolicy for Box<P> {
+    fn decide(&mut self, input: &PolicyInput<'_>) -> Decision {
+        (**self).decide(input)
+    }
+}
+
+/// Runs `policy` and enforces the rule no policy may break: **a fault never becomes a
+/// scale-in**. Without a fresh observation the result is never below the current desired value.
+pub fn decide_guarded(policy: &mut dyn ScalingPolicy, input: &PolicyInput<'_>) -> Decision {
+    let mut decision = policy.decide(input);
+    let current = input.capacity.desired;
+    if input.observation.is_none() && decision.desired < current {
+        decision.push(
+            "fault_guard",
+            current,
+            format!("no fresh observation: keep {current}, never scale in on missing data"),
+        );
+    }
+    decision
+}
+
+/// The per-worker rate limit used by [`DrainTime`] and by the simulator's default: how many
+/// tasks one worker can start within `window` at `throughput` tasks per second (at least one).
+pub(crate) fn tasks_per_worker_within(throughput: f64, window_s: f64) -> f64 {
+    (throughput * window_s).max(1.0)
+}
