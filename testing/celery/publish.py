@@ -1,0 +1,43 @@
+"""Publishes tasks with apply_async, as an application would, and prints what kombu counts.
+
+  python publish.py --queue celery --count 10 [--priority N] [--countdown S] [--seconds S]
+Prints one JSON object: {"published": N, "kombu_size": {queue: size}} where kombu_size is
+kombu's own count of ready messages (the channel's _size for Redis; the passive declare's
+message_count for AMQP), for comparison with celery-scale's reading.
+"""
+import argparse
+import json
+
+from app import app, sleep
+
+
+def kombu_size(queue):
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if hasattr(channel, "_size"):  # kombu's virtual transports (Redis)
+            return channel._size(queue)
+        return channel.queue_declare(queue=queue, passive=True).message_count
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--queue", default="celery")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--priority", type=int, default=None)
+    p.add_argument("--countdown", type=float, default=None)
+    p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
+    p.add_argument("--size-of", action="append", default=[], help="queues to report kombu's size of")
+    a = p.parse_args()
+    opts = {"queue": a.queue}
+    if a.priority is not None:
+        opts["priority"] = a.priority
+    if a.countdown is not None:
+        opts["countdown"] = a.countdown
+    for _ in range(a.count):
+        sleep.apply_async((a.seconds,), **opts)
+    sizes = {q: kombu_size(q) for q in (a.size_of or [a.queue])}
+    print(json.dumps({"published": a.count, "kombu_size": sizes}))
+
+
+if __name__ == "__main__":
+    main()
