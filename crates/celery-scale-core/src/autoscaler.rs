@@ -193,9 +193,7 @@ impl Binding {
             capacity_error: None,
             decision: None,
             desired_units: None,
-            outcome: Outcome::Held {
-                why: String::new(),
-            },
+            outcome: Outcome::Held { why: String::new() },
             dry_run: self.settings.dry_run,
             duration: Duration::ZERO,
             next_tick_in: self.settings.interval,
@@ -318,7 +316,8 @@ fn emit(r: &DecisionRecord) {
     let labels = [("binding", binding.clone())];
     metrics::counter!("celery_scale_decisions_total", "binding" => binding.clone(), "outcome" => outcome)
         .increment(1);
-    metrics::histogram!("celery_scale_tick_duration_seconds", &labels).record(r.duration.as_secs_f64());
+    metrics::histogram!("celery_scale_tick_duration_seconds", &labels)
+        .record(r.duration.as_secs_f64());
     if let Some(ready) = ready {
         metrics::gauge!("celery_scale_ready_messages", &labels).set(ready as f64);
     }

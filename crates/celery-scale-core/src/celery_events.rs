@@ -114,7 +114,11 @@ impl WorkerEvent {
             hostname: raw.hostname,
             active: raw.active,
             processed: raw.processed,
-            freq: if raw.freq > 0.0 { raw.freq } else { default_freq() },
+            freq: if raw.freq > 0.0 {
+                raw.freq
+            } else {
+                default_freq()
+            },
             timestamp: raw.timestamp,
         })
     }
@@ -191,7 +195,9 @@ impl WorkerRegistry {
         state.freq = event.freq;
         state.last_beat = now;
         if event.kind == WorkerEventKind::Heartbeat {
-            state.samples.push_back((now, event.processed, event.active));
+            state
+                .samples
+                .push_back((now, event.processed, event.active));
             while let Some(&(t, _, _)) = state.samples.front() {
                 if now.saturating_duration_since(t) > self.window && state.samples.len() > 2 {
                     state.samples.pop_front();

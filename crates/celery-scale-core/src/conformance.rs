@@ -105,16 +105,27 @@ pub async fn queue_source(source: &dyn QueueSource, fixture: &dyn QueueFixture, 
     let (ready, in_flight) = observe_queue(source, queue, "after taking 2").await;
     assert_eq!(ready, 3, "taken messages are no longer ready");
     if fixture.reports_in_flight() {
-        assert_eq!(in_flight, Some(2), "taken, unacknowledged messages are in flight");
+        assert_eq!(
+            in_flight,
+            Some(2),
+            "taken, unacknowledged messages are in flight"
+        );
     } else {
-        assert_eq!(in_flight, None, "a source that cannot see in-flight messages says None");
+        assert_eq!(
+            in_flight, None,
+            "a source that cannot see in-flight messages says None"
+        );
     }
 
     fixture.ack_all(queue).await.expect("fixture ack");
     let (ready, in_flight) = observe_queue(source, queue, "after ack").await;
     assert_eq!(ready, 3, "acknowledging does not change ready");
     if fixture.reports_in_flight() {
-        assert_eq!(in_flight, Some(0), "acknowledged messages are no longer in flight");
+        assert_eq!(
+            in_flight,
+            Some(0),
+            "acknowledged messages are no longer in flight"
+        );
     }
 
     // Reading twice without change gives the same answer.
@@ -146,15 +157,24 @@ pub async fn scaler(scaler: &dyn Scaler, low: u32, high: u32) {
 
     let outcome = scaler.set_desired(high).await.expect("set_desired(high)");
     assert_eq!(outcome.requested, high);
-    assert_eq!(outcome.applied, high, "a value within bounds is applied as asked");
+    assert_eq!(
+        outcome.applied, high,
+        "a value within bounds is applied as asked"
+    );
     let cap = scaler.capacity().await.expect("capacity after set");
-    assert_eq!(cap.desired, high, "capacity must read back the desired value just set");
+    assert_eq!(
+        cap.desired, high,
+        "capacity must read back the desired value just set"
+    );
     assert!(
         cap.running + cap.pending <= cap.desired.max(cap.running + cap.pending),
         "running and pending are counts of units"
     );
 
-    scaler.set_desired(high).await.expect("setting the same value twice is harmless");
+    scaler
+        .set_desired(high)
+        .await
+        .expect("setting the same value twice is harmless");
     assert_eq!(scaler.capacity().await.expect("capacity").desired, high);
 
     scaler.set_desired(low).await.expect("set_desired(low)");

@@ -263,7 +263,8 @@ mod tests {
 
     #[test]
     fn config_error_within_prefixes_path() {
-        let e = ConfigError::new("max_workers", "0 is below min_workers 1").within("bindings[0].policy");
+        let e = ConfigError::new("max_workers", "0 is below min_workers 1")
+            .within("bindings[0].policy");
         assert_eq!(e.field, "bindings[0].policy.max_workers");
     }
 }

@@ -67,7 +67,10 @@ impl MemoryQueue {
 
     /// Declares `queue` so that it is observed (as 0) before anything is published to it.
     pub fn declare(&self, queue: &str) {
-        lock(&self.state).queues.entry(queue.to_string()).or_default();
+        lock(&self.state)
+            .queues
+            .entry(queue.to_string())
+            .or_default();
     }
 
     /// Publishes one message to `queue` and returns it.
@@ -79,7 +82,10 @@ impl MemoryQueue {
             queue: queue.to_string(),
             published_at: Instant::now(),
         };
-        s.queues.entry(queue.to_string()).or_default().push_back(msg.clone());
+        s.queues
+            .entry(queue.to_string())
+            .or_default()
+            .push_back(msg.clone());
         msg
     }
 
@@ -108,7 +114,10 @@ impl MemoryQueue {
         let mut s = lock(&self.state);
         match s.in_flight.remove(&id) {
             Some(msg) => {
-                s.queues.entry(msg.queue.clone()).or_default().push_front(msg);
+                s.queues
+                    .entry(msg.queue.clone())
+                    .or_default()
+                    .push_front(msg);
                 true
             }
             None => false,
@@ -136,13 +145,21 @@ impl MemoryQueue {
 
     /// Ready messages in `queue`.
     pub fn ready(&self, queue: &str) -> u64 {
-        lock(&self.state).queues.get(queue).map_or(0, |q| q.len() as u64)
+        lock(&self.state)
+            .queues
+            .get(queue)
+            .map_or(0, |q| q.len() as u64)
     }
 
     /// Ids of the messages of `queue` that are in flight.
     pub fn in_flight_ids(&self, queue: &str) -> Vec<u64> {
         let s = lock(&self.state);
-        let mut ids: Vec<u64> = s.in_flight.values().filter(|m| m.queue == queue).map(|m| m.id).collect();
+        let mut ids: Vec<u64> = s
+            .in_flight
+            .values()
+            .filter(|m| m.queue == queue)
+            .map(|m| m.id)
+            .collect();
         ids.sort_unstable();
         ids
     }
@@ -176,7 +193,9 @@ impl QueueSource for MemoryQueue {
                 queue: name.clone(),
                 ready: q.len() as u64,
                 in_flight: Some(held.get(name.as_str()).copied().unwrap_or(0)),
-                oldest_age: q.front().map(|m| now.saturating_duration_since(m.published_at)),
+                oldest_age: q
+                    .front()
+                    .map(|m| now.saturating_duration_since(m.published_at)),
                 consumers: None,
             })
             .collect();

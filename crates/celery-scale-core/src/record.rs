@@ -77,7 +77,11 @@ impl ObservedRecord {
             oldest_age: obs.oldest_age,
             consumers: obs.consumers,
             age,
-            queues: obs.queues.iter().map(|q| (q.queue.clone(), q.ready)).collect(),
+            queues: obs
+                .queues
+                .iter()
+                .map(|q| (q.queue.clone(), q.ready))
+                .collect(),
         }
     }
 }
@@ -213,7 +217,10 @@ impl RecordLog {
 
     /// The records so far.
     pub fn records(&self) -> Vec<DecisionRecord> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -30,12 +30,7 @@ pub fn redact_url(url: &str) -> String {
                         // A bare userinfo is a password for Redis (`redis://secret@host`).
                         None => "***".to_string(),
                     };
-                    format!(
-                        "{}{}@{}",
-                        &url[..scheme_end + 3],
-                        user,
-                        &rest[at + 1..]
-                    )
+                    format!("{}{}@{}", &url[..scheme_end + 3], user, &rest[at + 1..])
                 }
                 None => url.to_string(),
             }
@@ -110,11 +105,23 @@ mod tests {
     #[test]
     fn redacts_every_form() {
         assert_eq!(redact_url("redis://secret@h:1/0"), "redis://***@h:1/0");
-        assert_eq!(redact_url("rediss://default:p%40ss@h:1"), "rediss://default:***@h:1");
-        assert_eq!(redact_url("amqp://guest:guest@localhost:5672/%2f"), "amqp://guest:***@localhost:5672/%2f");
-        assert_eq!(redact_url("redis://h/0?password=x&db=1"), "redis://h/0?password=***&db=1");
+        assert_eq!(
+            redact_url("rediss://default:p%40ss@h:1"),
+            "rediss://default:***@h:1"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis://h/0?password=x&db=1"),
+            "redis://h/0?password=***&db=1"
+        );
         assert_eq!(redact_url("not a url"), "not a url");
-        assert_eq!(redact_url("redis+unix:///tmp/r.sock?db=2"), "redis+unix:///tmp/r.sock?db=2");
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?db=2"),
+            "redis+unix:///tmp/r.sock?db=2"
+        );
     }
 
     #[test]

@@ -87,7 +87,11 @@ mod tests {
         let t1 = t0 + Duration::from_secs(59);
         assert_eq!(p.decide(&input(&idle, 1, t1)).desired, 1);
         let t2 = t0 + Duration::from_secs(60);
-        assert_eq!(p.decide(&input(&idle, 1, t2)).desired, 0, "idle for the window");
+        assert_eq!(
+            p.decide(&input(&idle, 1, t2)).desired,
+            0,
+            "idle for the window"
+        );
 
         // Executing work is not idle even with empty queues.
         let mut busy = Observation::new(0, t2);

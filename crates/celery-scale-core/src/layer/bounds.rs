@@ -41,8 +41,8 @@ impl<P: ScalingPolicy> ScalingPolicy for Bounded<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::testing::{Scripted, input};
     use crate::Observation;
+    use crate::layer::testing::{Scripted, input};
     use tokio::time::Instant;
 
     #[test]

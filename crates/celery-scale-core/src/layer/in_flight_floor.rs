@@ -64,7 +64,11 @@ mod tests {
         obs.executing = Some(3);
         obs.in_flight = Some(17);
         let mut p = InFlightFloor::new(Scripted { next: 0 }, 4).unwrap();
-        assert_eq!(p.decide(&input(&obs, 9, now)).desired, 5, "ceil(17/4) = 5 > 3");
+        assert_eq!(
+            p.decide(&input(&obs, 9, now)).desired,
+            5,
+            "ceil(17/4) = 5 > 3"
+        );
         obs.in_flight = Some(0);
         assert_eq!(p.decide(&input(&obs, 9, now)).desired, 3);
         assert!(InFlightFloor::new(Scripted::default(), 0).is_err());

@@ -151,9 +151,17 @@ mod tests {
         // From 2: max(4, 100% of 2) = +4.
         assert_eq!(p.decide(&input(&obs, 2, t0)).desired, 6);
         // Within the same period the base is still 2.
-        assert_eq!(p.decide(&input(&obs, 6, t0 + Duration::from_secs(30))).desired, 6);
+        assert_eq!(
+            p.decide(&input(&obs, 6, t0 + Duration::from_secs(30)))
+                .desired,
+            6
+        );
         // A period later the base is 6: +6.
-        assert_eq!(p.decide(&input(&obs, 6, t0 + Duration::from_secs(91))).desired, 12);
+        assert_eq!(
+            p.decide(&input(&obs, 6, t0 + Duration::from_secs(91)))
+                .desired,
+            12
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -163,7 +171,11 @@ mod tests {
         let limit = StepLimit::new(1, 50, Duration::from_secs(60)).unwrap();
         let mut p = MaxStep::new(Scripted { next: 0 }, None, Some(limit));
         assert_eq!(p.decide(&input(&obs, 10, t0)).desired, 5);
-        assert_eq!(p.decide(&input(&obs, 5, t0 + Duration::from_secs(10))).desired, 5);
+        assert_eq!(
+            p.decide(&input(&obs, 5, t0 + Duration::from_secs(10)))
+                .desired,
+            5
+        );
         assert!(StepLimit::new(0, 0, Duration::from_secs(1)).is_err());
     }
 }

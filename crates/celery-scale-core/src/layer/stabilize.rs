@@ -83,7 +83,11 @@ mod tests {
     async fn scale_in_waits_for_the_window_scale_out_is_immediate() {
         let t0 = Instant::now();
         let obs = Observation::new(0, t0);
-        let mut p = Stabilize::new(Scripted { next: 10 }, Duration::ZERO, Duration::from_secs(300));
+        let mut p = Stabilize::new(
+            Scripted { next: 10 },
+            Duration::ZERO,
+            Duration::from_secs(300),
+        );
         assert_eq!(p.decide(&input(&obs, 2, t0)).desired, 10, "out at once");
         p.inner.next = 1;
         for s in [10u64, 100, 299, 300] {
@@ -98,7 +102,11 @@ mod tests {
     async fn up_window_takes_the_lowest() {
         let t0 = Instant::now();
         let obs = Observation::new(0, t0);
-        let mut p = Stabilize::new(Scripted { next: 3 }, Duration::from_secs(60), Duration::ZERO);
+        let mut p = Stabilize::new(
+            Scripted { next: 3 },
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
         assert_eq!(p.decide(&input(&obs, 1, t0)).desired, 3);
         p.inner.next = 8;
         let d = p.decide(&input(&obs, 3, t0 + Duration::from_secs(30)));

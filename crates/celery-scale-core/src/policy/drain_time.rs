@@ -119,7 +119,9 @@ mod tests {
             "target_wait"
         );
         assert_eq!(
-            DrainTime::new(Duration::from_secs(1), f64::NAN).unwrap_err().field,
+            DrainTime::new(Duration::from_secs(1), f64::NAN)
+                .unwrap_err()
+                .field,
             "throughput_per_worker"
         );
     }
