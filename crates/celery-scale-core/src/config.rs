@@ -363,9 +363,11 @@ fallback = { after_failures = 3, capacity = 2 }
         c.validate(&no_backend_rules).unwrap_err()
     }
 
+    type Edit = Box<dyn Fn(&mut Config<Src, Tgt>)>;
+
     #[test]
     fn each_invalid_field_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut Config<Src, Tgt>)>, &str)> = vec![
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|c| c.bindings[0].policy.max_workers = 0),
                 "bindings[0].policy.max_workers",
