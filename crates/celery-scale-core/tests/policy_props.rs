@@ -9,11 +9,14 @@ use celery_scale_core::{Capacity, Observation};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
+/// Ready, in flight, executing and measured throughput of one observation.
+type Seen = (u64, Option<u64>, Option<u64>, Option<f64>);
+
 /// One tick of input: `None` for a failed observation.
 #[derive(Debug, Clone)]
 struct Tick {
     gap_s: u64,
-    obs: Option<(u64, Option<u64>, Option<u64>, Option<f64>)>,
+    obs: Option<Seen>,
 }
 
 fn tick() -> impl Strategy<Value = Tick> {
