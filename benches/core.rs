@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use celery_scale::config::{FallbackConfig, PolicyConfig, StepLimitConfig};
 use celery_scale::policy::{PolicyInput, decide_guarded};
-use celery_scale::{Autoscaler, Binding, Capacity, LoopSettings, MemoryQueue, MemoryScaler, Observation};
+use celery_scale::{
+    Autoscaler, Binding, Capacity, LoopSettings, MemoryQueue, MemoryScaler, Observation,
+};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use tokio::time::Instant;
 
