@@ -1,8 +1,6 @@
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use super::history::History;
 use crate::ConfigError;
 use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 
@@ -48,7 +46,7 @@ pub struct MaxStep<P> {
     up: Option<StepLimit>,
     down: Option<StepLimit>,
     /// (when, current desired) as seen on each decision.
-    history: VecDeque<(Instant, u32)>,
+    history: History,
 }
 
 impl<P> MaxStep<P> {
@@ -58,7 +56,7 @@ impl<P> MaxStep<P> {
             inner,
             up,
             down,
-            history: VecDeque::new(),
+            history: History::default(),
         }
     }
 
@@ -84,20 +82,8 @@ impl<P: ScalingPolicy> ScalingPolicy for MaxStep<P> {
             .up
             .map_or(Duration::ZERO, |l| l.period)
             .max(self.down.map_or(Duration::ZERO, |l| l.period));
-        while let Some(&(t, _)) = self.history.front() {
-            if now.saturating_duration_since(t) > keep {
-                self.history.pop_front();
-            } else {
-                break;
-            }
-        }
-        self.history.push_back((now, current));
-        let in_period = |p: Duration| {
-            self.history
-                .iter()
-                .filter(move |(t, _)| now.saturating_duration_since(*t) <= p)
-                .map(|(_, c)| *c)
-        };
+        self.history.record(now, current, keep);
+        let in_period = |p: Duration| self.history.within(now, p);
         if let Some(limit) = self.up
             && d.desired > current
         {
@@ -141,6 +127,7 @@ mod tests {
     use super::*;
     use crate::Observation;
     use crate::layer::testing::{Scripted, input};
+    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn limits_growth_per_period() {

@@ -23,6 +23,7 @@
 mod activation;
 mod bounds;
 mod fallback;
+mod history;
 mod in_flight_floor;
 mod max_step;
 mod stabilize;

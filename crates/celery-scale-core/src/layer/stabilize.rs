@@ -1,8 +1,6 @@
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use super::history::History;
 use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 
 /// The Kubernetes HPA's stabilization windows: scale in only to the *highest* recommendation
@@ -13,7 +11,7 @@ pub struct Stabilize<P> {
     inner: P,
     up: Duration,
     down: Duration,
-    history: VecDeque<(Instant, u32)>,
+    history: History,
 }
 
 impl<P> Stabilize<P> {
@@ -23,7 +21,7 @@ impl<P> Stabilize<P> {
             inner,
             up,
             down,
-            history: VecDeque::new(),
+            history: History::default(),
         }
     }
 }
@@ -37,20 +35,8 @@ impl<P: ScalingPolicy> ScalingPolicy for Stabilize<P> {
         let now = input.now;
         let recommendation = d.desired;
         let keep = self.up.max(self.down);
-        while let Some(&(t, _)) = self.history.front() {
-            if now.saturating_duration_since(t) > keep {
-                self.history.pop_front();
-            } else {
-                break;
-            }
-        }
-        self.history.push_back((now, recommendation));
-        let within = |w: Duration| {
-            self.history
-                .iter()
-                .filter(move |(t, _)| now.saturating_duration_since(*t) <= w)
-                .map(|(_, r)| *r)
-        };
+        self.history.record(now, recommendation, keep);
+        let within = |w: Duration| self.history.within(now, w);
         let up_rec = within(self.up).min().unwrap_or(recommendation);
         let down_rec = within(self.down).max().unwrap_or(recommendation);
         let current = input.capacity.desired;
@@ -78,6 +64,7 @@ mod tests {
     use super::*;
     use crate::Observation;
     use crate::layer::testing::{Scripted, input};
+    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn scale_in_waits_for_the_window_scale_out_is_immediate() {
