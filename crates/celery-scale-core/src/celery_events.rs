@@ -35,7 +35,8 @@ pub struct WorkerEvent {
     pub hostname: String,
     /// Tasks executing now.
     pub active: u64,
-    /// Tasks the worker has received so far.
+    /// Tasks the worker has received so far (Celery's `all_total_count`: counted when a task is
+    /// reserved, so a prefetch shows up before the tasks run).
     pub processed: u64,
     /// Seconds between heartbeats.
     pub freq: f64,
@@ -136,9 +137,11 @@ pub struct WorkerSummary {
     pub executing: u64,
     /// Workers whose last heartbeat is recent.
     pub live_workers: u32,
-    /// Tasks one busy worker process completes per second, measured over the registry's window:
-    /// the completion rate divided by the mean number of executing tasks (Little's law).
-    /// `None` until there is enough history with work executing.
+    /// Tasks one busy worker process gets through per second, measured over the registry's
+    /// window: the rate at which workers take tasks (`processed`) divided by the mean number of
+    /// executing tasks (Little's law). Prefetching makes it read high for the first beats after a
+    /// burst arrives; over the window it converges to the completion rate. `None` until there is
+    /// history with work executing.
     pub throughput_per_worker: Option<f64>,
 }
 
