@@ -1,0 +1,472 @@
+//! Configuration of a [`RedisQueueSource`](crate::RedisQueueSource): serde (TOML, JSON) and a
+//! builder, validated with errors that name the field.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use celery_scale_core::{ConfigError, SecretUrl};
+use serde::{Deserialize, Serialize};
+
+/// kombu's default priority steps (`PRIORITY_STEPS`).
+pub const DEFAULT_PRIORITY_STEPS: [u32; 4] = [0, 3, 6, 9];
+
+/// kombu's default separator between a queue name and its priority step (`sep`).
+pub const DEFAULT_SEP: &str = "\x06\x16";
+
+/// How in-flight messages (taken by a worker, not yet acknowledged) are counted.
+///
+/// kombu keeps every taken, unacknowledged message in the hash `unacked` (field = delivery tag,
+/// value = `[message, exchange, routing_key]`); prefetched tasks, ETA/countdown tasks held by a
+/// worker and (with `acks_late`) executing tasks are there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InFlightMode {
+    /// Do not read in-flight messages: [`Observation::in_flight`] is `None`.
+    ///
+    /// [`Observation::in_flight`]: celery_scale_core::Observation::in_flight
+    Off,
+    /// `HLEN unacked`, one command in the observation's pipeline: O(1) on the server, a few
+    /// bytes on the wire. It counts every queue of the Redis database (and key prefix), so the
+    /// per-queue breakdown has no in-flight figure and the total is the whole transport's.
+    #[default]
+    Global,
+    /// `HSCAN unacked` and attribute each message to a queue by its routing key (falling back
+    /// to the exchange's `_kombu.binding.*` table). Transfers every unacknowledged message (their
+    /// full bodies) on every observation, one page of 1,000 per round trip after the first, which
+    /// rides in the observation's pipeline; use it when several bindings share one database.
+    PerQueue,
+}
+
+/// Optional discovery of queues from kombu's binding tables (`_kombu.binding.<exchange>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often to list the binding tables again (a `SCAN` of the keyspace and one `SMEMBERS`
+    /// per exchange, outside the observation's pipeline).
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// Discovered queue names to leave out; `*` matches any run of characters
+    /// (e.g. `"tmp-*"`). Celery's pidbox, reply and event queues are always left out.
+    pub exclude: Vec<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh: Duration::from_secs(60),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// Certificates for `rediss://` beyond the built-in web PKI roots.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A PEM file with the certificate authority to trust instead of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate, for mutual TLS (needs `client_key_file`).
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// Configuration of a [`RedisQueueSource`](crate::RedisQueueSource).
+///
+/// ```
+/// use celery_scale_redis::{InFlightMode, RedisSourceConfig};
+/// let config: RedisSourceConfig = toml::from_str(r#"
+///     url = "redis://:secret@cache:6379/2"
+///     queues = ["celery", "emails"]
+///     in_flight = "per_queue"
+///     publish_time_field = "published_at"
+///     global_keyprefix = "acme:"
+/// "#).unwrap();
+/// config.validate().unwrap();
+/// assert_eq!(config.priority_steps, [0, 3, 6, 9]);
+/// assert_eq!(config.in_flight, InFlightMode::PerQueue);
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSourceConfig {
+    /// The broker URL, as Celery's `broker_url`: `redis://[[user]:password@]host[:port][/db]`,
+    /// `rediss://...` for TLS, `redis+unix:///path/redis.sock?db=N` (or `unix://`) for a socket.
+    pub url: SecretUrl,
+    /// The Celery queue names to watch (without key prefix or priority suffix).
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// kombu's `priority_steps` transport option.
+    #[serde(default = "default_steps")]
+    pub priority_steps: Vec<u32>,
+    /// kombu's `sep` transport option.
+    #[serde(default = "default_sep")]
+    pub sep: String,
+    /// kombu's `global_keyprefix` transport option, prepended as is to every key and channel.
+    #[serde(default)]
+    pub global_keyprefix: String,
+    /// How in-flight messages are counted.
+    #[serde(default)]
+    pub in_flight: InFlightMode,
+    /// The message property or header (looked up in that order) that carries the publish time,
+    /// as Unix seconds or ISO 8601; see the crate docs for the `before_task_publish` snippet.
+    #[serde(default)]
+    pub publish_time_field: Option<String>,
+    /// Read the oldest message of each priority key (`LINDEX key -1`) for the age of the oldest
+    /// task. It transfers one message per non-empty key; turn it off when messages are large
+    /// and carry no publish time.
+    #[serde(default = "yes")]
+    pub oldest_age: bool,
+    /// List queues from kombu's binding tables, in addition to `queues`.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Subscribe to Celery's worker heartbeats for executing tasks, live workers and throughput.
+    #[serde(default = "yes")]
+    pub heartbeats: bool,
+    /// Count only heartbeats of workers whose node name matches one of these (`*` matches any
+    /// run of characters, e.g. `"emails@*"`); empty: every worker of this broker.
+    #[serde(default)]
+    pub worker_hostnames: Vec<String>,
+    /// The window over which heartbeats measure throughput.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub heartbeat_window: Duration,
+    /// How long the subscription must be up before its worker figures are reported (a worker
+    /// beats every 2 s; until one beat of each has arrived the figures would read low).
+    #[serde(default = "default_warmup", with = "humantime_serde")]
+    pub heartbeat_warmup: Duration,
+    /// Deadline of one observation, connecting included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Deadline of one connection attempt.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Certificates for `rediss://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_steps() -> Vec<u32> {
+    DEFAULT_PRIORITY_STEPS.to_vec()
+}
+fn default_sep() -> String {
+    DEFAULT_SEP.to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_warmup() -> Duration {
+    Duration::from_millis(2500)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl RedisSourceConfig {
+    /// A configuration for `url` with every other field at its default (no queues yet).
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
+        RedisSourceConfig {
+            url: url.into(),
+            queues: Vec::new(),
+            priority_steps: default_steps(),
+            sep: default_sep(),
+            global_keyprefix: String::new(),
+            in_flight: InFlightMode::default(),
+            publish_time_field: None,
+            oldest_age: true,
+            discovery: None,
+            heartbeats: true,
+            worker_hostnames: Vec::new(),
+            heartbeat_window: default_window(),
+            heartbeat_warmup: default_warmup(),
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
+            tls: None,
+        }
+    }
+
+    /// A builder for `url`.
+    pub fn builder(url: impl Into<SecretUrl>) -> RedisSourceConfigBuilder {
+        RedisSourceConfigBuilder {
+            config: RedisSourceConfig::new(url),
+        }
+    }
+
+    /// Checks every field; the error names the field. The URL itself is parsed by
+    /// [`RedisQueueSource::new`](crate::RedisQueueSource::new).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.url.expose().trim().is_empty() {
+            return Err(ConfigError::new("url", "must not be empty"));
+        }
+        if self.queues.is_empty() && self.discovery.is_none() {
+            return Err(ConfigError::new(
+                "queues",
+                "is empty: name at least one queue or enable discovery",
+            ));
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.is_empty() {
+                return Err(ConfigError::new(format!("queues[{i}]"), "must not be empty"));
+            }
+            if self.queues[..i].contains(q) {
+                return Err(ConfigError::new(
+                    format!("queues[{i}]"),
+                    format!("{q:?} is listed twice"),
+                ));
+            }
+        }
+        if self.priority_steps.is_empty() {
+            return Err(ConfigError::new("priority_steps", "must not be empty"));
+        }
+        if !self.priority_steps.windows(2).all(|w| w[0] < w[1]) {
+            return Err(ConfigError::new(
+                "priority_steps",
+                format!(
+                    "{:?} must be strictly increasing, as kombu bisects them",
+                    self.priority_steps
+                ),
+            ));
+        }
+        if self.sep.is_empty() {
+            return Err(ConfigError::new(
+                "sep",
+                "must not be empty (priority keys would collide with queue names)",
+            ));
+        }
+        if let Some(field) = &self.publish_time_field
+            && field.is_empty()
+        {
+            return Err(ConfigError::new("publish_time_field", "must not be empty"));
+        }
+        if let Some(d) = &self.discovery
+            && d.refresh.is_zero()
+        {
+            return Err(ConfigError::new(
+                "discovery.refresh",
+                "must be above zero (discovery scans the keyspace)",
+            ));
+        }
+        if self.heartbeat_window.is_zero() {
+            return Err(ConfigError::new("heartbeat_window", "must be above zero"));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new("timeout", "must be above zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::new("connect_timeout", "must be above zero"));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                return Err(ConfigError::new(
+                    "tls.client_key_file",
+                    "client_cert_file and client_key_file go together",
+                ));
+            }
+            let scheme = self.url.expose().split("://").next().unwrap_or_default();
+            if scheme != "rediss" {
+                return Err(ConfigError::new(
+                    "tls",
+                    format!("is set but the URL scheme is {scheme:?}, not \"rediss\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`RedisSourceConfig`]; [`RedisSourceConfigBuilder::build`] validates it.
+///
+/// ```
+/// use celery_scale_redis::{InFlightMode, RedisSourceConfig};
+/// let config = RedisSourceConfig::builder("redis://127.0.0.1:6379/0")
+///     .queues(["celery", "emails"])
+///     .priority_steps([0, 5])
+///     .in_flight(InFlightMode::Global)
+///     .publish_time_field("published_at")
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.queues, ["celery", "emails"]);
+/// let err = RedisSourceConfig::builder("redis://h").build().unwrap_err();
+/// assert_eq!(err.field, "queues");
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisSourceConfigBuilder {
+    config: RedisSourceConfig,
+}
+
+impl RedisSourceConfigBuilder {
+    /// Adds one queue to watch.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.config.queues.push(queue.into());
+        self
+    }
+
+    /// Adds queues to watch.
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.queues.extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets kombu's `priority_steps`.
+    pub fn priority_steps(mut self, steps: impl IntoIterator<Item = u32>) -> Self {
+        self.config.priority_steps = steps.into_iter().collect();
+        self
+    }
+
+    /// Sets kombu's `sep`.
+    pub fn sep(mut self, sep: impl Into<String>) -> Self {
+        self.config.sep = sep.into();
+        self
+    }
+
+    /// Sets kombu's `global_keyprefix`.
+    pub fn global_keyprefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.global_keyprefix = prefix.into();
+        self
+    }
+
+    /// Sets how in-flight messages are counted.
+    pub fn in_flight(mut self, mode: InFlightMode) -> Self {
+        self.config.in_flight = mode;
+        self
+    }
+
+    /// Sets the property or header that carries the publish time.
+    pub fn publish_time_field(mut self, field: impl Into<String>) -> Self {
+        self.config.publish_time_field = Some(field.into());
+        self
+    }
+
+    /// Turns reading the oldest message of each key on or off.
+    pub fn oldest_age(mut self, on: bool) -> Self {
+        self.config.oldest_age = on;
+        self
+    }
+
+    /// Turns on queue discovery.
+    pub fn discovery(mut self, discovery: DiscoveryConfig) -> Self {
+        self.config.discovery = Some(discovery);
+        self
+    }
+
+    /// Turns the heartbeat subscriber on or off.
+    pub fn heartbeats(mut self, on: bool) -> Self {
+        self.config.heartbeats = on;
+        self
+    }
+
+    /// Adds a worker node-name pattern whose heartbeats count.
+    pub fn worker_hostname(mut self, pattern: impl Into<String>) -> Self {
+        self.config.worker_hostnames.push(pattern.into());
+        self
+    }
+
+    /// Sets the throughput window of the heartbeat registry.
+    pub fn heartbeat_window(mut self, window: Duration) -> Self {
+        self.config.heartbeat_window = window;
+        self
+    }
+
+    /// Sets how long the subscription must be up before worker figures are reported.
+    pub fn heartbeat_warmup(mut self, warmup: Duration) -> Self {
+        self.config.heartbeat_warmup = warmup;
+        self
+    }
+
+    /// Sets the deadline of one observation.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Sets the deadline of one connection attempt.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the certificates for `rediss://`.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<RedisSourceConfig, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_kombus() {
+        let c: RedisSourceConfig =
+            serde_json::from_str(r#"{"url": "redis://h", "queues": ["celery"]}"#).unwrap();
+        assert_eq!(c.priority_steps, vec![0, 3, 6, 9]);
+        assert_eq!(c.sep, "\u{6}\u{16}");
+        assert_eq!(c.in_flight, InFlightMode::Global);
+        assert!(c.heartbeats && c.oldest_age);
+        assert_eq!(c, RedisSourceConfig::builder("redis://h").queue("celery").build().unwrap());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_names_bad_ones() {
+        let e = serde_json::from_str::<RedisSourceConfig>(
+            r#"{"url": "redis://h", "queues": ["a"], "prefix": "x"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("prefix"), "{e}");
+        let field = |c: RedisSourceConfigBuilder| c.build().unwrap_err().field;
+        let b = || RedisSourceConfig::builder("redis://h").queue("a");
+        assert_eq!(field(b().priority_steps([0, 6, 3])), "priority_steps");
+        assert_eq!(field(b().priority_steps([])), "priority_steps");
+        assert_eq!(field(b().sep("")), "sep");
+        assert_eq!(field(b().queue("a")), "queues[1]");
+        assert_eq!(field(b().queue("")), "queues[1]");
+        assert_eq!(field(b().timeout(Duration::ZERO)), "timeout");
+        assert_eq!(field(b().tls(TlsConfig::default())), "tls");
+        assert_eq!(
+            field(RedisSourceConfig::builder("rediss://h").queue("a").tls(TlsConfig {
+                client_cert_file: Some("c.pem".into()),
+                ..TlsConfig::default()
+            })),
+            "tls.client_key_file"
+        );
+        assert_eq!(field(RedisSourceConfig::builder(" ").queue("a")), "url");
+        let discovered = RedisSourceConfig::builder("redis://h")
+            .discovery(DiscoveryConfig::default())
+            .build();
+        assert!(discovered.is_ok(), "discovery alone needs no queue names");
+    }
+
+    #[test]
+    fn serializes_round_trip_with_humantime() {
+        let c = RedisSourceConfig::builder("redis://:pw@h/3")
+            .queue("celery")
+            .in_flight(InFlightMode::PerQueue)
+            .discovery(DiscoveryConfig::default())
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""timeout":"1s 500ms""#), "{json}");
+        assert!(json.contains(r#""in_flight":"per_queue""#), "{json}");
+        let back: RedisSourceConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert!(!format!("{c:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,610 @@
+//! [`RedisQueueSource`]: Celery's queues on Redis, read in one pipeline.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use celery_scale_core::celery_events::WorkerSummary;
+use celery_scale_core::{Observation, QueueDepth, QueueSource};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ConnectionAddr, RedisError, Value};
+use tokio::time::Instant;
+
+use crate::config::{InFlightMode, RedisSourceConfig};
+use crate::error::RedisSourceError;
+use crate::heartbeats::{Heartbeats, SubscriberSettings};
+use crate::layout::{Layout, is_internal_queue, message_age, unacked_route, wildcard_match};
+
+/// Entries asked for per `HSCAN` page.
+const HSCAN_COUNT: u32 = 1000;
+
+/// The commands of one observation, built once per set of queues and reused.
+struct Plan {
+    queues: Vec<String>,
+    /// Every priority key of every queue, queue-major.
+    keys: Vec<String>,
+    /// `keys[ranges[i]]` are the keys of `queues[i]`.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// Queue index by name, for attributing unacked messages.
+    index: HashMap<String, usize>,
+    /// `LLEN` (and `LINDEX -1`) per key, then `HLEN` or `HSCAN` of `unacked`.
+    pipe: redis::Pipeline,
+}
+
+impl Plan {
+    fn new(queues: Vec<String>, layout: &Layout, tail: bool, in_flight: InFlightMode) -> Plan {
+        let mut keys = Vec::new();
+        let mut ranges = Vec::with_capacity(queues.len());
+        for q in &queues {
+            let start = keys.len();
+            keys.extend(layout.step_keys(q));
+            ranges.push(start..keys.len());
+        }
+        let per_key = if tail { 2 } else { 1 };
+        let mut pipe = redis::Pipeline::with_capacity(keys.len() * per_key + 1);
+        pipe.ignore_errors();
+        for key in &keys {
+            pipe.cmd("LLEN").arg(key);
+            if tail {
+                pipe.cmd("LINDEX").arg(key).arg(-1);
+            }
+        }
+        match in_flight {
+            InFlightMode::Off => {}
+            InFlightMode::Global => {
+                pipe.cmd("HLEN").arg(layout.unacked());
+            }
+            InFlightMode::PerQueue => {
+                pipe.cmd("HSCAN")
+                    .arg(layout.unacked())
+                    .arg(0)
+                    .arg("COUNT")
+                    .arg(HSCAN_COUNT);
+            }
+        }
+        let index = queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (q.clone(), i))
+            .collect();
+        Plan {
+            queues,
+            keys,
+            ranges,
+            index,
+            pipe,
+        }
+    }
+}
+
+struct Discovered {
+    at: Instant,
+}
+
+/// The [`QueueSource`] for Celery on Redis.
+///
+/// One observation is one pipelined round trip over a [`ConnectionManager`] (which reconnects
+/// by itself): `LLEN` of every priority key of every queue (kombu's own `_size`), `LINDEX -1`
+/// of each for the age of the oldest message, and `HLEN unacked` (or the first `HSCAN` page)
+/// for in-flight messages. With heartbeats on, a background task subscribed to Celery's worker
+/// events adds executing tasks, live workers and measured throughput; it stops when the source
+/// is dropped (or [`RedisQueueSource::shutdown`] is awaited).
+///
+/// See the crate documentation for an example.
+pub struct RedisQueueSource {
+    config: RedisSourceConfig,
+    url: String,
+    layout: Layout,
+    db: i64,
+    conn: ConnectionManager,
+    /// The plan for the configured queues (without discovery), or the last discovered one.
+    plan: Mutex<Arc<Plan>>,
+    discovered: tokio::sync::Mutex<Option<Discovered>>,
+    heartbeats: Option<Heartbeats>,
+}
+
+impl fmt::Debug for RedisQueueSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueueSource")
+            .field("url", &self.url)
+            .field("db", &self.db)
+            .field("queues", &self.current_plan().queues)
+            .field("global_keyprefix", &self.layout.prefix)
+            .field("in_flight", &self.config.in_flight)
+            .field("discovery", &self.config.discovery.is_some())
+            .field("heartbeats", &self.heartbeats.is_some())
+            .finish()
+    }
+}
+
+fn read_pem(
+    field: &'static str,
+    path: &Option<std::path::PathBuf>,
+) -> Result<Option<Vec<u8>>, RedisSourceError> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| RedisSourceError::TlsFile {
+                field,
+                path: p.clone(),
+                source,
+            })
+        })
+        .transpose()
+}
+
+impl RedisQueueSource {
+    /// Validates `config` and prepares the connection, without connecting: the first
+    /// [`observe`](QueueSource::observe) connects, so a source made while Redis is down works
+    /// once it is up. With heartbeats on, starts the subscriber task; must be called within a
+    /// Tokio runtime.
+    pub fn new(config: RedisSourceConfig) -> Result<Self, RedisSourceError> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(RedisSourceError::NoRuntime)?;
+        let url = config.url.redacted();
+        let bad_url = |source| RedisSourceError::BadUrl {
+            url: url.clone(),
+            source,
+        };
+        let client = match &config.tls {
+            Some(tls) => {
+                let root_cert = read_pem("tls.ca_file", &tls.ca_file)?;
+                let cert = read_pem("tls.client_cert_file", &tls.client_cert_file)?;
+                let key = read_pem("tls.client_key_file", &tls.client_key_file)?;
+                let client_tls = cert.zip(key).map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                });
+                install_crypto_provider();
+                Client::build_with_tls(
+                    config.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
+                .map_err(bad_url)?
+            }
+            None => Client::open(config.url.expose()).map_err(bad_url)?,
+        };
+        if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
+            install_crypto_provider();
+        }
+        let db = client.get_connection_info().redis_settings().db();
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| RedisSourceError::from_redis(&url, e))?;
+        let layout = Layout {
+            prefix: config.global_keyprefix.clone(),
+            steps: config.priority_steps.clone(),
+            sep: config.sep.clone(),
+        };
+        let plan = Plan::new(
+            config.queues.clone(),
+            &layout,
+            config.oldest_age,
+            config.in_flight,
+        );
+        let heartbeats = config.heartbeats.then(|| {
+            Heartbeats::start(
+                SubscriberSettings {
+                    client: client.clone(),
+                    channels: layout.worker_event_channels(db),
+                    url: url.clone(),
+                    connect_timeout: config.connect_timeout,
+                    window: config.heartbeat_window,
+                    warmup: config.heartbeat_warmup,
+                    hostnames: config.worker_hostnames.clone(),
+                },
+                &runtime,
+            )
+        });
+        tracing::debug!(url = %url, db, queues = config.queues.len(), "redis queue source ready");
+        Ok(RedisQueueSource {
+            config,
+            url,
+            layout,
+            db,
+            conn,
+            plan: Mutex::new(Arc::new(plan)),
+            discovered: tokio::sync::Mutex::new(None),
+            heartbeats,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RedisSourceConfig {
+        &self.config
+    }
+
+    /// The Redis database number (from the URL).
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    /// The queues the last observation read (configured plus discovered).
+    pub fn queues(&self) -> Vec<String> {
+        self.current_plan().queues.clone()
+    }
+
+    /// The heartbeat subscriber's figures now: `None` when heartbeats are off, the subscription
+    /// is down, or it is younger than `heartbeat_warmup`.
+    pub fn workers(&self) -> Option<WorkerSummary> {
+        self.heartbeats.as_ref()?.summary(Instant::now())
+    }
+
+    /// Whether the heartbeat subscription is up (always `false` with heartbeats off).
+    pub fn heartbeats_subscribed(&self) -> bool {
+        self.heartbeats.as_ref().is_some_and(Heartbeats::is_subscribed)
+    }
+
+    /// Stops the heartbeat subscriber and waits for its task to end. Dropping the source stops
+    /// it too, without waiting.
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.heartbeats.take() {
+            h.shutdown().await;
+        }
+    }
+
+    fn current_plan(&self) -> Arc<Plan> {
+        Arc::clone(&self.plan.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn redis_err(&self, e: RedisError) -> RedisSourceError {
+        RedisSourceError::from_redis(&self.url, e)
+    }
+
+    /// Reads the backlog, with the source's own error type.
+    pub async fn observe_redis(&self) -> Result<Observation, RedisSourceError> {
+        match tokio::time::timeout(self.config.timeout, self.observe_inner()).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisSourceError::Timeout {
+                url: self.url.clone(),
+                after: self.config.timeout,
+            }),
+        }
+    }
+
+    async fn observe_inner(&self) -> Result<Observation, RedisSourceError> {
+        let mut conn = self.conn.clone();
+        if self.config.discovery.is_some() {
+            self.maybe_discover(&mut conn).await?;
+        }
+        let plan = self.current_plan();
+        let replies: Vec<Value> = plan
+            .pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_err(e))?;
+        let at = Instant::now();
+        let wall = SystemTime::now();
+        if replies.len() != plan.pipe.len() {
+            return Err(RedisSourceError::UnexpectedReply {
+                command: "pipeline",
+                key: String::new(),
+                detail: format!("{} replies to {} commands", replies.len(), plan.pipe.len()),
+            });
+        }
+        let tail = self.config.oldest_age;
+        let per_key = if tail { 2 } else { 1 };
+        let mut depths = Vec::with_capacity(plan.queues.len());
+        for (queue, range) in plan.queues.iter().zip(&plan.ranges) {
+            let mut depth = QueueDepth::new(queue.clone(), 0);
+            for k in range.clone() {
+                let key = &plan.keys[k];
+                depth.ready += self.int_reply(&replies[k * per_key], "LLEN", key, "list")?;
+                if tail {
+                    let age = match &replies[k * per_key + 1] {
+                        Value::BulkString(raw) => message_age(
+                            raw,
+                            self.config.publish_time_field.as_deref(),
+                            wall,
+                        ),
+                        Value::Nil => None,
+                        other => return Err(self.reply_error(other, "LINDEX", key, "list")),
+                    };
+                    depth.oldest_age = depth.oldest_age.max(age);
+                }
+            }
+            depths.push(depth);
+        }
+        let last = &replies[plan.keys.len() * per_key..];
+        let unacked = self.layout.unacked();
+        let global_in_flight = match self.config.in_flight {
+            InFlightMode::Off => None,
+            InFlightMode::Global => Some(self.int_reply(&last[0], "HLEN", &unacked, "hash")?),
+            InFlightMode::PerQueue => {
+                let counts = self.per_queue_in_flight(&mut conn, &plan, &last[0]).await?;
+                for (depth, n) in depths.iter_mut().zip(counts) {
+                    depth.in_flight = Some(n);
+                }
+                None
+            }
+        };
+        let mut obs = Observation::from_queues(depths, at);
+        if global_in_flight.is_some() {
+            obs.in_flight = global_in_flight;
+        }
+        if let Some(workers) = self.heartbeats.as_ref().and_then(|h| h.summary(at)) {
+            obs = obs.with_workers(&workers);
+        }
+        Ok(obs)
+    }
+
+    /// The error for a reply that is not what `command` returns on a `expected` key.
+    fn reply_error(
+        &self,
+        reply: &Value,
+        command: &'static str,
+        key: &str,
+        expected: &'static str,
+    ) -> RedisSourceError {
+        match reply {
+            Value::ServerError(e) if e.code() == "WRONGTYPE" => RedisSourceError::WrongType {
+                key: key.to_string(),
+                expected,
+                source: e.clone(),
+            },
+            Value::ServerError(e) => self.redis_err(RedisError::from(e.clone())),
+            other => RedisSourceError::UnexpectedReply {
+                command,
+                key: key.to_string(),
+                detail: format!("{other:?}").chars().take(200).collect(),
+            },
+        }
+    }
+
+    fn int_reply(
+        &self,
+        reply: &Value,
+        command: &'static str,
+        key: &str,
+        expected: &'static str,
+    ) -> Result<u64, RedisSourceError> {
+        match reply {
+            Value::Int(n) => Ok(u64::try_from(*n).unwrap_or(0)),
+            other => Err(self.reply_error(other, command, key, expected)),
+        }
+    }
+
+    /// Counts `unacked` per watched queue: the first `HSCAN` page came with the pipeline, the
+    /// rest follow one page per round trip. Messages routed by a key that is not a watched
+    /// queue's name are looked up in their exchange's binding table.
+    async fn per_queue_in_flight(
+        &self,
+        conn: &mut ConnectionManager,
+        plan: &Plan,
+        first: &Value,
+    ) -> Result<Vec<u64>, RedisSourceError> {
+        let unacked = self.layout.unacked();
+        let mut counts = vec![0u64; plan.queues.len()];
+        let mut unresolved: HashMap<(String, String), u64> = HashMap::new();
+        let mut malformed = 0u64;
+        let mut page = first.clone();
+        loop {
+            let (cursor, entries) = match page {
+                Value::Array(mut parts) if parts.len() == 2 => {
+                    let entries = parts.pop().unwrap_or(Value::Nil);
+                    let cursor = parts.pop().unwrap_or(Value::Nil);
+                    let cursor = match cursor {
+                        Value::BulkString(c) => String::from_utf8_lossy(&c).into_owned(),
+                        Value::SimpleString(c) => c,
+                        other => {
+                            return Err(RedisSourceError::UnexpectedReply {
+                                command: "HSCAN",
+                                key: unacked,
+                                detail: format!("cursor {other:?}"),
+                            });
+                        }
+                    };
+                    (cursor, entries)
+                }
+                other => return Err(self.reply_error(&other, "HSCAN", &unacked, "hash")),
+            };
+            let values: Vec<Value> = match entries {
+                Value::Array(kv) => kv.into_iter().skip(1).step_by(2).collect(),
+                Value::Map(kv) => kv.into_iter().map(|(_, v)| v).collect(),
+                _ => Vec::new(),
+            };
+            for v in values {
+                let route = match &v {
+                    Value::BulkString(raw) => unacked_route(raw),
+                    _ => None,
+                };
+                match route {
+                    Some((_, rk)) if plan.index.contains_key(&rk) => counts[plan.index[&rk]] += 1,
+                    Some(route) => *unresolved.entry(route).or_default() += 1,
+                    None => malformed += 1,
+                }
+            }
+            if cursor == "0" {
+                break;
+            }
+            page = redis::cmd("HSCAN")
+                .arg(&unacked)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(HSCAN_COUNT)
+                .query_async(conn)
+                .await
+                .map_err(|e| self.redis_err(e))?;
+        }
+        if malformed > 0 {
+            tracing::warn!(key = ?unacked, malformed, "unacked entries that are not [message, exchange, routing_key]");
+        }
+        if !unresolved.is_empty() {
+            self.resolve_by_bindings(conn, plan, unresolved, &mut counts)
+                .await?;
+        }
+        Ok(counts)
+    }
+
+    async fn resolve_by_bindings(
+        &self,
+        conn: &mut ConnectionManager,
+        plan: &Plan,
+        unresolved: HashMap<(String, String), u64>,
+        counts: &mut [u64],
+    ) -> Result<(), RedisSourceError> {
+        let mut exchanges: Vec<&str> = unresolved
+            .keys()
+            .map(|(ex, _)| ex.as_str())
+            .filter(|ex| !ex.is_empty())
+            .collect();
+        exchanges.sort_unstable();
+        exchanges.dedup();
+        if exchanges.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for ex in &exchanges {
+            pipe.cmd("SMEMBERS").arg(self.layout.binding(ex));
+        }
+        let tables: Vec<Value> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|e| self.redis_err(e))?;
+        for (ex, table) in exchanges.iter().zip(tables) {
+            let members = match table {
+                Value::Array(m) | Value::Set(m) => m,
+                other => {
+                    return Err(self.reply_error(&other, "SMEMBERS", &self.layout.binding(ex), "set"));
+                }
+            };
+            for member in members {
+                let Value::BulkString(member) = member else {
+                    continue;
+                };
+                let member = String::from_utf8_lossy(&member);
+                let Some((rk, queue)) = self.layout.split_binding(&member) else {
+                    continue;
+                };
+                if let (Some(&i), Some(&n)) = (
+                    plan.index.get(queue),
+                    unresolved.get(&(ex.to_string(), rk.to_string())),
+                ) {
+                    counts[i] += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn maybe_discover(&self, conn: &mut ConnectionManager) -> Result<(), RedisSourceError> {
+        let Some(discovery) = &self.config.discovery else {
+            return Ok(());
+        };
+        let mut discovered = self.discovered.lock().await;
+        if discovered
+            .as_ref()
+            .is_some_and(|d| d.at.elapsed() < discovery.refresh)
+        {
+            return Ok(());
+        }
+        let found = self.discover(conn).await?;
+        let mut queues = self.config.queues.clone();
+        for q in found {
+            if !queues.contains(&q) && !discovery.exclude.iter().any(|p| wildcard_match(p, &q)) {
+                queues.push(q);
+            }
+        }
+        let changed = self.current_plan().queues != queues;
+        if changed {
+            tracing::info!(queues = ?queues, "redis queue discovery");
+            let plan = Arc::new(Plan::new(
+                queues,
+                &self.layout,
+                self.config.oldest_age,
+                self.config.in_flight,
+            ));
+            *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
+        }
+        *discovered = Some(Discovered { at: Instant::now() });
+        Ok(())
+    }
+
+    /// Lists Celery queues from kombu's binding tables, sorted, internal queues left out.
+    pub async fn discover_queues(&self) -> Result<Vec<String>, RedisSourceError> {
+        let mut conn = self.conn.clone();
+        self.discover(&mut conn).await
+    }
+
+    async fn discover(&self, conn: &mut ConnectionManager) -> Result<Vec<String>, RedisSourceError> {
+        let pattern = self.layout.binding_pattern();
+        let mut tables: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .map_err(|e| self.redis_err(e))?;
+            tables.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        tables.sort();
+        tables.dedup();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for t in &tables {
+            pipe.cmd("SMEMBERS").arg(t);
+        }
+        let replies: Vec<Value> = if tables.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(conn).await.map_err(|e| self.redis_err(e))?
+        };
+        let mut queues = Vec::new();
+        for (table, reply) in tables.iter().zip(replies) {
+            let members = match reply {
+                Value::Array(m) | Value::Set(m) => m,
+                other => {
+                    let table = String::from_utf8_lossy(table);
+                    return Err(self.reply_error(&other, "SMEMBERS", &table, "set"));
+                }
+            };
+            for member in members {
+                let Value::BulkString(member) = member else {
+                    continue;
+                };
+                let member = String::from_utf8_lossy(&member);
+                if let Some((_, queue)) = self.layout.split_binding(&member)
+                    && !is_internal_queue(queue)
+                {
+                    queues.push(queue.to_string());
+                }
+            }
+        }
+        queues.sort();
+        queues.dedup();
+        Ok(queues)
+    }
+}
+
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install one first; either is fine.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
+#[async_trait]
+impl QueueSource for RedisQueueSource {
+    async fn observe(&self) -> celery_scale_core::Result<Observation> {
+        self.observe_redis().await.map_err(Into::into)
+    }
+}
