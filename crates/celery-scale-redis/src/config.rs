@@ -211,7 +211,10 @@ impl RedisSourceConfig {
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.is_empty() {
-                return Err(ConfigError::new(format!("queues[{i}]"), "must not be empty"));
+                return Err(ConfigError::new(
+                    format!("queues[{i}]"),
+                    "must not be empty",
+                ));
             }
             if self.queues[..i].contains(q) {
                 return Err(ConfigError::new(
@@ -312,7 +315,9 @@ impl RedisSourceConfigBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.config.queues.extend(queues.into_iter().map(Into::into));
+        self.config
+            .queues
+            .extend(queues.into_iter().map(Into::into));
         self
     }
 
@@ -419,7 +424,13 @@ mod tests {
         assert_eq!(c.sep, "\u{6}\u{16}");
         assert_eq!(c.in_flight, InFlightMode::Global);
         assert!(c.heartbeats && c.oldest_age);
-        assert_eq!(c, RedisSourceConfig::builder("redis://h").queue("celery").build().unwrap());
+        assert_eq!(
+            c,
+            RedisSourceConfig::builder("redis://h")
+                .queue("celery")
+                .build()
+                .unwrap()
+        );
         c.validate().unwrap();
     }
 
@@ -440,10 +451,14 @@ mod tests {
         assert_eq!(field(b().timeout(Duration::ZERO)), "timeout");
         assert_eq!(field(b().tls(TlsConfig::default())), "tls");
         assert_eq!(
-            field(RedisSourceConfig::builder("rediss://h").queue("a").tls(TlsConfig {
-                client_cert_file: Some("c.pem".into()),
-                ..TlsConfig::default()
-            })),
+            field(
+                RedisSourceConfig::builder("rediss://h")
+                    .queue("a")
+                    .tls(TlsConfig {
+                        client_cert_file: Some("c.pem".into()),
+                        ..TlsConfig::default()
+                    })
+            ),
             "tls.client_key_file"
         );
         assert_eq!(field(RedisSourceConfig::builder(" ").queue("a")), "url");

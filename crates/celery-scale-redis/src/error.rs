@@ -223,7 +223,10 @@ mod tests {
     fn classifies_and_maps_with_transience() {
         let url = "redis://:***@h:1/0";
         let refused = RedisSourceError::from_redis(url, io(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(refused, RedisSourceError::ConnectionRefused { .. }));
+        assert!(matches!(
+            refused,
+            RedisSourceError::ConnectionRefused { .. }
+        ));
         let core: Error = refused.into();
         assert_eq!(core.kind(), CoreKind::Unavailable);
         assert!(core.is_transient());
@@ -235,7 +238,10 @@ mod tests {
 
         let auth = RedisSourceError::from_redis(
             url,
-            RedisError::from((ErrorKind::AuthenticationFailed, "Password authentication failed")),
+            RedisError::from((
+                ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
         );
         assert!(matches!(auth, RedisSourceError::Auth { .. }));
         let core: Error = auth.into();

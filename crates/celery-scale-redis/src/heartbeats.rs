@@ -64,10 +64,7 @@ pub(crate) struct SubscriberSettings {
 
 impl Heartbeats {
     /// Starts the subscriber on the current Tokio runtime.
-    pub fn start(
-        settings: SubscriberSettings,
-        runtime: &tokio::runtime::Handle,
-    ) -> Heartbeats {
+    pub fn start(settings: SubscriberSettings, runtime: &tokio::runtime::Handle) -> Heartbeats {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 registry: WorkerRegistry::new(settings.window),
@@ -143,7 +140,9 @@ async fn run(settings: SubscriberSettings, shared: Arc<Shared>, cancel: Cancella
         }
         match outcome {
             Ok(()) => tracing::warn!(url = %url, "worker-event subscription ended; resubscribing"),
-            Err(e) => tracing::warn!(url = %url, error = %e, "worker-event subscription failed; retrying in {backoff:?}"),
+            Err(e) => {
+                tracing::warn!(url = %url, error = %e, "worker-event subscription failed; retrying in {backoff:?}")
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -83,8 +83,7 @@ pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last)
-    {
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -184,11 +183,22 @@ mod tests {
     fn keys_follow_kombu() {
         assert_eq!(
             layout("").step_keys("celery"),
-            ["celery", "celery\x06\x163", "celery\x06\x166", "celery\x06\x169"]
+            [
+                "celery",
+                "celery\x06\x163",
+                "celery\x06\x166",
+                "celery\x06\x169"
+            ]
         );
         assert_eq!(layout("acme:").unacked(), "acme:unacked");
-        assert_eq!(layout("acme:").binding("celery"), "acme:_kombu.binding.celery");
-        assert_eq!(layout("a*[b]:").binding_pattern(), "a\\*\\[b\\]:_kombu.binding.*");
+        assert_eq!(
+            layout("acme:").binding("celery"),
+            "acme:_kombu.binding.celery"
+        );
+        assert_eq!(
+            layout("a*[b]:").binding_pattern(),
+            "a\\*\\[b\\]:_kombu.binding.*"
+        );
         assert_eq!(
             layout("acme:").worker_event_channels(12)[0],
             "acme:/12.celeryev/worker.heartbeat"
@@ -234,7 +244,11 @@ mod tests {
         let m = msg(r#""published_at": "2027-01-15T08:00:00+00:00""#, "");
         let published = parse_iso("2027-01-15T08:00:00Z").unwrap();
         assert_eq!(
-            message_age(m.as_bytes(), Some("published_at"), published + Duration::from_secs(10)),
+            message_age(
+                m.as_bytes(),
+                Some("published_at"),
+                published + Duration::from_secs(10)
+            ),
             Some(Duration::from_secs(10))
         );
         // A past eta gives how long the task has been due; a future one, nothing.
@@ -244,13 +258,22 @@ mod tests {
             message_age(m.as_bytes(), None, eta + Duration::from_secs(3)),
             Some(Duration::from_secs(3))
         );
-        assert_eq!(message_age(m.as_bytes(), None, eta - Duration::from_secs(3)), None);
+        assert_eq!(
+            message_age(m.as_bytes(), None, eta - Duration::from_secs(3)),
+            None
+        );
         // Nothing to go on: no age.
-        assert_eq!(message_age(msg("", "").as_bytes(), Some("published_at"), now), None);
+        assert_eq!(
+            message_age(msg("", "").as_bytes(), Some("published_at"), now),
+            None
+        );
         assert_eq!(message_age(b"not json", None, now), None);
         // A publish time in the future (clock skew) reads zero, not negative.
         let m = msg("", r#""published_at": 1800000100"#);
-        assert_eq!(message_age(m.as_bytes(), Some("published_at"), now), Some(Duration::ZERO));
+        assert_eq!(
+            message_age(m.as_bytes(), Some("published_at"), now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(
             parse_iso("2027-01-15T08:00:00"),
             parse_iso("2027-01-15T08:00:00Z")

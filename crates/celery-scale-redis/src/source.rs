@@ -152,12 +152,12 @@ impl RedisQueueSource {
                 let root_cert = read_pem("tls.ca_file", &tls.ca_file)?;
                 let cert = read_pem("tls.client_cert_file", &tls.client_cert_file)?;
                 let key = read_pem("tls.client_key_file", &tls.client_key_file)?;
-                let client_tls = cert.zip(key).map(|(client_cert, client_key)| {
-                    redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }
-                });
+                let client_tls =
+                    cert.zip(key)
+                        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        });
                 install_crypto_provider();
                 Client::build_with_tls(
                     config.url.expose(),
@@ -170,7 +170,10 @@ impl RedisQueueSource {
             }
             None => Client::open(config.url.expose()).map_err(bad_url)?,
         };
-        if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
+        if matches!(
+            client.get_connection_info().addr(),
+            ConnectionAddr::TcpTls { .. }
+        ) {
             install_crypto_provider();
         }
         let db = client.get_connection_info().redis_settings().db();
@@ -241,7 +244,9 @@ impl RedisQueueSource {
 
     /// Whether the heartbeat subscription is up (always `false` with heartbeats off).
     pub fn heartbeats_subscribed(&self) -> bool {
-        self.heartbeats.as_ref().is_some_and(Heartbeats::is_subscribed)
+        self.heartbeats
+            .as_ref()
+            .is_some_and(Heartbeats::is_subscribed)
     }
 
     /// Stops the heartbeat subscriber and waits for its task to end. Dropping the source stops
@@ -301,11 +306,9 @@ impl RedisQueueSource {
                 depth.ready += self.int_reply(&replies[k * per_key], "LLEN", key, "list")?;
                 if tail {
                     let age = match &replies[k * per_key + 1] {
-                        Value::BulkString(raw) => message_age(
-                            raw,
-                            self.config.publish_time_field.as_deref(),
-                            wall,
-                        ),
+                        Value::BulkString(raw) => {
+                            message_age(raw, self.config.publish_time_field.as_deref(), wall)
+                        }
                         Value::Nil => None,
                         other => return Err(self.reply_error(other, "LINDEX", key, "list")),
                     };
@@ -475,7 +478,12 @@ impl RedisQueueSource {
             let members = match table {
                 Value::Array(m) | Value::Set(m) => m,
                 other => {
-                    return Err(self.reply_error(&other, "SMEMBERS", &self.layout.binding(ex), "set"));
+                    return Err(self.reply_error(
+                        &other,
+                        "SMEMBERS",
+                        &self.layout.binding(ex),
+                        "set",
+                    ));
                 }
             };
             for member in members {
@@ -536,7 +544,10 @@ impl RedisQueueSource {
         self.discover(&mut conn).await
     }
 
-    async fn discover(&self, conn: &mut ConnectionManager) -> Result<Vec<String>, RedisSourceError> {
+    async fn discover(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<Vec<String>, RedisSourceError> {
         let pattern = self.layout.binding_pattern();
         let mut tables: Vec<Vec<u8>> = Vec::new();
         let mut cursor: u64 = 0;
@@ -566,7 +577,9 @@ impl RedisQueueSource {
         let replies: Vec<Value> = if tables.is_empty() {
             Vec::new()
         } else {
-            pipe.query_async(conn).await.map_err(|e| self.redis_err(e))?
+            pipe.query_async(conn)
+                .await
+                .map_err(|e| self.redis_err(e))?
         };
         let mut queues = Vec::new();
         for (table, reply) in tables.iter().zip(replies) {
