@@ -344,11 +344,13 @@ pub struct CeleryWorker {
 }
 
 impl CeleryWorker {
-    /// `celery -A app worker -c 2 --prefetch-multiplier 4 -Q queues -n name@%h`.
+    /// `celery -A app worker -c 2 --prefetch-multiplier 4 -Q queues -n name@%h`, with transport
+    /// `options` and extra Celery settings `config`.
     pub fn start(
         python: &str,
         broker: &str,
         options: &serde_json::Value,
+        config: &serde_json::Value,
         queues: &str,
         name: &str,
     ) -> Self {
@@ -371,6 +373,7 @@ impl CeleryWorker {
             .env("PYTHONPATH", celery_dir())
             .env("CELERY_SCALE_TEST_BROKER", broker)
             .env("CELERY_SCALE_TEST_OPTIONS", options.to_string())
+            .env("CELERY_SCALE_TEST_CONFIG", config.to_string())
             .stdout(Stdio::null())
             .stderr(log_file)
             .process_group(0)
