@@ -87,7 +87,7 @@ pub struct TlsConfig {
 /// assert_eq!(config.in_flight, InFlightMode::PerQueue);
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSourceConfig {
     /// The broker URL, as Celery's `broker_url`: `redis://[[user]:password@]host[:port][/db]`,
@@ -143,6 +143,65 @@ pub struct RedisSourceConfig {
     /// Certificates for `rediss://`.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+}
+
+/// The URL with every password hidden: core's [`SecretUrl::redacted`] plus the `pass=` query
+/// parameter of the redis crate's unix-socket form (`redis+unix:///s.sock?db=1&pass=...`).
+pub(crate) fn redact(url: &SecretUrl) -> String {
+    let redacted = url.redacted();
+    let Some(q) = redacted.find('?') else {
+        return redacted;
+    };
+    let (head, query) = redacted.split_at(q + 1);
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("pass") => format!("{k}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}{}", query.join("&"))
+}
+
+impl std::fmt::Debug for RedisSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let RedisSourceConfig {
+            url,
+            queues,
+            priority_steps,
+            sep,
+            global_keyprefix,
+            in_flight,
+            publish_time_field,
+            oldest_age,
+            discovery,
+            heartbeats,
+            worker_hostnames,
+            heartbeat_window,
+            heartbeat_warmup,
+            timeout,
+            connect_timeout,
+            tls,
+        } = self;
+        f.debug_struct("RedisSourceConfig")
+            .field("url", &redact(url))
+            .field("queues", queues)
+            .field("priority_steps", priority_steps)
+            .field("sep", sep)
+            .field("global_keyprefix", global_keyprefix)
+            .field("in_flight", in_flight)
+            .field("publish_time_field", publish_time_field)
+            .field("oldest_age", oldest_age)
+            .field("discovery", discovery)
+            .field("heartbeats", heartbeats)
+            .field("worker_hostnames", worker_hostnames)
+            .field("heartbeat_window", heartbeat_window)
+            .field("heartbeat_warmup", heartbeat_warmup)
+            .field("timeout", timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("tls", tls)
+            .finish()
+    }
 }
 
 fn default_steps() -> Vec<u32> {
@@ -483,5 +542,20 @@ mod tests {
         let back: RedisSourceConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         assert!(!format!("{c:?}").contains("pw"));
+    }
+
+    #[test]
+    fn debug_hides_every_password_form() {
+        for url in [
+            "redis://:hunter2@h:6379/1",
+            "rediss://user:hunter2@h",
+            "redis+unix:///run/redis.sock?db=2&pass=hunter2",
+            "unix:///run/redis.sock?pass=hunter2&user=u",
+        ] {
+            let c = RedisSourceConfig::builder(url).queue("q").build().unwrap();
+            let shown = format!("{c:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!redact(&c.url).contains("hunter2"));
+        }
     }
 }

@@ -62,6 +62,16 @@ pub enum RedisSourceError {
         #[source]
         source: RedisError,
     },
+    /// The TLS handshake failed on the certificates: the server's is not trusted (set
+    /// `tls.ca_file`), does not name the host, or a client certificate is missing or refused.
+    #[error("TLS with Redis at {url} failed")]
+    Tls {
+        /// The URL, redacted.
+        url: String,
+        /// The underlying error (its source is rustls' reason).
+        #[source]
+        source: RedisError,
+    },
     /// The server refused the credentials, or the user may not run a command we need.
     #[error("Redis at {url} refused authentication or permission")]
     Auth {
@@ -118,6 +128,9 @@ impl RedisSourceError {
         if source.is_connection_refusal() {
             return RedisSourceError::ConnectionRefused { url, source };
         }
+        if tls_config_error(&source) {
+            return RedisSourceError::Tls { url, source };
+        }
         let code = source.code().unwrap_or_default();
         if matches!(source.kind(), ErrorKind::AuthenticationFailed)
             || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
@@ -156,10 +169,48 @@ impl RedisSourceError {
             | RedisSourceError::TlsFile { .. }
             | RedisSourceError::NoRuntime(_)
             | RedisSourceError::Auth { .. }
+            | RedisSourceError::Tls { .. }
             | RedisSourceError::WrongType { .. }
             | RedisSourceError::UnexpectedReply { .. } => false,
         }
     }
+}
+
+/// Whether a rustls certificate error is somewhere in the chain (a configuration problem, unlike
+/// a handshake cut short by a restarting server).
+fn tls_config_error(e: &RedisError) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        // The client library keeps its cause as an `Arc<dyn Error>`; tokio-rustls wraps rustls'
+        // error in an `io::Error`.
+        let err: &(dyn std::error::Error + 'static) =
+            match err.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>() {
+                Some(arc) => arc.as_ref(),
+                None => err,
+            };
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::InvalidCertRevocationList(_)
+                    | rustls::Error::AlertReceived(
+                        rustls::AlertDescription::BadCertificate
+                            | rustls::AlertDescription::CertificateRequired
+                            | rustls::AlertDescription::UnknownCA
+                            | rustls::AlertDescription::CertificateUnknown
+                    )
+            );
+        }
+        next = err.source();
+    }
+    false
 }
 
 impl From<RedisSourceError> for Error {
@@ -182,6 +233,12 @@ impl From<RedisSourceError> for Error {
                     source: Some(Box::new(e)),
                 }
             }
+            RedisSourceError::Tls { .. } => Error::Other {
+                backend: BACKEND,
+                message,
+                transient: false,
+                source: Some(Box::new(e)),
+            },
             RedisSourceError::Auth { .. } => Error::PermissionDenied {
                 backend: BACKEND,
                 message,

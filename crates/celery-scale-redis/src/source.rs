@@ -142,7 +142,7 @@ impl RedisQueueSource {
     pub fn new(config: RedisSourceConfig) -> Result<Self, RedisSourceError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(RedisSourceError::NoRuntime)?;
-        let url = config.url.redacted();
+        let url = crate::config::redact(&config.url);
         let bad_url = |source| RedisSourceError::BadUrl {
             url: url.clone(),
             source,

@@ -1,0 +1,402 @@
+//! Faults, authentication, unix sockets and TLS, each against a throwaway `redis-server` this
+//! test starts and kills (never the shared one).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use celery_scale_core::config::PolicyConfig;
+use celery_scale_core::conformance::{self, QueueFixture as _};
+use celery_scale_core::record::Outcome;
+use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryScaler, QueueSource, Scaler};
+use celery_scale_redis::{
+    InFlightMode, RedisQueueSource, RedisSourceConfig, RedisSourceError, TlsConfig,
+};
+use common::*;
+use redis::AsyncCommands as _;
+
+/// Throwaway servers need only the redis-server binary; in CI a missing binary fails the test.
+fn have_redis_server() -> bool {
+    let ok = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "redis-server is not installed and CI=true");
+        eprintln!("skipping: redis-server is not installed");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_gives_typed_errors_and_recovers() {
+    if !have_redis_server() {
+        return;
+    }
+    let mut server = RedisServer::start(0, &[]);
+    let url = format!("redis://127.0.0.1:{}/0", server.port);
+    let source = Arc::new(
+        RedisQueueSource::new(
+            RedisSourceConfig::builder(url.as_str())
+                .queue("celery")
+                .heartbeat_warmup(Duration::from_millis(200))
+                .timeout(Duration::from_secs(2))
+                .connect_timeout(Duration::from_millis(500))
+                .build()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let fixture = KombuFixture::connect(&client, "").await;
+    fixture.publish("celery", 4).await.unwrap();
+
+    let scaler = MemoryScaler::new(2);
+    let policy = PolicyConfig {
+        stabilize_down: Duration::ZERO,
+        ..PolicyConfig::default()
+    };
+    let mut binding = Binding::new(
+        LoopSettings {
+            name: "faults".into(),
+            ..LoopSettings::default()
+        },
+        Box::new(Arc::clone(&source)),
+        Box::new(scaler.clone()),
+        policy.build().unwrap(),
+    )
+    .unwrap();
+    let record = binding.tick().await;
+    assert!(record.observation_error.is_none(), "{record:?}");
+    assert_eq!(record.observation.as_ref().map(|o| o.ready), Some(4));
+    let desired = scaler.capacity().await.unwrap().desired;
+    poll(
+        "the heartbeat subscription",
+        Duration::from_secs(5),
+        || async { source.heartbeats_subscribed().then_some(()) },
+    )
+    .await;
+
+    server.kill();
+    let err = source.observe_redis().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RedisSourceError::ConnectionRefused { .. } | RedisSourceError::Unavailable { .. }
+        ),
+        "{err:?}"
+    );
+    let core = source.observe().await.unwrap_err();
+    assert_eq!(core.kind(), ErrorKind::Unavailable, "{core}");
+    assert!(core.is_transient());
+    // The loop holds: no scale-in from a failed observation.
+    let record = binding.tick().await;
+    assert!(
+        matches!(
+            record.outcome,
+            Outcome::Held { .. } | Outcome::Unchanged { .. }
+        ),
+        "{record:?}"
+    );
+    let recorded = record
+        .observation_error
+        .as_ref()
+        .expect("the failure is recorded");
+    assert_eq!(recorded.kind, ErrorKind::Unavailable);
+    assert!(recorded.transient);
+    assert_eq!(scaler.capacity().await.unwrap().desired, desired);
+    poll(
+        "the subscriber to notice",
+        Duration::from_secs(10),
+        || async { (!source.heartbeats_subscribed()).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        source.workers(),
+        None,
+        "no worker figures while unsubscribed"
+    );
+
+    // Redis comes back (empty: no persistence). The same source recovers without a restart,
+    // and the subscriber resubscribes.
+    server.restart();
+    let obs = poll("the source to recover", Duration::from_secs(15), || async {
+        source.observe().await.ok()
+    })
+    .await;
+    assert_eq!(obs.ready, 0);
+    let record = binding.tick().await;
+    assert!(record.observation_error.is_none(), "{record:?}");
+    poll(
+        "the subscriber to resubscribe",
+        Duration::from_secs(15),
+        || async { source.heartbeats_subscribed().then_some(()) },
+    )
+    .await;
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let obs = poll(
+        "a heartbeat after resubscribing",
+        Duration::from_secs(10),
+        || {
+            let mut conn = conn.clone();
+            let source = Arc::clone(&source);
+            async move {
+                let _: () = conn
+                    .publish(
+                        "/0.celeryev/worker.heartbeat",
+                        worker_event("worker-heartbeat", "w@h", 1, 1),
+                    )
+                    .await
+                    .unwrap();
+                let obs = source.observe().await.ok()?;
+                (obs.live_workers == Some(1)).then_some(obs)
+            }
+        },
+    )
+    .await;
+    assert_eq!(obs.executing, Some(1));
+    let _: () = conn.del("celery").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_username_and_unix_socket() {
+    if !have_redis_server() {
+        return;
+    }
+    let dir = temp_dir("auth");
+    let sock = dir.join("redis.sock");
+    let server = RedisServer::start(
+        0,
+        &[
+            "--requirepass".into(),
+            "s3cret-pw".into(),
+            "--unixsocket".into(),
+            sock.display().to_string(),
+            "--unixsocketperm".into(),
+            "700".into(),
+        ],
+    );
+    let admin =
+        redis::Client::open(format!("redis://:s3cret-pw@127.0.0.1:{}/0", server.port)).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "celery", "on", ">user-pw", "~*", "&*", "+@all"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let source = |url: String| {
+        RedisQueueSource::new(
+            RedisSourceConfig::builder(url)
+                .queue("celery")
+                .in_flight(InFlightMode::PerQueue)
+                .heartbeats(false)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    // A wrong password: permission denied, not transient, and never shown.
+    let wrong = source(format!("redis://:wrong-pw@127.0.0.1:{}/0", server.port));
+    let e = wrong.observe_redis().await.unwrap_err();
+    assert!(matches!(e, RedisSourceError::Auth { .. }), "{e:?}");
+    let core: celery_scale_core::Error = e.into();
+    assert_eq!(core.kind(), ErrorKind::PermissionDenied);
+    assert!(!core.is_transient());
+    let shown = format!("{core} {core:?} {wrong:?}");
+    assert!(!shown.contains("wrong-pw"), "{shown}");
+
+    // Username and password, db 2 from the path.
+    let fixture_client = redis::Client::open(format!(
+        "redis://celery:user-pw@127.0.0.1:{}/2",
+        server.port
+    ))
+    .unwrap();
+    let fixture = KombuFixture::connect(&fixture_client, "").await;
+    let user = source(format!(
+        "redis://celery:user-pw@127.0.0.1:{}/2",
+        server.port
+    ));
+    assert_eq!(user.db(), 2);
+    conformance::queue_source(&user, &fixture, "celery").await;
+    fixture.publish("celery", 3).await.unwrap();
+    assert_eq!(user.observe().await.unwrap().ready, 3);
+    assert!(!format!("{user:?}").contains("user-pw"));
+
+    // The unix socket, db 2 and the password as query parameters.
+    let unix = source(format!(
+        "redis+unix://{}?db=2&pass=s3cret-pw",
+        sock.display()
+    ));
+    assert_eq!(unix.observe().await.unwrap().ready, 3);
+    assert!(!format!("{unix:?}").contains("s3cret-pw"), "{unix:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl CLI");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, made now.
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=celery-scale test CA",
+    ];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=localhost"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_test_certificate() {
+    if !have_redis_server() {
+        return;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            !ci,
+            "the openssl CLI is needed to make the test certificate and CI=true"
+        );
+        eprintln!("skipping: no openssl CLI to make a test certificate");
+        return;
+    }
+    let dir = temp_dir("tls");
+    make_certificates(&dir);
+    let tls_port = free_port();
+    let path = |f: &str| dir.join(f).display().to_string();
+    let _server = RedisServer::start(
+        0,
+        &[
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path("server.crt"),
+            "--tls-key-file".into(),
+            path("server.key"),
+            "--tls-ca-cert-file".into(),
+            path("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            "tls-pw".into(),
+        ],
+    );
+    let url = format!("rediss://:tls-pw@127.0.0.1:{tls_port}/1");
+    let tls = TlsConfig {
+        ca_file: Some(dir.join("ca.crt")),
+        ..TlsConfig::default()
+    };
+    let source = RedisQueueSource::new(
+        RedisSourceConfig::builder(url.as_str())
+            .queue("celery")
+            .in_flight(InFlightMode::PerQueue)
+            .tls(tls)
+            .heartbeat_warmup(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        },
+    )
+    .unwrap();
+    let fixture = KombuFixture::connect(&client, "").await;
+    conformance::queue_source(&source, &fixture, "celery").await;
+    // The heartbeat subscriber speaks TLS too.
+    poll(
+        "the subscription over TLS",
+        Duration::from_secs(5),
+        || async { source.heartbeats_subscribed().then_some(()) },
+    )
+    .await;
+
+    // Without our CA the web PKI roots do not trust the test certificate: a typed error.
+    let untrusted = RedisQueueSource::new(
+        RedisSourceConfig::builder(url.as_str())
+            .queue("celery")
+            .heartbeats(false)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let e = untrusted.observe_redis().await.unwrap_err();
+    assert!(matches!(e, RedisSourceError::Tls { .. }), "{e:?}");
+    let e: celery_scale_core::Error = e.into();
+    assert!(
+        !e.is_transient(),
+        "an untrusted certificate needs a configuration change"
+    );
+    assert!(!format!("{e} {e:?}").contains("tls-pw"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
