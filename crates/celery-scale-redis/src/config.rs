@@ -112,9 +112,9 @@ pub struct RedisSourceConfig {
     /// as Unix seconds or ISO 8601; see the crate docs for the `before_task_publish` snippet.
     #[serde(default)]
     pub publish_time_field: Option<String>,
-    /// Read the oldest message of each priority key (`LINDEX key -1`) for the age of the oldest
-    /// task. It transfers one message per non-empty key; turn it off when messages are large
-    /// and carry no publish time.
+    /// Read the oldest message of each non-empty priority key (`LINDEX key -1`, a second
+    /// pipeline) for the age of the oldest task. It transfers one message per non-empty key;
+    /// turn it off when messages are large and carry no publish time.
     #[serde(default = "yes")]
     pub oldest_age: bool,
     /// List queues from kombu's binding tables, in addition to `queues`.

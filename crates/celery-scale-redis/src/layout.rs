@@ -2,7 +2,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::borrow::Cow;
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
 /// Where kombu keeps one transport's keys: prefix, priority steps and separator.
@@ -105,30 +109,110 @@ pub(crate) fn is_internal_queue(queue: &str) -> bool {
         || queue.starts_with("_kombu.")
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(default)]
-    headers: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
-    properties: Option<serde_json::Map<String, Value>>,
+/// A key of the envelope, borrowed from the input when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Picks at most two entries of a JSON object by name, skipping everything else unparsed.
+struct Pick<'a> {
+    first: Option<&'a str>,
+    second: Option<&'a str>,
+}
+
+impl<'de> DeserializeSeed<'de> for Pick<'_> {
+    type Value = (Option<Value>, Option<Value>);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Pick<'_> {
+    type Value = (Option<Value>, Option<Value>);
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok((None, None))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut first, mut second) = (None, None);
+        while let Some(Key(key)) = map.next_key()? {
+            if Some(key.as_ref()) == self.first {
+                first = Some(map.next_value()?);
+            } else if Some(key.as_ref()) == self.second {
+                second = Some(map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok((first, second))
+    }
+}
+
+/// The publish-time field (properties first, then headers) and the `eta` header of a kombu
+/// envelope; the body and every other field are skipped without being built.
+struct EnvelopeTimes<'a> {
+    field: Option<&'a str>,
+}
+
+impl<'de> Visitor<'de> for EnvelopeTimes<'_> {
+    type Value = (Option<Value>, Option<Value>);
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a kombu message envelope")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut in_properties, mut in_headers, mut eta) = (None, None, None);
+        while let Some(Key(key)) = map.next_key()? {
+            match key.as_ref() {
+                "headers" => {
+                    (in_headers, eta) = map.next_value_seed(Pick {
+                        first: self.field,
+                        second: Some("eta"),
+                    })?;
+                }
+                "properties" if self.field.is_some() => {
+                    (in_properties, _) = map.next_value_seed(Pick {
+                        first: self.field,
+                        second: None,
+                    })?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok((in_properties.or(in_headers), eta))
+    }
 }
 
 /// How long the oldest message has been waiting: from its publish time (`field`, looked up in
 /// the properties then the headers), else from a past `eta` header (how long it has been due).
 /// `None` when the message says neither; never a guess.
 pub(crate) fn message_age(raw: &[u8], field: Option<&str>, now: SystemTime) -> Option<Duration> {
-    let env: Envelope = serde_json::from_slice(raw).ok()?;
-    let lookup = |name: &str| {
-        env.properties
-            .as_ref()
-            .and_then(|p| p.get(name))
-            .or_else(|| env.headers.as_ref().and_then(|h| h.get(name)))
-            .and_then(parse_time)
-    };
-    if let Some(published) = field.and_then(lookup) {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let (published, eta) = de.deserialize_map(EnvelopeTimes { field }).ok()?;
+    if let Some(published) = published.as_ref().and_then(parse_time) {
         return Some(now.duration_since(published).unwrap_or_default());
     }
-    let eta = env.headers.as_ref()?.get("eta").and_then(parse_time)?;
+    let eta = eta.as_ref().and_then(parse_time)?;
     now.duration_since(eta).ok()
 }
 
@@ -261,6 +345,15 @@ mod tests {
         assert_eq!(
             message_age(m.as_bytes(), None, eta - Duration::from_secs(3)),
             None
+        );
+        // The property wins over a header of the same name; escaped keys still match.
+        let m = msg(
+            r#""published_at": 1799999000"#,
+            r#""published_\u0061t": 1799999990"#,
+        );
+        assert_eq!(
+            message_age(m.as_bytes(), Some("published_at"), now),
+            Some(Duration::from_secs(10))
         );
         // Nothing to go on: no age.
         assert_eq!(

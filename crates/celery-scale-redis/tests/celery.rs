@@ -357,10 +357,10 @@ async fn live_worker_prefetch_heartbeats_and_warm_shutdown() {
     .await;
     assert_eq!(kombu(&out, "work"), PUBLISHED);
     let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
     // Celery's Redis result backend puts "_" after a prefix that does not end in a separator.
     let finished_pattern = format!("{}*celery-task-meta-*", glob_escape(&prefix));
-    let mut finished = move || {
+    let finished = move || {
         let mut conn = conn.clone();
         let pattern = finished_pattern.clone();
         async move {
