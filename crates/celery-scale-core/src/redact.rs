@@ -4,7 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Returns `url` with its password (and any `password=` query parameter) replaced by `***`.
+/// Returns `url` with its password (and any `password=` or `pass=` query parameter, the latter
+/// being the redis crate's form for unix sockets) replaced by `***`.
 ///
 /// Works on anything that looks like `scheme://user:password@host/...`, parseable or not, so
 /// an invalid URL in an error message does not leak either.
@@ -42,7 +43,11 @@ pub fn redact_url(url: &str) -> String {
         let redacted: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
                 _ => pair.to_string(),
             })
             .collect();
