@@ -1,1 +1,608 @@
-//! Simulator (in progress).
+//! A deterministic simulator: Celery workers, a broker and a fleet in virtual time, driven by the
+//! **same** control loop as production ([`Binding::tick`]).
+//!
+//! The broker is a [`MemoryQueue`]; simulated Celery worker nodes reserve messages with prefetch,
+//! execute one task per worker process, ack early (as Celery does by default), send heartbeats
+//! into a [`WorkerRegistry`] every 2 s, and stop with a warm shutdown (prefetched messages go
+//! back to the queue, executing tasks finish and are billed). New units start after a billed
+//! start-up delay. Which unit a scale-in stops is random (seeded), as ECS and Auto Scaling do
+//! not choose by idleness. Time is tokio's paused clock, so a day of traffic runs in a second.
+//!
+//! ```
+//! use std::time::Duration;
+//! use celery_scale_core::config::PolicyConfig;
+//! use celery_scale_core::sim::{Arrival, SimConfig, Simulator, Trace};
+//!
+//! let trace = Trace::new(vec![Arrival {
+//!     at: Duration::from_secs(10), count: 40, duration: Duration::from_secs(5), queue: "celery".into(),
+//! }]);
+//! let result = Simulator::new(SimConfig::default())
+//!     .run(&trace, PolicyConfig::default().build().unwrap())
+//!     .unwrap();
+//! assert_eq!(result.summary.completed, 40);
+//! ```
+
+mod trace;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+pub use trace::{Arrival, Trace, TraceError};
+
+use crate::celery_events::{WorkerEvent, WorkerEventKind, WorkerRegistry};
+use crate::policy::ScalingPolicy;
+use crate::record::Outcome;
+use crate::{
+    Binding, Capacity, CapacityUnit, ConfigError, LoopSettings, MemoryQueue, Observation,
+    QueueSource, Result, Scaler, SetOutcome, WorkersPerUnit,
+};
+
+/// The simulated world.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// The control loop's interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Resolution of the simulation clock.
+    #[serde(with = "humantime_serde")]
+    pub step: Duration,
+    /// Time from asking for a unit to its workers taking tasks (billed).
+    #[serde(with = "humantime_serde")]
+    pub startup: Duration,
+    /// Worker processes per unit (Celery's `--concurrency`).
+    pub workers_per_unit: u32,
+    /// Celery's `worker_prefetch_multiplier`: each unit holds up to
+    /// `workers_per_unit x prefetch_multiplier` reserved messages besides the executing ones.
+    pub prefetch_multiplier: u32,
+    /// Units running at the start.
+    pub initial_units: u32,
+    /// After the last task completes, keep simulating until the fleet has not changed for this
+    /// long (so slow scale-in is billed).
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Stop regardless this long after the last arrival.
+    #[serde(with = "humantime_serde")]
+    pub horizon_after_last_arrival: Duration,
+    /// Interval of the time series.
+    #[serde(with = "humantime_serde")]
+    pub sample_every: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 7,
+            interval: Duration::from_secs(5),
+            step: Duration::from_millis(250),
+            startup: Duration::from_secs(60),
+            workers_per_unit: 1,
+            prefetch_multiplier: 4,
+            initial_units: 0,
+            settle: Duration::from_secs(900),
+            horizon_after_last_arrival: Duration::from_secs(6 * 3600),
+            sample_every: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval.is_zero() {
+            return Err(ConfigError::new("interval", "must be greater than 0s"));
+        }
+        if self.step.is_zero() || self.step > self.interval {
+            return Err(ConfigError::new("step", "must be greater than 0s and at most the interval"));
+        }
+        if self.workers_per_unit == 0 {
+            return Err(ConfigError::new("workers_per_unit", "must be at least 1"));
+        }
+        if self.sample_every < self.step {
+            return Err(ConfigError::new("sample_every", "must be at least the step"));
+        }
+        Ok(())
+    }
+}
+
+/// One point of the time series.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SimPoint {
+    /// Seconds since the start.
+    pub t_s: f64,
+    /// Ready messages.
+    pub ready: u64,
+    /// Messages reserved by workers, not yet executing.
+    pub in_flight: u64,
+    /// Tasks executing.
+    pub executing: u64,
+    /// Desired worker processes.
+    pub desired_workers: u32,
+    /// Worker processes taking tasks.
+    pub running_workers: u32,
+}
+
+/// What a run cost and how long tasks waited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Tasks in the trace.
+    pub tasks: u64,
+    /// Tasks completed.
+    pub completed: u64,
+    /// Worker-seconds billed (start-up, idle and stopping time included).
+    pub worker_seconds: f64,
+    /// Sum of task durations.
+    pub busy_seconds: f64,
+    /// Wait from arrival to start of execution: median.
+    pub wait_p50_s: f64,
+    /// 95th percentile.
+    pub wait_p95_s: f64,
+    /// 99th percentile.
+    pub wait_p99_s: f64,
+    /// Longest wait (a task never started counts its wait until the end).
+    pub wait_max_s: f64,
+    /// Times the desired count was set.
+    pub scaling_actions: u32,
+    /// Most worker processes running at once.
+    pub peak_workers: u32,
+    /// Simulated time.
+    pub simulated_s: f64,
+}
+
+/// The time series and the summary of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimResult {
+    /// Samples every `sample_every`.
+    pub series: Vec<SimPoint>,
+    /// The summary.
+    pub summary: Summary,
+}
+
+/// Runs traces through a policy.
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    config: SimConfig,
+}
+
+impl Simulator {
+    /// A simulator of `config`'s world.
+    pub fn new(config: SimConfig) -> Self {
+        Simulator { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// Simulates `trace` under `policy`. Runs on a thread of its own with a paused-clock
+    /// runtime, so it may be called from anywhere, including inside a Tokio runtime.
+    pub fn run(&self, trace: &Trace, policy: Box<dyn ScalingPolicy>) -> Result<SimResult, ConfigError> {
+        self.config.validate()?;
+        let config = self.config.clone();
+        let trace = trace.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .start_paused(true)
+                    .build()
+                    .expect("a current-thread runtime builds");
+                rt.block_on(World::new(config, trace).run(policy))
+            })
+            .join()
+            .expect("the simulation thread does not panic")
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Unit {
+    launched_s: f64,
+    ready_s: f64,
+    stopping: bool,
+    ended_s: Option<f64>,
+    /// Per worker process: when its task ends, if busy.
+    slots: Vec<Option<f64>>,
+    reserved: VecDeque<u64>,
+    processed: u64,
+    hostname: String,
+}
+
+impl Unit {
+    fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Fleet {
+    desired: u32,
+    units: Vec<Unit>,
+    now_s: f64,
+}
+
+impl Fleet {
+    fn live(&self) -> impl Iterator<Item = &Unit> {
+        self.units.iter().filter(|u| !u.stopping && u.ended_s.is_none())
+    }
+}
+
+/// The simulated target, as a [`Scaler`].
+#[derive(Debug, Clone)]
+struct SimScaler {
+    fleet: Arc<Mutex<Fleet>>,
+    per_unit: WorkersPerUnit,
+}
+
+#[async_trait]
+impl Scaler for SimScaler {
+    fn unit(&self) -> CapacityUnit {
+        if self.per_unit.get() == 1 {
+            CapacityUnit::WorkerProcess
+        } else {
+            CapacityUnit::EcsTask
+        }
+    }
+    fn workers_per_unit(&self) -> WorkersPerUnit {
+        self.per_unit
+    }
+    async fn capacity(&self) -> Result<Capacity> {
+        let f = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
+        let running = f.live().filter(|u| u.ready_s <= f.now_s).count() as u32;
+        let pending = f.live().count() as u32 - running;
+        Ok(Capacity {
+            desired: f.desired,
+            running,
+            pending,
+        })
+    }
+    async fn set_desired(&self, units: u32) -> Result<SetOutcome> {
+        self.fleet.lock().unwrap_or_else(|p| p.into_inner()).desired = units;
+        Ok(SetOutcome::applied(units))
+    }
+}
+
+/// The broker plus heartbeats, as a [`QueueSource`] (what a Redis source with heartbeats sees).
+#[derive(Debug, Clone)]
+struct SimSource {
+    broker: MemoryQueue,
+    registry: Arc<Mutex<WorkerRegistry>>,
+}
+
+#[async_trait]
+impl QueueSource for SimSource {
+    async fn observe(&self) -> Result<Observation> {
+        let obs = self.broker.observe().await?;
+        let workers = self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .summary(obs.at);
+        Ok(obs.with_workers(&workers))
+    }
+}
+
+struct World {
+    config: SimConfig,
+    trace: Trace,
+    queues: Vec<String>,
+    broker: MemoryQueue,
+    registry: Arc<Mutex<WorkerRegistry>>,
+    fleet: Arc<Mutex<Fleet>>,
+    rng: StdRng,
+    /// Message id -> (arrival second, duration seconds), until the task starts.
+    tasks: HashMap<u64, (f64, f64)>,
+    waits: Vec<f64>,
+    completed: u64,
+    next_host: u64,
+}
+
+impl World {
+    fn new(config: SimConfig, trace: Trace) -> Self {
+        let broker = MemoryQueue::new();
+        let queues = trace.queues();
+        for q in &queues {
+            broker.declare(q);
+        }
+        World {
+            rng: StdRng::seed_from_u64(config.seed),
+            queues,
+            broker,
+            registry: Arc::new(Mutex::new(WorkerRegistry::default())),
+            fleet: Arc::new(Mutex::new(Fleet::default())),
+            tasks: HashMap::new(),
+            waits: Vec::new(),
+            completed: 0,
+            next_host: 0,
+            config,
+            trace,
+        }
+    }
+
+    fn launch(&mut self, now_s: f64, ready_s: f64) -> Unit {
+        self.next_host += 1;
+        Unit {
+            launched_s: now_s,
+            ready_s,
+            stopping: false,
+            ended_s: None,
+            slots: vec![None; self.config.workers_per_unit as usize],
+            reserved: VecDeque::new(),
+            processed: 0,
+            hostname: format!("celery@sim-{}", self.next_host),
+        }
+    }
+
+    /// A worker takes the next message, from the queues in priority order.
+    fn take(&self) -> Option<u64> {
+        self.queues.iter().find_map(|q| self.broker.take(q)).map(|m| m.id)
+    }
+
+    /// Brings the fleet to the desired count: launches units, or stops some (pending first,
+    /// then running ones chosen at random).
+    fn reconcile(&mut self, fleet: &mut Fleet, now_s: f64) {
+        let live = fleet.live().count() as u32;
+        if fleet.desired > live {
+            for _ in live..fleet.desired {
+                let u = self.launch(now_s, now_s + self.config.startup.as_secs_f64());
+                fleet.units.push(u);
+            }
+        } else if fleet.desired < live {
+            let mut excess = live - fleet.desired;
+            // Pending units are cancelled first: they do no work yet.
+            for u in fleet.units.iter_mut().rev() {
+                if excess == 0 {
+                    break;
+                }
+                if !u.stopping && u.ended_s.is_none() && u.ready_s > now_s {
+                    u.stopping = true;
+                    u.ended_s = Some(now_s);
+                    excess -= 1;
+                }
+            }
+            while excess > 0 {
+                let candidates: Vec<usize> = fleet
+                    .units
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, u)| !u.stopping && u.ended_s.is_none())
+                    .map(|(i, _)| i)
+                    .collect();
+                let Some(&i) = candidates.get(self.rng.random_range(0..candidates.len().max(1)))
+                else {
+                    break;
+                };
+                let u = &mut fleet.units[i];
+                u.stopping = true;
+                // Warm shutdown: reserved messages go back to the queue.
+                for id in u.reserved.drain(..) {
+                    self.broker.requeue(id);
+                }
+                excess -= 1;
+            }
+        }
+    }
+
+    fn work(&mut self, fleet: &mut Fleet, now_s: f64) {
+        let prefetch = (self.config.workers_per_unit * self.config.prefetch_multiplier) as usize;
+        for ui in 0..fleet.units.len() {
+            let u = &mut fleet.units[ui];
+            if u.ended_s.is_some() || u.ready_s > now_s {
+                continue;
+            }
+            for slot in u.slots.iter_mut() {
+                if slot.is_some_and(|end| end <= now_s) {
+                    *slot = None;
+                    self.completed += 1;
+                }
+            }
+            if u.stopping {
+                if u.busy() == 0 {
+                    u.ended_s = Some(now_s);
+                }
+                continue;
+            }
+            for si in 0..u.slots.len() {
+                if u.slots[si].is_some() {
+                    continue;
+                }
+                let next = u.reserved.pop_front().or_else(|| {
+                    let id = self.take();
+                    if id.is_some() {
+                        u.processed += 1;
+                    }
+                    id
+                });
+                let Some(id) = next else { break };
+                // Celery acks when the task starts (early ack).
+                self.broker.ack(id);
+                let (arrived, duration) = self.tasks.remove(&id).unwrap_or((now_s, 0.0));
+                self.waits.push((now_s - arrived).max(0.0));
+                u.slots[si] = Some(now_s + duration);
+            }
+            while u.reserved.len() < prefetch {
+                match self.take() {
+                    Some(id) => {
+                        u.reserved.push_back(id);
+                        u.processed += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn beat(&self, fleet: &Fleet, now_s: f64, now: Instant) {
+        let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        for u in fleet.units.iter().filter(|u| u.ready_s <= now_s) {
+            let kind = if u.ended_s.is_some() {
+                WorkerEventKind::Offline
+            } else {
+                WorkerEventKind::Heartbeat
+            };
+            if kind == WorkerEventKind::Offline && u.ended_s.is_some_and(|e| e < now_s - 2.0) {
+                continue;
+            }
+            reg.apply(
+                &WorkerEvent {
+                    kind,
+                    hostname: u.hostname.clone(),
+                    active: u.busy() as u64,
+                    processed: u.processed,
+                    freq: 2.0,
+                    timestamp: now_s,
+                },
+                now,
+            );
+        }
+    }
+
+    async fn run(mut self, policy: Box<dyn ScalingPolicy>) -> Result<SimResult, ConfigError> {
+        let step = self.config.step.as_secs_f64();
+        let per_unit = WorkersPerUnit::new(self.config.workers_per_unit)
+            .ok_or_else(|| ConfigError::new("workers_per_unit", "must be at least 1"))?;
+        {
+            let fleet = Arc::clone(&self.fleet);
+            let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
+            f.desired = self.config.initial_units;
+            for _ in 0..self.config.initial_units {
+                let u = self.launch(-self.config.startup.as_secs_f64(), 0.0);
+                f.units.push(u);
+            }
+        }
+        let settings = LoopSettings {
+            name: "sim".into(),
+            interval: self.config.interval,
+            timeout: Duration::from_secs(1),
+            max_staleness: self.config.interval.max(Duration::from_secs(30)),
+            max_backoff: self.config.interval.max(Duration::from_secs(60)),
+            dry_run: false,
+        };
+        let source = SimSource {
+            broker: self.broker.clone(),
+            registry: Arc::clone(&self.registry),
+        };
+        let scaler = SimScaler {
+            fleet: Arc::clone(&self.fleet),
+            per_unit,
+        };
+        let mut binding = Binding::new(settings, Box::new(source), Box::new(scaler), policy)?;
+
+        let arrivals = self.trace.arrivals().to_vec();
+        let total = self.trace.tasks();
+        let last_arrival = self.trace.end().as_secs_f64();
+        let horizon = last_arrival + self.config.horizon_after_last_arrival.as_secs_f64();
+        let interval_steps = (self.config.interval.as_secs_f64() / step).round().max(1.0) as u64;
+        let beat_steps = (2.0 / step).round().max(1.0) as u64;
+        let sample_steps = (self.config.sample_every.as_secs_f64() / step).round().max(1.0) as u64;
+        let mut next_arrival = 0;
+        let mut series = Vec::new();
+        let mut actions = 0;
+        let mut peak = 0u32;
+        let mut last_change_s = 0.0f64;
+        let mut last_live = u32::MAX;
+        let start = Instant::now();
+        let mut n: u64 = 0;
+        loop {
+            let now_s = n as f64 * step;
+            let now = start + Duration::from_secs_f64(now_s);
+            while next_arrival < arrivals.len() && arrivals[next_arrival].at.as_secs_f64() <= now_s {
+                let a = &arrivals[next_arrival];
+                for _ in 0..a.count {
+                    let m = self.broker.publish(&a.queue);
+                    self.tasks.insert(m.id, (a.at.as_secs_f64(), a.duration.as_secs_f64()));
+                }
+                next_arrival += 1;
+            }
+            let fleet = Arc::clone(&self.fleet);
+            {
+                let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
+                f.now_s = now_s;
+                self.work(&mut f, now_s);
+                if n % beat_steps == 0 {
+                    self.beat(&f, now_s, now);
+                }
+            }
+            if n % interval_steps == 0 {
+                let record = binding.tick().await;
+                if matches!(record.outcome, Outcome::Set { .. }) {
+                    actions += 1;
+                }
+            }
+            {
+                let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
+                self.reconcile(&mut f, now_s);
+                let live = f.live().count() as u32;
+                if live != last_live {
+                    last_live = live;
+                    last_change_s = now_s;
+                }
+                let running = f.live().filter(|u| u.ready_s <= now_s).count() as u32;
+                peak = peak.max(running * per_unit.get());
+                if n % sample_steps == 0 {
+                    let executing = f.units.iter().filter(|u| u.ended_s.is_none()).map(|u| u.busy() as u64).sum();
+                    let reserved: u64 = f.units.iter().map(|u| u.reserved.len() as u64).sum();
+                    series.push(SimPoint {
+                        t_s: now_s,
+                        ready: self.queues.iter().map(|q| self.broker.ready(q)).sum(),
+                        in_flight: reserved,
+                        executing,
+                        desired_workers: per_unit.workers_in(f.desired),
+                        running_workers: per_unit.workers_in(running),
+                    });
+                }
+            }
+            let done = next_arrival == arrivals.len() && self.completed == total;
+            if (done && now_s - last_change_s >= self.config.settle.as_secs_f64()) || now_s >= horizon {
+                break;
+            }
+            tokio::time::advance(self.config.step).await;
+            n += 1;
+        }
+        let end_s = n as f64 * step;
+        let f = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
+        let worker_seconds = f
+            .units
+            .iter()
+            .map(|u| (u.ended_s.unwrap_or(end_s) - u.launched_s.max(0.0)).max(0.0))
+            .sum::<f64>()
+            * f64::from(per_unit.get());
+        // Tasks that never started waited until the end.
+        let mut waits = self.waits.clone();
+        waits.extend(self.tasks.values().map(|(arrived, _)| end_s - arrived));
+        waits.sort_by(f64::total_cmp);
+        let pct = |p: f64| -> f64 {
+            if waits.is_empty() {
+                return 0.0;
+            }
+            let rank = ((p / 100.0) * waits.len() as f64).ceil().max(1.0) as usize;
+            waits[rank.min(waits.len()) - 1]
+        };
+        Ok(SimResult {
+            series,
+            summary: Summary {
+                tasks: total,
+                completed: self.completed,
+                worker_seconds,
+                busy_seconds: self.trace.busy_time().as_secs_f64(),
+                wait_p50_s: pct(50.0),
+                wait_p95_s: pct(95.0),
+                wait_p99_s: pct(99.0),
+                wait_max_s: waits.last().copied().unwrap_or(0.0),
+                scaling_actions: actions,
+                peak_workers: peak,
+                simulated_s: end_s,
+            },
+        })
+    }
+}

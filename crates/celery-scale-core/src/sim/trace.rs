@@ -1,0 +1,192 @@
+//! Arrival traces: what arrives when, and how long each task runs.
+//!
+//! The file format is CSV with a header, one row per arrival event:
+//!
+//! ```text
+//! at_s,count,duration_s,queue
+//! 0,5,12.5,celery
+//! 30.5,1,3,emails
+//! ```
+//!
+//! `count` tasks arrive at `at_s` seconds (from the start), each running `duration_s` seconds.
+//! The `queue` column is optional (default `celery`). Rows need not be sorted.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+/// One arrival event: `count` tasks of `duration` arrive on `queue` at `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arrival {
+    /// Time since the start of the trace.
+    pub at: Duration,
+    /// Tasks arriving.
+    pub count: u32,
+    /// How long each runs on a worker.
+    pub duration: Duration,
+    /// The queue they are published to.
+    pub queue: String,
+}
+
+/// A list of arrivals, sorted by time.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Trace {
+    arrivals: Vec<Arrival>,
+}
+
+/// Why a trace file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is malformed.
+    #[error("line {line}: {message}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Trace {
+    /// A trace of these arrivals (sorted by time, stable).
+    pub fn new(mut arrivals: Vec<Arrival>) -> Self {
+        arrivals.sort_by(|a, b| a.at.cmp(&b.at));
+        Trace { arrivals }
+    }
+
+    /// The arrivals, sorted by time.
+    pub fn arrivals(&self) -> &[Arrival] {
+        &self.arrivals
+    }
+
+    /// The queues, in the order they first appear (the order workers consume them in).
+    pub fn queues(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in &self.arrivals {
+            if !out.contains(&a.queue) {
+                out.push(a.queue.clone());
+            }
+        }
+        out
+    }
+
+    /// Tasks in the trace.
+    pub fn tasks(&self) -> u64 {
+        self.arrivals.iter().map(|a| u64::from(a.count)).sum()
+    }
+
+    /// Sum of all task durations: the busy time any fleet must pay for.
+    pub fn busy_time(&self) -> Duration {
+        self.arrivals
+            .iter()
+            .map(|a| a.duration.mul_f64(f64::from(a.count)))
+            .sum()
+    }
+
+    /// The time of the last arrival.
+    pub fn end(&self) -> Duration {
+        self.arrivals.last().map_or(Duration::ZERO, |a| a.at)
+    }
+
+    /// Parses the CSV format.
+    pub fn from_csv(text: &str) -> Result<Self, TraceError> {
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let (_, header) = lines.next().ok_or(TraceError::Parse {
+            line: 1,
+            message: "empty file: expected the header at_s,count,duration_s[,queue]".into(),
+        })?;
+        let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+        if cols.len() < 3 || cols[..3] != ["at_s", "count", "duration_s"] || cols.len() > 4
+            || (cols.len() == 4 && cols[3] != "queue")
+        {
+            return Err(TraceError::Parse {
+                line: 1,
+                message: format!("header {header:?} must be at_s,count,duration_s[,queue]"),
+            });
+        }
+        let mut arrivals = Vec::new();
+        for (i, line) in lines {
+            let n = i + 1;
+            let err = |message: String| TraceError::Parse { line: n, message };
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            if f.len() != cols.len() {
+                return Err(err(format!("{} fields, the header has {}", f.len(), cols.len())));
+            }
+            let secs = |name: &str, v: &str| -> Result<Duration, TraceError> {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| err(format!("{name} {v:?} is not a non-negative number of seconds")))
+            };
+            let at = secs("at_s", f[0])?;
+            let count = f[1]
+                .parse::<u32>()
+                .map_err(|_| err(format!("count {:?} is not a whole number", f[1])))?;
+            let duration = secs("duration_s", f[2])?;
+            let queue = f.get(3).map_or("celery", |q| q).to_string();
+            if queue.is_empty() {
+                return Err(err("queue is empty".into()));
+            }
+            arrivals.push(Arrival {
+                at,
+                count,
+                duration,
+                queue,
+            });
+        }
+        Ok(Trace::new(arrivals))
+    }
+
+    /// Reads a CSV trace file.
+    pub fn read(path: &Path) -> Result<Self, TraceError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Trace::from_csv(&text)
+    }
+
+    /// Writes the CSV format (with the queue column).
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from("at_s,count,duration_s,queue\n");
+        for a in &self.arrivals {
+            let _ = writeln!(
+                out,
+                "{},{},{},{}",
+                a.at.as_secs_f64(),
+                a.count,
+                a.duration.as_secs_f64(),
+                a.queue
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_round_trip_and_errors_name_the_line() {
+        let t = Trace::from_csv("at_s,count,duration_s\n5,2,1.5\n0,1,3\n").unwrap();
+        assert_eq!(t.arrivals()[0].at, Duration::ZERO, "sorted by time");
+        assert_eq!(t.tasks(), 3);
+        assert_eq!(t.busy_time(), Duration::from_secs(6));
+        assert_eq!(Trace::from_csv(&t.to_csv()).unwrap(), t);
+        let e = Trace::from_csv("at_s,count,duration_s\n1,2,3\n1,x,3\n").unwrap_err();
+        assert_eq!(e.to_string(), "line 3: count \"x\" is not a whole number");
+        assert!(Trace::from_csv("a,b,c\n").is_err());
+        assert!(Trace::from_csv("at_s,count,duration_s\n-1,1,1\n").is_err());
+    }
+}
