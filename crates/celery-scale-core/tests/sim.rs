@@ -45,7 +45,11 @@ fn a_burst_is_served_and_capacity_returns_to_min() {
     let s = &r.summary;
     assert_eq!(s.completed, s.tasks, "every task ran");
     assert_eq!(s.tasks, 320);
-    assert!(s.peak_workers >= 5, "scaled out for the burst: peak {}", s.peak_workers);
+    assert!(
+        s.peak_workers >= 5,
+        "scaled out for the burst: peak {}",
+        s.peak_workers
+    );
     let last = r.series.last().unwrap();
     assert_eq!(
         (last.desired_workers, last.running_workers),

@@ -102,13 +102,19 @@ impl SimConfig {
             return Err(ConfigError::new("interval", "must be greater than 0s"));
         }
         if self.step.is_zero() || self.step > self.interval {
-            return Err(ConfigError::new("step", "must be greater than 0s and at most the interval"));
+            return Err(ConfigError::new(
+                "step",
+                "must be greater than 0s and at most the interval",
+            ));
         }
         if self.workers_per_unit == 0 {
             return Err(ConfigError::new("workers_per_unit", "must be at least 1"));
         }
         if self.sample_every < self.step {
-            return Err(ConfigError::new("sample_every", "must be at least the step"));
+            return Err(ConfigError::new(
+                "sample_every",
+                "must be at least the step",
+            ));
         }
         Ok(())
     }
@@ -186,7 +192,11 @@ impl Simulator {
 
     /// Simulates `trace` under `policy`. Runs on a thread of its own with a paused-clock
     /// runtime, so it may be called from anywhere, including inside a Tokio runtime.
-    pub fn run(&self, trace: &Trace, policy: Box<dyn ScalingPolicy>) -> Result<SimResult, ConfigError> {
+    pub fn run(
+        &self,
+        trace: &Trace,
+        policy: Box<dyn ScalingPolicy>,
+    ) -> Result<SimResult, ConfigError> {
         self.config.validate()?;
         let config = self.config.clone();
         let trace = trace.clone();
@@ -233,7 +243,9 @@ struct Fleet {
 
 impl Fleet {
     fn live(&self) -> impl Iterator<Item = &Unit> {
-        self.units.iter().filter(|u| !u.stopping && u.ended_s.is_none())
+        self.units
+            .iter()
+            .filter(|u| !u.stopping && u.ended_s.is_none())
     }
 }
 
@@ -345,7 +357,10 @@ impl World {
 
     /// A worker takes the next message, from the queues in priority order.
     fn take(&self) -> Option<u64> {
-        self.queues.iter().find_map(|q| self.broker.take(q)).map(|m| m.id)
+        self.queues
+            .iter()
+            .find_map(|q| self.broker.take(q))
+            .map(|m| m.id)
     }
 
     /// Brings the fleet to the desired count: launches units, or stops some (pending first,
@@ -504,7 +519,9 @@ impl World {
         let horizon = last_arrival + self.config.horizon_after_last_arrival.as_secs_f64();
         let interval_steps = (self.config.interval.as_secs_f64() / step).round().max(1.0) as u64;
         let beat_steps = (2.0 / step).round().max(1.0) as u64;
-        let sample_steps = (self.config.sample_every.as_secs_f64() / step).round().max(1.0) as u64;
+        let sample_steps = (self.config.sample_every.as_secs_f64() / step)
+            .round()
+            .max(1.0) as u64;
         let mut next_arrival = 0;
         let mut series = Vec::new();
         let mut actions = 0;
@@ -516,11 +533,13 @@ impl World {
         loop {
             let now_s = n as f64 * step;
             let now = start + Duration::from_secs_f64(now_s);
-            while next_arrival < arrivals.len() && arrivals[next_arrival].at.as_secs_f64() <= now_s {
+            while next_arrival < arrivals.len() && arrivals[next_arrival].at.as_secs_f64() <= now_s
+            {
                 let a = &arrivals[next_arrival];
                 for _ in 0..a.count {
                     let m = self.broker.publish(&a.queue);
-                    self.tasks.insert(m.id, (a.at.as_secs_f64(), a.duration.as_secs_f64()));
+                    self.tasks
+                        .insert(m.id, (a.at.as_secs_f64(), a.duration.as_secs_f64()));
                 }
                 next_arrival += 1;
             }
@@ -529,11 +548,11 @@ impl World {
                 let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
                 f.now_s = now_s;
                 self.work(&mut f, now_s);
-                if n % beat_steps == 0 {
+                if n.is_multiple_of(beat_steps) {
                     self.beat(&f, now_s, now);
                 }
             }
-            if n % interval_steps == 0 {
+            if n.is_multiple_of(interval_steps) {
                 let record = binding.tick().await;
                 if matches!(record.outcome, Outcome::Set { .. }) {
                     actions += 1;
@@ -549,8 +568,13 @@ impl World {
                 }
                 let running = f.live().filter(|u| u.ready_s <= now_s).count() as u32;
                 peak = peak.max(running * per_unit.get());
-                if n % sample_steps == 0 {
-                    let executing = f.units.iter().filter(|u| u.ended_s.is_none()).map(|u| u.busy() as u64).sum();
+                if n.is_multiple_of(sample_steps) {
+                    let executing = f
+                        .units
+                        .iter()
+                        .filter(|u| u.ended_s.is_none())
+                        .map(|u| u.busy() as u64)
+                        .sum();
                     let reserved: u64 = f.units.iter().map(|u| u.reserved.len() as u64).sum();
                     series.push(SimPoint {
                         t_s: now_s,
@@ -563,7 +587,9 @@ impl World {
                 }
             }
             let done = next_arrival == arrivals.len() && self.completed == total;
-            if (done && now_s - last_change_s >= self.config.settle.as_secs_f64()) || now_s >= horizon {
+            if (done && now_s - last_change_s >= self.config.settle.as_secs_f64())
+                || now_s >= horizon
+            {
                 break;
             }
             tokio::time::advance(self.config.step).await;

@@ -59,7 +59,7 @@ pub enum TraceError {
 impl Trace {
     /// A trace of these arrivals (sorted by time, stable).
     pub fn new(mut arrivals: Vec<Arrival>) -> Self {
-        arrivals.sort_by(|a, b| a.at.cmp(&b.at));
+        arrivals.sort_by_key(|a| a.at);
         Trace { arrivals }
     }
 
@@ -99,13 +99,18 @@ impl Trace {
 
     /// Parses the CSV format.
     pub fn from_csv(text: &str) -> Result<Self, TraceError> {
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty());
         let (_, header) = lines.next().ok_or(TraceError::Parse {
             line: 1,
             message: "empty file: expected the header at_s,count,duration_s[,queue]".into(),
         })?;
         let cols: Vec<&str> = header.split(',').map(str::trim).collect();
-        if cols.len() < 3 || cols[..3] != ["at_s", "count", "duration_s"] || cols.len() > 4
+        if cols.len() < 3
+            || cols[..3] != ["at_s", "count", "duration_s"]
+            || cols.len() > 4
             || (cols.len() == 4 && cols[3] != "queue")
         {
             return Err(TraceError::Parse {
@@ -119,14 +124,22 @@ impl Trace {
             let err = |message: String| TraceError::Parse { line: n, message };
             let f: Vec<&str> = line.split(',').map(str::trim).collect();
             if f.len() != cols.len() {
-                return Err(err(format!("{} fields, the header has {}", f.len(), cols.len())));
+                return Err(err(format!(
+                    "{} fields, the header has {}",
+                    f.len(),
+                    cols.len()
+                )));
             }
             let secs = |name: &str, v: &str| -> Result<Duration, TraceError> {
                 v.parse::<f64>()
                     .ok()
                     .filter(|x| x.is_finite() && *x >= 0.0)
                     .map(Duration::from_secs_f64)
-                    .ok_or_else(|| err(format!("{name} {v:?} is not a non-negative number of seconds")))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{name} {v:?} is not a non-negative number of seconds"
+                        ))
+                    })
             };
             let at = secs("at_s", f[0])?;
             let count = f[1]
