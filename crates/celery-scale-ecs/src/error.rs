@@ -1,0 +1,246 @@
+//! [`EcsError`]: what can go wrong talking to ECS, by meaning, and its mapping into
+//! [`celery_scale_core::Error`].
+
+use std::sync::Arc;
+
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+
+/// The backend name used in core errors and metrics.
+pub const BACKEND: &str = "ecs";
+
+/// The SDK error kept as a source; shared because one failed `DescribeServices` answers every
+/// binding that waited for it.
+pub type SharedSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong talking to ECS.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum EcsError {
+    /// The service (or its cluster) does not exist: `DescribeServices` listed it in `failures`
+    /// (reason `MISSING`), or the call answered `ClusterNotFoundException` /
+    /// `ServiceNotFoundException`.
+    #[error("service '{service}' in cluster '{cluster}' not found ({reason})")]
+    NotFound {
+        /// The cluster.
+        cluster: String,
+        /// The service.
+        service: String,
+        /// What ECS said, e.g. `MISSING`.
+        reason: String,
+    },
+    /// The credentials may not make the call.
+    #[error("access denied calling {operation}: {message}")]
+    AccessDenied {
+        /// The operation.
+        operation: &'static str,
+        /// What AWS said.
+        message: String,
+        /// The SDK error.
+        #[source]
+        source: SharedSource,
+    },
+    /// ECS throttled the call (`ThrottlingException`), after the SDK's own retries.
+    #[error("{operation} was throttled")]
+    Throttled {
+        /// The operation.
+        operation: &'static str,
+        /// The SDK error.
+        #[source]
+        source: SharedSource,
+    },
+    /// The call timed out.
+    #[error("{operation} timed out")]
+    Timeout {
+        /// The operation.
+        operation: &'static str,
+        /// The configured operation timeout.
+        after: std::time::Duration,
+        /// The SDK error.
+        #[source]
+        source: SharedSource,
+    },
+    /// The endpoint could not be reached.
+    #[error("{operation}: ECS endpoint unreachable")]
+    Unreachable {
+        /// The operation.
+        operation: &'static str,
+        /// The SDK error.
+        #[source]
+        source: SharedSource,
+    },
+    /// ECS rejected the request as invalid (`InvalidParameterException`, ...).
+    #[error("{operation} rejected: {code}: {message}")]
+    Rejected {
+        /// The operation.
+        operation: &'static str,
+        /// The AWS error code.
+        code: String,
+        /// What AWS said.
+        message: String,
+        /// The SDK error.
+        #[source]
+        source: SharedSource,
+    },
+    /// Anything else; 5xx answers (`ServerException`, `ServiceUnavailable`) are transient.
+    #[error("{operation} failed: {message}")]
+    Other {
+        /// The operation.
+        operation: &'static str,
+        /// What happened.
+        message: String,
+        /// Whether retrying later may succeed.
+        transient: bool,
+        /// The SDK error.
+        #[source]
+        source: Option<SharedSource>,
+    },
+}
+
+impl EcsError {
+    /// Whether the loop should back off and retry.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EcsError::Throttled { .. }
+            | EcsError::Timeout { .. }
+            | EcsError::Unreachable { .. } => true,
+            EcsError::Other { transient, .. } => *transient,
+            EcsError::NotFound { .. }
+            | EcsError::AccessDenied { .. }
+            | EcsError::Rejected { .. } => false,
+        }
+    }
+
+    /// Classifies an SDK error of `operation`.
+    pub fn from_sdk<E, R>(
+        operation: &'static str,
+        timeout: std::time::Duration,
+        err: SdkError<E, R>,
+    ) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let code = err.code().map(str::to_owned);
+        let message = err.message().unwrap_or_default().to_owned();
+        let status = match &err {
+            SdkError::ServiceError(e) => Some(raw_status(e.raw())),
+            SdkError::ResponseError(e) => Some(raw_status(e.raw())),
+            _ => None,
+        }
+        .flatten();
+        let is_timeout = matches!(err, SdkError::TimeoutError(_));
+        let is_dispatch = matches!(err, SdkError::DispatchFailure(_));
+        let source: SharedSource = Arc::new(err);
+        if is_timeout {
+            return EcsError::Timeout {
+                operation,
+                after: timeout,
+                source,
+            };
+        }
+        if is_dispatch {
+            return EcsError::Unreachable { operation, source };
+        }
+        match code.as_deref() {
+            Some(
+                "ThrottlingException"
+                | "Throttling"
+                | "TooManyRequestsException"
+                | "RequestLimitExceeded",
+            ) => EcsError::Throttled { operation, source },
+            Some(
+                "AccessDeniedException"
+                | "AccessDenied"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "ExpiredTokenException"
+                | "InvalidSignatureException"
+                | "SignatureDoesNotMatch",
+            ) => EcsError::AccessDenied {
+                operation,
+                message,
+                source,
+            },
+            Some(c @ ("InvalidParameterException" | "ClientException" | "ValidationException")) => {
+                EcsError::Rejected {
+                    operation,
+                    code: c.to_owned(),
+                    message,
+                    source,
+                }
+            }
+            Some("ServerException" | "ServiceUnavailableException" | "InternalFailure") => {
+                EcsError::Other {
+                    operation,
+                    message: code.unwrap_or_default(),
+                    transient: true,
+                    source: Some(source),
+                }
+            }
+            _ => EcsError::Other {
+                operation,
+                message: match (&code, status) {
+                    (Some(c), _) => format!("{c}: {message}"),
+                    (None, Some(s)) => format!("HTTP {s}"),
+                    (None, None) => "request failed".to_owned(),
+                },
+                transient: status.is_some_and(|s| s >= 500),
+                source: Some(source),
+            },
+        }
+    }
+}
+
+fn raw_status<R: std::fmt::Debug + 'static>(raw: &R) -> Option<u16> {
+    (raw as &dyn std::any::Any)
+        .downcast_ref::<aws_smithy_runtime_api::http::Response>()
+        .map(|r| r.status().as_u16())
+}
+
+impl From<EcsError> for celery_scale_core::Error {
+    fn from(e: EcsError) -> Self {
+        use celery_scale_core::Error;
+        match e {
+            EcsError::NotFound {
+                ref cluster,
+                ref service,
+                ..
+            } => Error::NotFound {
+                backend: BACKEND,
+                what: format!("service '{service}' in cluster '{cluster}'"),
+            },
+            EcsError::AccessDenied { .. } => Error::PermissionDenied {
+                backend: BACKEND,
+                message: e.to_string(),
+                source: Some(Box::new(e)),
+            },
+            EcsError::Throttled { .. } => Error::Throttled {
+                backend: BACKEND,
+                source: Some(Box::new(e)),
+            },
+            EcsError::Timeout {
+                operation, after, ..
+            } => Error::Timeout {
+                operation: format!("{BACKEND} {operation}"),
+                after,
+            },
+            EcsError::Unreachable { .. } => Error::Unavailable {
+                backend: BACKEND,
+                message: e.to_string(),
+                source: Some(Box::new(e)),
+            },
+            EcsError::Rejected { .. } => Error::Rejected {
+                backend: BACKEND,
+                message: e.to_string(),
+                transient: false,
+                source: Some(Box::new(e)),
+            },
+            EcsError::Other { transient, .. } => Error::Other {
+                backend: BACKEND,
+                message: e.to_string(),
+                transient,
+                source: Some(Box::new(e)),
+            },
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `EcsServiceScaler` against moto's ECS server: the core conformance checks, several services
+//! through one handle, and a missing service.
+
+use std::time::Duration;
+
+use aws_sdk_ecs::Client;
+use aws_sdk_ecs::types::ContainerDefinition;
+use celery_scale_core::conformance;
+use celery_scale_core::{Error, Scaler};
+use celery_scale_ecs::{EcsServiceConfig, EcsServices, EcsSettings};
+
+async fn client() -> Option<Client> {
+    let url = conformance::service_url("CELERY_SCALE_MOTO_URL")?;
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ecs::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    Some(Client::new(&config))
+}
+
+/// Creates `cluster` with services `names`, each at desired count 1.
+async fn create(client: &Client, cluster: &str, names: &[String]) {
+    client
+        .create_cluster()
+        .cluster_name(cluster)
+        .send()
+        .await
+        .unwrap();
+    client
+        .register_task_definition()
+        .family("celery-worker")
+        .container_definitions(
+            ContainerDefinition::builder()
+                .name("worker")
+                .image("python:3.12")
+                .memory(512)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    for name in names {
+        client
+            .create_service()
+            .cluster(cluster)
+            .service_name(name)
+            .task_definition("celery-worker")
+            .desired_count(1)
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+#[tokio::test]
+async fn conforms_on_moto() {
+    let Some(client) = client().await else { return };
+    let cluster = unique("conformance");
+    create(&client, &cluster, &["workers".to_string()]).await;
+    let services =
+        EcsServices::new(client, EcsSettings::default().cache_ttl(Duration::ZERO)).unwrap();
+    let scaler = services
+        .scaler(
+            EcsServiceConfig::new(&cluster, "workers")
+                .workers_per_task(4)
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(scaler.workers_per_unit().get(), 4);
+    conformance::scaler(&scaler, 0, 3).await;
+}
+
+#[tokio::test]
+async fn a_missing_service_is_a_typed_error() {
+    let Some(client) = client().await else { return };
+    let cluster = unique("missing");
+    create(&client, &cluster, &[]).await;
+    let services = EcsServices::new(client, EcsSettings::default()).unwrap();
+    let scaler = services
+        .scaler(EcsServiceConfig::new(&cluster, "no-such-service"))
+        .unwrap();
+    match scaler.capacity().await {
+        Err(Error::NotFound { what, .. }) => assert!(what.contains("no-such-service"), "{what}"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    conformance::dead_scaler(&scaler).await;
+}
+
+#[tokio::test]
+async fn many_services_share_one_handle() {
+    let Some(client) = client().await else { return };
+    let cluster = unique("many");
+    let names: Vec<String> = (0..12).map(|i| format!("svc-{i}")).collect();
+    create(&client, &cluster, &names).await;
+    let services = EcsServices::new(client.clone(), EcsSettings::default()).unwrap();
+    let scalers: Vec<_> = names
+        .iter()
+        .map(|n| services.scaler(EcsServiceConfig::new(&cluster, n)).unwrap())
+        .collect();
+    let reads = futures::future::join_all(scalers.iter().map(|s| s.capacity())).await;
+    for r in reads {
+        assert_eq!(r.unwrap().desired, 1);
+    }
+    scalers[11].set_desired(5).await.unwrap();
+    assert_eq!(
+        scalers[11].capacity().await.unwrap().desired,
+        5,
+        "a set invalidates the cache"
+    );
+    let seen = client
+        .describe_services()
+        .cluster(&cluster)
+        .services("svc-11")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen.services()[0].desired_count(), 5, "moto saw the update");
+}
