@@ -1,1 +1,170 @@
-//! Not written yet.
+//! End to end, ECS + Redis: a real Celery producer publishes a burst to real Redis; the control
+//! loop reads it with the Redis source and sets an ECS service's desired count on moto; a real
+//! Celery worker drains the queue; after the scale-in window the service is back at its minimum.
+//!
+//! Needs CELERY_SCALE_REDIS_URL, CELERY_SCALE_MOTO_URL and CELERY_SCALE_PYTHON (scripts/test.sh).
+
+mod common;
+
+use std::time::Duration;
+
+use celery_scale::config::{PolicyConfig, PolicyKind};
+use celery_scale::conformance::service_url;
+use celery_scale::ecs::aws_sdk_ecs::Client;
+use celery_scale::ecs::aws_sdk_ecs::types::ContainerDefinition;
+use celery_scale::ecs::{EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale::record::Outcome;
+use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
+use celery_scale::{Binding, LoopSettings};
+use common::{Worker, python, tick_until, unique};
+
+const DB: u32 = 11;
+
+async fn ecs(moto: &str) -> Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(moto)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(celery_scale::ecs::aws_sdk_ecs::config::Credentials::new(
+            "testing", "testing", None, None, "e2e",
+        ))
+        .load()
+        .await;
+    Client::new(&config)
+}
+
+async fn desired(c: &Client, cluster: &str) -> i32 {
+    c.describe_services()
+        .cluster(cluster)
+        .services("workers")
+        .send()
+        .await
+        .expect("describe on moto")
+        .services()[0]
+        .desired_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_on_redis_scales_an_ecs_service_out_and_back_in() {
+    let (Some(redis), Some(moto), Some(py)) = (
+        service_url("CELERY_SCALE_REDIS_URL"),
+        service_url("CELERY_SCALE_MOTO_URL"),
+        service_url("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    let broker = format!("{}/{DB}", redis.trim_end_matches('/'));
+    let queue = unique("e2e-ecs");
+    let cluster = unique("e2e-cluster");
+    let client = ecs(&moto).await;
+    client
+        .create_cluster()
+        .cluster_name(&cluster)
+        .send()
+        .await
+        .unwrap();
+    client
+        .register_task_definition()
+        .family("celery-worker")
+        .container_definitions(
+            ContainerDefinition::builder()
+                .name("worker")
+                .image("python:3.12")
+                .memory(512)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    client
+        .create_service()
+        .cluster(&cluster)
+        .service_name("workers")
+        .task_definition("celery-worker")
+        .desired_count(0)
+        .send()
+        .await
+        .unwrap();
+
+    let source = RedisQueueSource::new(
+        RedisSourceConfig::builder(broker.as_str())
+            .queue(&queue)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let services = EcsServices::new(
+        client.clone(),
+        EcsSettings::default().cache_ttl(Duration::ZERO),
+    )
+    .unwrap();
+    let scaler = services
+        .scaler(
+            EcsServiceConfig::new(&cluster, "workers")
+                .workers_per_task(2)
+                .unwrap(),
+        )
+        .unwrap();
+    let policy = PolicyConfig {
+        kind: PolicyKind::TargetBacklog,
+        messages_per_worker: 5.0,
+        min_workers: 0,
+        max_workers: 20,
+        stabilize_down: Duration::from_secs(3),
+        scale_to_zero_after: Duration::from_secs(3),
+        ..PolicyConfig::default()
+    };
+    let mut binding = Binding::new(
+        LoopSettings {
+            name: "e2e-ecs".into(),
+            interval: Duration::from_secs(1),
+            ..LoopSettings::default()
+        },
+        Box::new(source),
+        Box::new(scaler),
+        policy.build().unwrap(),
+    )
+    .unwrap();
+
+    // A burst of 40 real Celery tasks: 40 / 5 = 8 workers = 4 tasks of 2 workers.
+    python(
+        &py,
+        &broker,
+        &[
+            "publish.py",
+            "--queue",
+            &queue,
+            "--count",
+            "40",
+            "--seconds",
+            "0.05",
+        ],
+    );
+    tick_until(&mut binding, Duration::from_secs(20), "scale out", |r| {
+        matches!(r.outcome, Outcome::Set { to: 4, .. })
+    })
+    .await;
+    assert_eq!(
+        desired(&client, &cluster).await,
+        4,
+        "moto saw the new desired count"
+    );
+
+    // A real worker drains the queue; after the window the service returns to 0.
+    let _worker = Worker::start(&py, &broker, &queue);
+    tick_until(
+        &mut binding,
+        Duration::from_secs(60),
+        "scale back in",
+        |r| matches!(r.outcome, Outcome::Set { to: 0, .. }),
+    )
+    .await;
+    assert_eq!(desired(&client, &cluster).await, 0, "back to the minimum");
+    let _ = python(
+        &py,
+        &broker,
+        &[
+            "-c",
+            &format!("import redis; redis.Redis.from_url({broker:?}).delete({queue:?})"),
+        ],
+    );
+}
