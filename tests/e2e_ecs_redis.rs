@@ -168,3 +168,123 @@ async fn burst_on_redis_scales_an_ecs_service_out_and_back_in() {
         ],
     );
 }
+
+/// The scale-in protection recipe (testing/celery/ecs_protection.py, documented in
+/// docs/ecs.md): a real Celery worker with the recipe loaded and ECS_AGENT_URI pointing at a
+/// local stub of the ECS agent asks for protection when a task starts and releases it when idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protection_recipe_protects_while_busy_and_releases_when_idle() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (Some(redis), Some(py)) = (
+        service_url("CELERY_SCALE_REDIS_URL"),
+        service_url("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    // A stub ECS agent: records (method, path, body) of every request and answers 200.
+    let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = format!("http://{}", listener.local_addr().unwrap());
+    let record = Arc::clone(&seen);
+    let server = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let head = &text[..end];
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            let mut first = head.lines().next().unwrap_or_default().split(' ');
+                            let method = first.next().unwrap_or_default().to_string();
+                            let path = first.next().unwrap_or_default().to_string();
+                            let body = text[end + 4..end + 4 + len].to_string();
+                            record.lock().unwrap().push((method, path, body));
+                            let _ = sock
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+
+    let broker = format!("{}/{DB}", redis.trim_end_matches('/'));
+    let queue = unique("e2e-protect");
+    let _worker = Worker::start_with(
+        &py,
+        &broker,
+        &queue,
+        &["-I", "ecs_protection"],
+        &[("ECS_AGENT_URI", agent.as_str())],
+    );
+    python(
+        &py,
+        &broker,
+        &[
+            "publish.py",
+            "--queue",
+            &queue,
+            "--count",
+            "3",
+            "--seconds",
+            "1",
+        ],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let requests = seen.lock().unwrap().clone();
+        let bodies: Vec<serde_json::Value> = requests
+            .iter()
+            .map(|(method, path, body)| {
+                assert_eq!(
+                    (method.as_str(), path.as_str()),
+                    ("PUT", "/task-protection/v1/state")
+                );
+                serde_json::from_str(body).unwrap()
+            })
+            .collect();
+        let protected = bodies.first().is_some_and(|b| {
+            b["ProtectionEnabled"] == true && b["ExpiresInMinutes"].as_u64().is_some()
+        });
+        let released = bodies
+            .last()
+            .is_some_and(|b| b["ProtectionEnabled"] == false);
+        if protected && released {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent saw {bodies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.abort();
+    let _ = python(
+        &py,
+        &broker,
+        &[
+            "-c",
+            &format!("import redis; redis.Redis.from_url({broker:?}).delete({queue:?})"),
+        ],
+    );
+}

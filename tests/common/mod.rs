@@ -47,6 +47,17 @@ pub struct Worker(Child);
 impl Worker {
     /// `celery -A app worker -c 4 --prefetch-multiplier 1 -Q queue`.
     pub fn start(py: &str, broker: &str, queue: &str) -> Self {
+        Worker::start_with(py, broker, queue, &[], &[])
+    }
+
+    /// As [`Worker::start`], with extra worker arguments and environment variables.
+    pub fn start_with(
+        py: &str,
+        broker: &str,
+        queue: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::os::unix::process::CommandExt as _;
         let celery = PathBuf::from(py).with_file_name("celery");
         let child = Command::new(celery)
@@ -61,6 +72,8 @@ impl Worker {
             ])
             .args(["-Q", queue, "-n", &format!("{queue}@%h")])
             .args(["--without-mingle", "--without-gossip"])
+            .args(args)
+            .envs(env.iter().copied())
             .current_dir(celery_dir())
             .env("PYTHONPATH", celery_dir())
             .env("CELERY_SCALE_TEST_BROKER", broker)
