@@ -1,1 +1,13 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod heartbeats;
+mod management;
+mod source;
+
+pub use config::{AmqpSourceConfig, AmqpSourceConfigBuilder, DiscoveryConfig, ManagementConfig};
+pub use error::AmqpSourceError;
+pub use management::{ManagementClient, QueueStats};
+pub use source::AmqpQueueSource;

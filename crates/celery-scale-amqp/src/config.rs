@@ -1,0 +1,600 @@
+//! Configuration of an [`AmqpQueueSource`](crate::AmqpQueueSource): serde (TOML, JSON) and a
+//! builder, validated with errors that name the field.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use celery_scale_core::{ConfigError, SecretUrl};
+use lapin::uri::AMQPUri;
+use serde::{Deserialize, Serialize};
+
+/// The RabbitMQ management API (plugin `rabbitmq_management`, port 15672 by default).
+///
+/// With it the source reads `messages_unacknowledged` (in flight), the message rates and the
+/// head message timestamp of each queue, and can discover queues. Its figures are statistics that
+/// RabbitMQ refreshes every `collect_statistics_interval` (5 s by default): they lag.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementConfig {
+    /// The API's base URL with the credentials of a user tagged `monitoring` (or `management`),
+    /// e.g. `http://celery-scale:secret@rabbit.internal:15672` (`https://` for TLS). A path is
+    /// kept as a prefix (e.g. behind a reverse proxy: `https://h/rabbitmq`).
+    pub url: SecretUrl,
+    /// Deadline of one management read (all its HTTP requests).
+    #[serde(default = "default_management_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for ManagementConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ManagementConfig { url, timeout } = self;
+        f.debug_struct("ManagementConfig")
+            .field("url", &url.redacted())
+            .field("timeout", timeout)
+            .finish()
+    }
+}
+
+impl ManagementConfig {
+    /// The management API at `url` with the default timeout.
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
+        ManagementConfig {
+            url: url.into(),
+            timeout: default_management_timeout(),
+        }
+    }
+
+    /// The same with another timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// Queue discovery through the management API (`GET /api/queues/{vhost}`).
+///
+/// Celery's internal queues are always left out: `*.celery.pidbox`, `*.reply.celery.pidbox`,
+/// `celeryev.*`, `*.dq2` and `celery_delayed_*`, and RabbitMQ's server-named `amq.gen-*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often to list the vhost's queues again.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// Discovered queue names to leave out; `*` matches any run of characters (e.g. `"tmp-*"`).
+    pub exclude: Vec<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh: Duration::from_secs(60),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// Configuration of an [`AmqpQueueSource`](crate::AmqpQueueSource).
+///
+/// ```
+/// use celery_scale_amqp::AmqpSourceConfig;
+/// let config: AmqpSourceConfig = toml::from_str(r#"
+///     url = "amqps://celery:secret@rabbit.internal:5671/%2f"
+///     queues = ["celery", "emails"]
+///     [management]
+///     url = "https://monitor:secret2@rabbit.internal:15671"
+///     timeout = "2s"
+/// "#).unwrap();
+/// config.validate().unwrap();
+/// assert!(config.heartbeats);
+/// let shown = format!("{config:?}");
+/// assert!(!shown.contains("secret"), "{shown}");
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSourceConfig {
+    /// The broker URL, as Celery's `broker_url`: `amqp://user:password@host[:port]/vhost`,
+    /// `amqps://...` for TLS. The vhost is URL-encoded: `/` is `%2f` (an URL without a path means
+    /// `/`; a bare trailing `/` means the empty vhost, as in lapin and pika).
+    pub url: SecretUrl,
+    /// The Celery queue names to watch.
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// The management API, for in-flight counts, rates, head timestamps and discovery.
+    #[serde(default)]
+    pub management: Option<ManagementConfig>,
+    /// List the vhost's queues through the management API, in addition to `queues`.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Consume Celery's worker events for executing tasks, live workers and throughput.
+    #[serde(default = "yes")]
+    pub heartbeats: bool,
+    /// Count only heartbeats of workers whose node name matches one of these (`*` matches any
+    /// run of characters, e.g. `"emails@*"`); empty: every worker of this vhost.
+    #[serde(default)]
+    pub worker_hostnames: Vec<String>,
+    /// The window over which heartbeats measure throughput.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub heartbeat_window: Duration,
+    /// How long the event consumer must be up before its worker figures are reported (a worker
+    /// beats every 2 s; until one beat of each has arrived the figures would read low).
+    #[serde(default = "default_warmup", with = "humantime_serde")]
+    pub heartbeat_warmup: Duration,
+    /// Deadline of one observation, connecting included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Deadline of one connection attempt (TCP, TLS and the AMQP handshake).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The connection name RabbitMQ shows (management UI, `rabbitmqctl list_connections`).
+    #[serde(default = "default_connection_name")]
+    pub connection_name: String,
+}
+
+impl std::fmt::Debug for AmqpSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let AmqpSourceConfig {
+            url,
+            queues,
+            management,
+            discovery,
+            heartbeats,
+            worker_hostnames,
+            heartbeat_window,
+            heartbeat_warmup,
+            timeout,
+            connect_timeout,
+            connection_name,
+        } = self;
+        f.debug_struct("AmqpSourceConfig")
+            .field("url", &url.redacted())
+            .field("queues", queues)
+            .field("management", management)
+            .field("discovery", discovery)
+            .field("heartbeats", heartbeats)
+            .field("worker_hostnames", worker_hostnames)
+            .field("heartbeat_window", heartbeat_window)
+            .field("heartbeat_warmup", heartbeat_warmup)
+            .field("timeout", timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("connection_name", connection_name)
+            .finish()
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_warmup() -> Duration {
+    Duration::from_millis(2500)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_management_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_connection_name() -> String {
+    "celery-scale".to_string()
+}
+
+/// The longest queue name AMQP 0-9-1 can carry (a short string).
+const MAX_QUEUE_NAME: usize = 255;
+
+/// Parses an AMQP URL without ever putting the password in the error.
+pub(crate) fn parse_amqp_url(url: &SecretUrl) -> Result<AMQPUri, ConfigError> {
+    let raw = url.expose();
+    AMQPUri::from_str(raw).map_err(|reason| {
+        // The parser quotes its input; put the redacted URL in its place.
+        let reason = reason.replace(raw, &url.redacted());
+        let reason = if reason.contains(raw) || password_of(raw).is_some_and(|p| reason.contains(p))
+        {
+            "not a valid URL".to_string()
+        } else {
+            reason
+        };
+        ConfigError::new(
+            "url",
+            format!(
+                "{} is not an AMQP URL (amqp://user:password@host:port/vhost): {reason}",
+                url.redacted()
+            ),
+        )
+    })
+}
+
+/// The password part of `scheme://user:password@host`, when there is one.
+fn password_of(raw: &str) -> Option<&str> {
+    let rest = &raw[raw.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// Parses the management base URL (`http(s)://[user:password@]host[:port][/prefix]`).
+pub(crate) fn parse_management_url(url: &SecretUrl) -> Result<url::Url, ConfigError> {
+    let bad = |rule: String| ConfigError::new("management.url", rule);
+    let parsed = url::Url::parse(url.expose())
+        .map_err(|e| bad(format!("{} is not a valid URL: {e}", url.redacted())))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "{} must be http:// or https:// (the management API, port 15672 by default)",
+            url.redacted()
+        )));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad(format!("{} has no host", url.redacted())));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad(format!(
+            "{} must not have a query or fragment",
+            url.redacted()
+        )));
+    }
+    Ok(parsed)
+}
+
+impl AmqpSourceConfig {
+    /// A configuration for `url` with every other field at its default (no queues yet).
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
+        AmqpSourceConfig {
+            url: url.into(),
+            queues: Vec::new(),
+            management: None,
+            discovery: None,
+            heartbeats: true,
+            worker_hostnames: Vec::new(),
+            heartbeat_window: default_window(),
+            heartbeat_warmup: default_warmup(),
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
+            connection_name: default_connection_name(),
+        }
+    }
+
+    /// A builder for `url`.
+    pub fn builder(url: impl Into<SecretUrl>) -> AmqpSourceConfigBuilder {
+        AmqpSourceConfigBuilder {
+            config: AmqpSourceConfig::new(url),
+        }
+    }
+
+    /// The vhost the URL names (`/` for `%2f` or no path).
+    pub fn vhost(&self) -> Result<String, ConfigError> {
+        Ok(parse_amqp_url(&self.url)?.vhost)
+    }
+
+    /// Checks every field, the URLs included; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.url.expose().trim().is_empty() {
+            return Err(ConfigError::new("url", "must not be empty"));
+        }
+        parse_amqp_url(&self.url)?;
+        if self.queues.is_empty() && self.discovery.is_none() {
+            return Err(ConfigError::new(
+                "queues",
+                "is empty: name at least one queue or enable discovery",
+            ));
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.is_empty() {
+                return Err(ConfigError::new(
+                    format!("queues[{i}]"),
+                    "must not be empty (the empty name asks the broker for a new queue)",
+                ));
+            }
+            if q.len() > MAX_QUEUE_NAME {
+                return Err(ConfigError::new(
+                    format!("queues[{i}]"),
+                    format!("is {} bytes long; AMQP allows {MAX_QUEUE_NAME}", q.len()),
+                ));
+            }
+            if self.queues[..i].contains(q) {
+                return Err(ConfigError::new(
+                    format!("queues[{i}]"),
+                    format!("{q:?} is listed twice"),
+                ));
+            }
+        }
+        if let Some(m) = &self.management {
+            parse_management_url(&m.url)?;
+            if m.timeout.is_zero() {
+                return Err(ConfigError::new("management.timeout", "must be above zero"));
+            }
+        }
+        if let Some(d) = &self.discovery {
+            if self.management.is_none() {
+                return Err(ConfigError::new(
+                    "discovery",
+                    "needs the management API: set management.url",
+                ));
+            }
+            if d.refresh.is_zero() {
+                return Err(ConfigError::new("discovery.refresh", "must be above zero"));
+            }
+        }
+        if self.heartbeat_window.is_zero() {
+            return Err(ConfigError::new("heartbeat_window", "must be above zero"));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new("timeout", "must be above zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::new("connect_timeout", "must be above zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Builds an [`AmqpSourceConfig`]; [`AmqpSourceConfigBuilder::build`] validates it.
+///
+/// ```
+/// use std::time::Duration;
+/// use celery_scale_amqp::{AmqpSourceConfig, ManagementConfig};
+/// let config = AmqpSourceConfig::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .queues(["celery", "emails"])
+///     .management(ManagementConfig::new("http://guest:guest@127.0.0.1:15672"))
+///     .timeout(Duration::from_secs(3))
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.vhost().unwrap(), "/");
+/// let err = AmqpSourceConfig::builder("amqp://h").build().unwrap_err();
+/// assert_eq!(err.field, "queues");
+/// ```
+#[derive(Debug, Clone)]
+pub struct AmqpSourceConfigBuilder {
+    config: AmqpSourceConfig,
+}
+
+impl AmqpSourceConfigBuilder {
+    /// Adds one queue to watch.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.config.queues.push(queue.into());
+        self
+    }
+
+    /// Adds queues to watch.
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config
+            .queues
+            .extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Reads the management API too.
+    pub fn management(mut self, management: ManagementConfig) -> Self {
+        self.config.management = Some(management);
+        self
+    }
+
+    /// Turns on queue discovery (needs [`management`](Self::management)).
+    pub fn discovery(mut self, discovery: DiscoveryConfig) -> Self {
+        self.config.discovery = Some(discovery);
+        self
+    }
+
+    /// Turns the worker-event consumer on or off.
+    pub fn heartbeats(mut self, on: bool) -> Self {
+        self.config.heartbeats = on;
+        self
+    }
+
+    /// Adds a worker node-name pattern whose heartbeats count.
+    pub fn worker_hostname(mut self, pattern: impl Into<String>) -> Self {
+        self.config.worker_hostnames.push(pattern.into());
+        self
+    }
+
+    /// Sets the throughput window of the heartbeat registry.
+    pub fn heartbeat_window(mut self, window: Duration) -> Self {
+        self.config.heartbeat_window = window;
+        self
+    }
+
+    /// Sets how long the consumer must be up before worker figures are reported.
+    pub fn heartbeat_warmup(mut self, warmup: Duration) -> Self {
+        self.config.heartbeat_warmup = warmup;
+        self
+    }
+
+    /// Sets the deadline of one observation.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Sets the deadline of one connection attempt.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the connection name RabbitMQ shows.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.config.connection_name = name.into();
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<AmqpSourceConfig, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters.
+pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if name.len() < first.len() + last.len() || !name.starts_with(first) || !name.ends_with(last)
+    {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Celery's (and RabbitMQ's) internal queues, which discovery leaves out.
+pub(crate) fn is_internal_queue(name: &str) -> bool {
+    const PATTERNS: [&str; 6] = [
+        "*.celery.pidbox",
+        "*.reply.celery.pidbox",
+        "celeryev.*",
+        "*.dq2",
+        "celery_delayed_*",
+        "amq.gen-*",
+    ];
+    PATTERNS.iter().any(|p| wildcard_match(p, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_builder_agree() {
+        let c: AmqpSourceConfig =
+            serde_json::from_str(r#"{"url": "amqp://h", "queues": ["celery"]}"#).unwrap();
+        assert!(c.heartbeats);
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        assert_eq!(
+            c,
+            AmqpSourceConfig::builder("amqp://h")
+                .queue("celery")
+                .build()
+                .unwrap()
+        );
+        assert_eq!(c.vhost().unwrap(), "/");
+    }
+
+    #[test]
+    fn vhosts_from_the_url() {
+        let v = |u: &str| {
+            AmqpSourceConfig::builder(u)
+                .queue("q")
+                .build()
+                .unwrap()
+                .vhost()
+                .unwrap()
+        };
+        assert_eq!(v("amqp://u:p@h:5672/%2f"), "/");
+        assert_eq!(v("amqps://u:p@h/prod"), "prod");
+        assert_eq!(v("amqp://u:p@h/a%2fb"), "a/b");
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_names_bad_ones() {
+        let e = serde_json::from_str::<AmqpSourceConfig>(
+            r#"{"url": "amqp://h", "queues": ["a"], "exchange": "x"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("exchange"), "{e}");
+        let field = |c: AmqpSourceConfigBuilder| c.build().unwrap_err().field;
+        let b = || AmqpSourceConfig::builder("amqp://h").queue("a");
+        assert_eq!(field(b().queue("a")), "queues[1]");
+        assert_eq!(field(b().queue("")), "queues[1]");
+        assert_eq!(field(b().queue("x".repeat(256))), "queues[1]");
+        assert_eq!(field(b().timeout(Duration::ZERO)), "timeout");
+        assert_eq!(field(b().connect_timeout(Duration::ZERO)), "connect_timeout");
+        assert_eq!(field(b().heartbeat_window(Duration::ZERO)), "heartbeat_window");
+        assert_eq!(
+            field(b().discovery(DiscoveryConfig::default())),
+            "discovery"
+        );
+        assert_eq!(
+            field(b().management(ManagementConfig::new("amqp://u:p@h"))),
+            "management.url"
+        );
+        assert_eq!(
+            field(b().management(ManagementConfig::new("http://h").with_timeout(Duration::ZERO))),
+            "management.timeout"
+        );
+        assert_eq!(
+            field(AmqpSourceConfig::builder("http://u:p@h").queue("a")),
+            "url"
+        );
+        assert_eq!(field(AmqpSourceConfig::builder(" ").queue("a")), "url");
+        let discovered = AmqpSourceConfig::builder("amqp://h")
+            .management(ManagementConfig::new("http://h:15672"))
+            .discovery(DiscoveryConfig::default())
+            .build();
+        assert!(discovered.is_ok(), "discovery alone needs no queue names");
+    }
+
+    #[test]
+    fn bad_urls_never_show_the_password() {
+        for url in [
+            "amqp://user:hunter2@h:notaport/%2f",
+            "http://user:hunter2@h/%2f",
+            "amqp://user:hunter2@[::1/x",
+        ] {
+            let e = AmqpSourceConfig::builder(url).queue("a").build().unwrap_err();
+            assert_eq!(e.field, "url");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        let e = AmqpSourceConfig::builder("amqp://h")
+            .queue("a")
+            .management(ManagementConfig::new("ftp://user:hunter2@h"))
+            .build()
+            .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn serializes_round_trip_with_humantime() {
+        let c = AmqpSourceConfig::builder("amqp://u:pw@h/%2f")
+            .queue("celery")
+            .management(ManagementConfig::new("http://u:pw2@h:15672"))
+            .discovery(DiscoveryConfig::default())
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""timeout":"1s 500ms""#), "{json}");
+        let back: AmqpSourceConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw"), "{shown}");
+    }
+
+    #[test]
+    fn internal_queues_and_wildcards() {
+        for internal in [
+            "celery@host.celery.pidbox",
+            "abc.reply.celery.pidbox",
+            "celeryev.1234",
+            "celery.dq2",
+            "celery_delayed_27",
+            "amq.gen-abc",
+        ] {
+            assert!(is_internal_queue(internal), "{internal}");
+        }
+        for user in ["celery", "emails", "celeryev", "pidbox"] {
+            assert!(!is_internal_queue(user), "{user}");
+        }
+        assert!(wildcard_match("emails@*", "emails@host"));
+        assert!(wildcard_match("*a*b*", "xxaYYb"));
+        assert!(!wildcard_match("a*a", "a"));
+        assert!(wildcard_match("exact", "exact"));
+    }
+}

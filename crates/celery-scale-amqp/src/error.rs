@@ -1,0 +1,388 @@
+//! What can go wrong reading Celery's queues on RabbitMQ, by meaning.
+
+use std::time::Duration;
+
+use celery_scale_core::{ConfigError, Error};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+const BACKEND: &str = "rabbitmq";
+
+/// An error of the RabbitMQ queue source. URLs in it are always redacted and the password never
+/// appears in it, in its `Debug` output or in its sources.
+///
+/// Converts into [`celery_scale_core::Error`] with the right
+/// [`is_transient`](celery_scale_core::Error::is_transient): an unreachable or restarting
+/// broker, a dropped connection, timeouts and 5xx answers of the management API are transient; a
+/// refused login, a missing queue or vhost, a refused permission and bad configuration are not.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AmqpSourceError {
+    /// A configuration field is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The source was created outside a Tokio runtime.
+    #[error("AmqpQueueSource::new must be called within a Tokio runtime")]
+    NoRuntime(#[source] tokio::runtime::TryCurrentError),
+    /// The HTTP client of the management API could not be built (TLS setup).
+    #[error("cannot build the management API client")]
+    HttpClient(#[source] reqwest::Error),
+    /// The broker could not be reached, or dropped the connection (down, restarting, network),
+    /// or closed it (`CONNECTION_FORCED`: an operator or a node shutting down).
+    #[error("RabbitMQ at {url} is unavailable")]
+    Unavailable {
+        /// The broker URL, redacted.
+        url: String,
+        /// The client library's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused the login (wrong user or password, or a user without access to the
+    /// vhost).
+    #[error("RabbitMQ at {url} refused the login")]
+    LoginRefused {
+        /// The broker URL, redacted.
+        url: String,
+        /// The broker's reason (`ACCESS_REFUSED - Login was refused ...`).
+        #[source]
+        source: lapin::Error,
+    },
+    /// The vhost does not exist, or the user may not open it (`NOT_ALLOWED`).
+    #[error("RabbitMQ at {url} does not let this user open vhost {vhost:?}")]
+    VhostRefused {
+        /// The broker URL, redacted.
+        url: String,
+        /// The vhost.
+        vhost: String,
+        /// The broker's reason.
+        #[source]
+        source: lapin::Error,
+    },
+    /// A queue that the configuration names does not exist (passive declare answered 404).
+    #[error("queue {queue:?} does not exist in vhost {vhost:?}")]
+    QueueNotFound {
+        /// The queue.
+        queue: String,
+        /// The vhost.
+        vhost: String,
+    },
+    /// The user may not declare (not even passively) a queue: it needs the `configure`
+    /// permission on it (403 `ACCESS_REFUSED`).
+    #[error("RabbitMQ refused access to queue {queue:?} in vhost {vhost:?}")]
+    QueueAccessRefused {
+        /// The queue.
+        queue: String,
+        /// The vhost.
+        vhost: String,
+        /// The broker's reason.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The queue is another connection's exclusive queue (405 `RESOURCE_LOCKED`).
+    #[error("queue {queue:?} in vhost {vhost:?} is another connection's exclusive queue")]
+    QueueLocked {
+        /// The queue.
+        queue: String,
+        /// The vhost.
+        vhost: String,
+        /// The broker's reason.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker answered with an error we did not expect.
+    #[error("RabbitMQ at {url} answered {operation} with an error")]
+    Protocol {
+        /// The broker URL, redacted.
+        url: String,
+        /// What we asked, e.g. `queue.declare(passive) of "celery"`.
+        operation: String,
+        /// The client library's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The observation (or a connection attempt) did not finish in time.
+    #[error("RabbitMQ at {url} did not answer {operation} within {after:?}")]
+    Timeout {
+        /// The URL (broker or management API), redacted.
+        url: String,
+        /// What timed out.
+        operation: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The management API could not be reached or the request failed on the way.
+    #[error("RabbitMQ management API at {url} is unavailable")]
+    ManagementUnavailable {
+        /// The API's base URL, redacted.
+        url: String,
+        /// The HTTP client's error (its URL is stripped of credentials).
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The management API answered with an error status.
+    #[error("RabbitMQ management API at {url} answered {status} to GET {path}")]
+    ManagementStatus {
+        /// The API's base URL, redacted.
+        url: String,
+        /// The request path, e.g. `/api/queues/%2F/celery`.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The management API answered something that is not what it documents.
+    #[error("RabbitMQ management API at {url} answered GET {path} with unexpected data")]
+    ManagementData {
+        /// The API's base URL, redacted.
+        url: String,
+        /// The request path.
+        path: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl AmqpSourceError {
+    /// Classifies an error of connecting to `url` (redacted) and vhost `vhost`.
+    pub(crate) fn from_connect(url: &str, vhost: &str, source: lapin::Error) -> Self {
+        let url = url.to_string();
+        match amqp_kind(&source) {
+            Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
+                AmqpSourceError::LoginRefused { url, source }
+            }
+            Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)) => AmqpSourceError::VhostRefused {
+                url,
+                vhost: vhost.to_string(),
+                source,
+            },
+            _ if is_unavailable(&source) => AmqpSourceError::Unavailable { url, source },
+            _ => AmqpSourceError::Protocol {
+                url,
+                operation: "connection.open".into(),
+                source,
+            },
+        }
+    }
+
+    /// Classifies an error of `operation` on an open connection.
+    pub(crate) fn from_operation(url: &str, operation: String, source: lapin::Error) -> Self {
+        let url = url.to_string();
+        if is_unavailable(&source) {
+            AmqpSourceError::Unavailable { url, source }
+        } else {
+            AmqpSourceError::Protocol {
+                url,
+                operation,
+                source,
+            }
+        }
+    }
+
+    /// Whether the same call may succeed later without a change of configuration.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AmqpSourceError::Unavailable { .. }
+            | AmqpSourceError::Timeout { .. }
+            | AmqpSourceError::ManagementUnavailable { .. } => true,
+            AmqpSourceError::ManagementStatus { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
+            AmqpSourceError::Protocol { source, .. } => !matches!(
+                amqp_kind(source),
+                Some(AMQPErrorKind::Soft(
+                    AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED
+                )) | Some(AMQPErrorKind::Hard(
+                    AMQPHardError::NOTALLOWED
+                        | AMQPHardError::NOTIMPLEMENTED
+                        | AMQPHardError::SYNTAXERROR
+                        | AMQPHardError::COMMANDINVALID
+                ))
+            ),
+            AmqpSourceError::Config(_)
+            | AmqpSourceError::NoRuntime(_)
+            | AmqpSourceError::HttpClient(_)
+            | AmqpSourceError::LoginRefused { .. }
+            | AmqpSourceError::VhostRefused { .. }
+            | AmqpSourceError::QueueNotFound { .. }
+            | AmqpSourceError::QueueAccessRefused { .. }
+            | AmqpSourceError::QueueLocked { .. }
+            | AmqpSourceError::ManagementData { .. } => false,
+        }
+    }
+}
+
+/// The AMQP reply code class of a broker error, if it is one.
+pub(crate) fn amqp_kind(e: &lapin::Error) -> Option<&AMQPErrorKind> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.kind()),
+        _ => None,
+    }
+}
+
+/// Whether the error means the connection is gone or unusable (so: reconnect, and transient).
+pub(crate) fn is_unavailable(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::IOError(_)
+        | lapin::ErrorKind::MissingHeartbeatError
+        | lapin::ErrorKind::InvalidConnectionState(_)
+        | lapin::ErrorKind::InvalidChannelState(..)
+        | lapin::ErrorKind::InvalidChannel(_) => true,
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Hard(
+                AMQPHardError::CONNECTIONFORCED
+                    | AMQPHardError::RESOURCEERROR
+                    | AMQPHardError::INTERNALERROR
+            )
+        ),
+        _ => false,
+    }
+}
+
+impl From<AmqpSourceError> for Error {
+    fn from(e: AmqpSourceError) -> Self {
+        let message = e.to_string();
+        match e {
+            AmqpSourceError::Config(c) => Error::Config(c),
+            AmqpSourceError::NoRuntime(_)
+            | AmqpSourceError::HttpClient(_)
+            | AmqpSourceError::QueueLocked { .. } => Error::Other {
+                backend: BACKEND,
+                message,
+                transient: false,
+                source: Some(Box::new(e)),
+            },
+            AmqpSourceError::Unavailable { .. } | AmqpSourceError::ManagementUnavailable { .. } => {
+                Error::Unavailable {
+                    backend: BACKEND,
+                    message,
+                    source: Some(Box::new(e)),
+                }
+            }
+            AmqpSourceError::LoginRefused { .. }
+            | AmqpSourceError::VhostRefused { .. }
+            | AmqpSourceError::QueueAccessRefused { .. } => Error::PermissionDenied {
+                backend: BACKEND,
+                message,
+                source: Some(Box::new(e)),
+            },
+            AmqpSourceError::ManagementStatus { status, .. } if status == 401 || status == 403 => {
+                Error::PermissionDenied {
+                    backend: BACKEND,
+                    message,
+                    source: Some(Box::new(e)),
+                }
+            }
+            AmqpSourceError::QueueNotFound { queue, vhost } => Error::NotFound {
+                backend: BACKEND,
+                what: format!("queue {queue:?} in vhost {vhost:?}"),
+            },
+            AmqpSourceError::Timeout { after, .. } => Error::timeout(message, after),
+            AmqpSourceError::ManagementData { .. } => Error::InvalidData {
+                backend: BACKEND,
+                message,
+                source: Some(Box::new(e)),
+            },
+            AmqpSourceError::Protocol { .. } | AmqpSourceError::ManagementStatus { .. } => {
+                let transient = e.is_transient();
+                Error::Other {
+                    backend: BACKEND,
+                    message,
+                    transient,
+                    source: Some(Box::new(e)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_scale_core::ErrorKind as CoreKind;
+    use lapin::protocol::AMQPError;
+
+    fn amqp(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn classifies_and_maps_with_transience() {
+        let url = "amqp://guest:***@h:5672/%2f";
+        let refused = AmqpSourceError::from_connect(
+            url,
+            "/",
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        );
+        assert!(matches!(refused, AmqpSourceError::Unavailable { .. }));
+        let core: Error = refused.into();
+        assert_eq!(core.kind(), CoreKind::Unavailable);
+        assert!(core.is_transient());
+        assert!(std::error::Error::source(&core).is_some());
+
+        let login = AmqpSourceError::from_connect(
+            url,
+            "/",
+            amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - Login was refused",
+            ),
+        );
+        assert!(matches!(login, AmqpSourceError::LoginRefused { .. }));
+        let core: Error = login.into();
+        assert_eq!(core.kind(), CoreKind::PermissionDenied);
+        assert!(!core.is_transient());
+
+        let vhost = AmqpSourceError::from_connect(
+            url,
+            "prod",
+            amqp(
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "NOT_ALLOWED - vhost prod not found",
+            ),
+        );
+        assert!(matches!(vhost, AmqpSourceError::VhostRefused { .. }));
+        assert!(!Error::from(vhost).is_transient());
+
+        let forced = AmqpSourceError::from_operation(
+            url,
+            "queue.declare".into(),
+            amqp(
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+                "CONNECTION_FORCED - broker forced connection closure",
+            ),
+        );
+        assert!(matches!(forced, AmqpSourceError::Unavailable { .. }));
+        assert!(Error::from(forced).is_transient());
+
+        let missing: Error = AmqpSourceError::QueueNotFound {
+            queue: "emails".into(),
+            vhost: "/".into(),
+        }
+        .into();
+        assert_eq!(missing.kind(), CoreKind::NotFound);
+        assert!(!missing.is_transient());
+        assert!(missing.to_string().contains("emails"), "{missing}");
+
+        let t: Error = AmqpSourceError::Timeout {
+            url: url.into(),
+            operation: "observe",
+            after: Duration::from_secs(5),
+        }
+        .into();
+        assert_eq!(t.kind(), CoreKind::Timeout);
+        assert!(t.is_transient());
+
+        let status = |status| AmqpSourceError::ManagementStatus {
+            url: "http://guest:***@h:15672".into(),
+            path: "/api/queues/%2F/celery".into(),
+            status,
+        };
+        assert!(Error::from(status(503)).is_transient());
+        assert_eq!(Error::from(status(401)).kind(), CoreKind::PermissionDenied);
+        assert!(!Error::from(status(400)).is_transient());
+
+        let c: Error = AmqpSourceError::Config(ConfigError::new("url", "empty")).into();
+        assert_eq!(c.kind(), CoreKind::Config);
+        assert!(!c.is_transient());
+    }
+}
