@@ -108,3 +108,24 @@ fn invalid_config_is_named() {
     .unwrap_err();
     assert_eq!(e.field, "workers_per_unit");
 }
+
+#[test]
+fn shipped_traces_are_what_the_generator_makes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces");
+    let suite = celery_scale_core::sim::suite::suite(1);
+    assert!(suite.len() >= 9);
+    for (name, trace) in suite {
+        let shipped = Trace::read(&dir.join(format!("{name}.csv"))).unwrap();
+        assert_eq!(shipped.tasks(), trace.tasks(), "{name}");
+        assert_eq!(
+            shipped.to_csv(),
+            trace.to_csv(),
+            "{name}: regenerate with policy_report --write-traces traces"
+        );
+    }
+    // Generation is deterministic.
+    assert_eq!(
+        celery_scale_core::sim::suite::suite(5)[0].1,
+        celery_scale_core::sim::suite::suite(5)[0].1
+    );
+}

@@ -22,6 +22,8 @@
 //! assert_eq!(result.summary.completed, 40);
 //! ```
 
+pub mod baselines;
+pub mod suite;
 mod trace;
 
 use std::collections::{HashMap, VecDeque};
