@@ -1,0 +1,608 @@
+//! Helpers shared by the RabbitMQ integration tests: an AMQP fixture that publishes and takes as
+//! Celery does, throwaway vhosts, real Celery (publisher and worker), a TCP proxy that can cut
+//! the broker off, and the management API.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use celery_scale_core::BoxError;
+use celery_scale_core::conformance::{QueueFixture, service_url};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+
+/// The shared RabbitMQ, or `None` (skip) when unset outside CI.
+pub fn amqp_url() -> Option<String> {
+    service_url("CELERY_SCALE_AMQP_URL")
+}
+
+/// The shared RabbitMQ and its management API, or `None` (skip).
+pub fn amqp_and_mgmt() -> Option<(String, String)> {
+    Some((amqp_url()?, service_url("CELERY_SCALE_RABBITMQ_MGMT_URL")?))
+}
+
+/// RabbitMQ, its management API and the venv Python with Celery, or `None` (skip).
+pub fn celery_env() -> Option<(String, String, String)> {
+    let (amqp, mgmt) = amqp_and_mgmt()?;
+    Some((amqp, mgmt, service_url("CELERY_SCALE_PYTHON")?))
+}
+
+/// A name no other test (in this or another process) uses.
+pub fn unique(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "csa-{name}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `amqp://user:pw@host:port/` with another vhost (percent-encoded).
+pub fn with_vhost(amqp: &str, vhost: &str) -> String {
+    let (head, _) = amqp.rsplit_once('/').expect("an AMQP URL with a vhost path");
+    format!("{head}/{}", urlencode(vhost))
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `deadline` saying `what`.
+pub async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The management API with the test credentials, through curl (the tests' admin side).
+#[derive(Clone, Debug)]
+pub struct Mgmt {
+    base: String,
+    user: String,
+}
+
+impl Mgmt {
+    pub fn new(url: &str) -> Self {
+        let parsed = url::Url::parse(url).expect("management URL");
+        let user = format!(
+            "{}:{}",
+            parsed.username(),
+            parsed.password().unwrap_or_default()
+        );
+        let mut base = parsed.clone();
+        base.set_username("").unwrap();
+        base.set_password(None).unwrap();
+        Mgmt {
+            base: base.as_str().trim_end_matches('/').to_string(),
+            user,
+        }
+    }
+
+    /// Runs `curl -X method path [body]`; returns (status, JSON body or Null).
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-u", &self.user, "-X", method, "-w", "\n%{http_code}"])
+            .arg(format!("{}{path}", self.base));
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+        }
+        let out = cmd.output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (json, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (
+            status.trim().parse().unwrap_or(0),
+            serde_json::from_str(json).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `(messages_ready, messages_unacknowledged)` of a queue, once the API has statistics.
+    pub fn counts(&self, vhost: &str, queue: &str) -> Option<(u64, u64)> {
+        let (status, q) = self.call(
+            "GET",
+            &format!("/api/queues/{}/{}", urlencode(vhost), urlencode(queue)),
+            None,
+        );
+        if status != 200 {
+            return None;
+        }
+        Some((
+            q.get("messages_ready")?.as_u64()?,
+            q.get("messages_unacknowledged")?.as_u64()?,
+        ))
+    }
+
+    /// Waits until the API's (lagging) statistics show `expected` for the queue.
+    pub async fn wait_counts(&self, vhost: &str, queue: &str, expected: (u64, u64)) {
+        poll(
+            &format!("management stats of {queue} to read {expected:?}"),
+            Duration::from_secs(20),
+            || async { (self.counts(vhost, queue) == Some(expected)).then_some(()) },
+        )
+        .await
+    }
+
+    /// Force-closes every connection with this client-provided name (a real broker-side
+    /// close: `CONNECTION_FORCED`). Returns how many were closed.
+    pub fn close_connections_named(&self, name: &str) -> usize {
+        let (_, conns) = self.call("GET", "/api/connections?columns=name,client_properties", None);
+        let mut closed = 0;
+        for c in conns.as_array().cloned().unwrap_or_default() {
+            let provided = c["client_properties"]["connection_name"].as_str();
+            if provided == Some(name) {
+                let id = c["name"].as_str().unwrap();
+                let (status, _) =
+                    self.call("DELETE", &format!("/api/connections/{}", urlencode(id)), None);
+                assert!(status == 204 || status == 404, "DELETE connection: {status}");
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Connections with this client-provided name.
+    pub fn connections_named(&self, name: &str) -> usize {
+        let (_, conns) = self.call("GET", "/api/connections?columns=name,client_properties", None);
+        conns
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|c| c["client_properties"]["connection_name"].as_str() == Some(name))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A throwaway vhost (with full permissions for the test user), deleted when dropped.
+pub struct Vhost {
+    pub name: String,
+    mgmt: Mgmt,
+}
+
+impl Vhost {
+    pub fn create(mgmt: &Mgmt, user: &str, name: &str) -> Self {
+        let (s, _) = mgmt.call("PUT", &format!("/api/vhosts/{}", urlencode(name)), None);
+        assert!(s == 201 || s == 204, "create vhost {name}: {s}");
+        let (s, _) = mgmt.call(
+            "PUT",
+            &format!("/api/permissions/{}/{}", urlencode(name), urlencode(user)),
+            Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        );
+        assert!(s == 201 || s == 204, "set permissions on {name}: {s}");
+        Vhost {
+            name: name.to_string(),
+            mgmt: mgmt.clone(),
+        }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        self.mgmt
+            .call("DELETE", &format!("/api/vhosts/{}", urlencode(&self.name)), None);
+    }
+}
+
+/// The user name of an AMQP URL.
+pub fn amqp_user(amqp: &str) -> String {
+    url::Url::parse(amqp).unwrap().username().to_string()
+}
+
+/// Deletes queues (through the management API) when dropped, pass or fail.
+pub struct QueueCleanup {
+    mgmt: Option<Mgmt>,
+    amqp: String,
+    pub queues: Vec<String>,
+}
+
+impl QueueCleanup {
+    pub fn new(amqp: &str, queues: &[&str]) -> Self {
+        QueueCleanup {
+            mgmt: service_url("CELERY_SCALE_RABBITMQ_MGMT_URL").map(|m| Mgmt::new(&m)),
+            amqp: amqp.to_string(),
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+        }
+    }
+}
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        let vhost = vhost_of(&self.amqp);
+        if let Some(m) = &self.mgmt {
+            for q in &self.queues {
+                m.call(
+                    "DELETE",
+                    &format!("/api/queues/{}/{}", urlencode(&vhost), urlencode(q)),
+                    None,
+                );
+            }
+        }
+    }
+}
+
+/// The vhost an AMQP URL names.
+pub fn vhost_of(amqp: &str) -> String {
+    amqp.parse::<lapin::uri::AMQPUri>()
+        .map(|u| u.vhost)
+        .unwrap_or_else(|_| "/".into())
+}
+
+/// Connects to `amqp`.
+pub async fn connect(amqp: &str) -> Connection {
+    Connection::connect(amqp, ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ")
+}
+
+/// Declares durable queues as Celery does (`x-queue-type` when given).
+pub async fn declare(amqp: &str, queues: &[&str], queue_type: Option<&str>) {
+    let conn = connect(amqp).await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in queues {
+        let mut args = FieldTable::default();
+        if let Some(t) = queue_type {
+            args.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
+        }
+        ch.queue_declare((*q).into(), QueueDeclareOptions::durable(), args)
+            .await
+            .unwrap_or_else(|e| panic!("declare {q}: {e}"));
+    }
+    conn.close(200, "".into()).await.ok();
+}
+
+/// A Celery protocol-2 task message body for `sleep(0)`.
+fn celery_body() -> Vec<u8> {
+    serde_json::to_vec(&json!([[0.0], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]))
+        .unwrap()
+}
+
+fn celery_properties(id: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("lang".into(), AMQPValue::LongString("py".into()));
+    headers.insert(
+        "task".into(),
+        AMQPValue::LongString("celery_scale_test.sleep".into()),
+    );
+    headers.insert("id".into(), AMQPValue::LongString(id.into()));
+    headers.insert("root_id".into(), AMQPValue::LongString(id.into()));
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2)
+        .with_priority(0)
+        .with_correlation_id(id.into())
+        .with_headers(headers)
+}
+
+/// Publishes, takes (without ack) and acknowledges messages as a Celery producer and worker
+/// would; with `mgmt` set, waits after each step until the management API's lagging
+/// statistics show the new state, so a source reading them sees it.
+pub struct AmqpFixture {
+    conn: Connection,
+    publisher: Channel,
+    /// The "worker" channel holding unacknowledged messages.
+    worker: tokio::sync::Mutex<Option<Channel>>,
+    /// Delivery tags held, and expected (ready, unacked) per queue.
+    state: Mutex<std::collections::HashMap<String, (u64, Vec<u64>)>>,
+    vhost: String,
+    mgmt: Option<Mgmt>,
+}
+
+impl AmqpFixture {
+    pub async fn new(amqp: &str, queues: &[&str], mgmt: Option<Mgmt>) -> Self {
+        declare(amqp, queues, None).await;
+        let conn = connect(amqp).await;
+        let publisher = conn.create_channel().await.unwrap();
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        AmqpFixture {
+            conn,
+            publisher,
+            worker: tokio::sync::Mutex::new(None),
+            state: Mutex::new(Default::default()),
+            vhost: vhost_of(amqp),
+            mgmt,
+        }
+    }
+
+    fn expected(&self, queue: &str) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        s.get(queue)
+            .map(|(r, tags)| (*r, tags.len() as u64))
+            .unwrap_or((0, 0))
+    }
+
+    async fn settle(&self, queue: &str) {
+        if let Some(m) = &self.mgmt {
+            m.wait_counts(&self.vhost, queue, self.expected(queue)).await;
+        }
+    }
+
+    async fn worker_channel(&self) -> Channel {
+        let mut w = self.worker.lock().await;
+        if w.is_none() {
+            *w = Some(self.conn.create_channel().await.unwrap());
+        }
+        w.clone().unwrap()
+    }
+}
+
+#[async_trait]
+impl QueueFixture for AmqpFixture {
+    async fn purge(&self, queue: &str) -> Result<(), BoxError> {
+        // Closing the worker channel gives its unacknowledged messages back; then purge.
+        if let Some(ch) = self.worker.lock().await.take() {
+            ch.close(200, "".into()).await?;
+        }
+        self.publisher
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await?;
+        self.state.lock().unwrap().remove(queue);
+        self.settle(queue).await;
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, n: u64) -> Result<(), BoxError> {
+        for i in 0..n {
+            let id = format!("{queue}-{i}-{}", unique("task"));
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &celery_body(),
+                    celery_properties(&id),
+                )
+                .await?
+                .await?;
+        }
+        self.state.lock().unwrap().entry(queue.into()).or_default().0 += n;
+        self.settle(queue).await;
+        Ok(())
+    }
+
+    async fn take(&self, queue: &str, n: u64) -> Result<(), BoxError> {
+        let ch = self.worker_channel().await;
+        for _ in 0..n {
+            let msg = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await?
+                .ok_or("queue is empty")?;
+            let mut s = self.state.lock().unwrap();
+            let e = s.entry(queue.into()).or_default();
+            e.0 -= 1;
+            e.1.push(msg.delivery.delivery_tag);
+        }
+        self.settle(queue).await;
+        Ok(())
+    }
+
+    async fn ack_all(&self, queue: &str) -> Result<(), BoxError> {
+        let ch = self.worker_channel().await;
+        let tags = std::mem::take(
+            &mut self
+                .state
+                .lock()
+                .unwrap()
+                .entry(queue.into())
+                .or_default()
+                .1,
+        );
+        for tag in tags {
+            ch.basic_ack(tag, BasicAckOptions::default()).await?;
+        }
+        self.settle(queue).await;
+        Ok(())
+    }
+
+    fn reports_in_flight(&self) -> bool {
+        self.mgmt.is_some()
+    }
+}
+
+/// Deletes `queues` now (AMQP), ignoring missing ones.
+pub async fn delete_queues(amqp: &str, queues: &[&str]) {
+    let conn = connect(amqp).await;
+    for q in queues {
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch
+            .queue_delete((*q).into(), QueueDeleteOptions::default())
+            .await;
+    }
+    conn.close(200, "".into()).await.ok();
+}
+
+pub fn celery_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testing/celery")
+}
+
+/// Runs the shared publisher (`publish.py`) against `broker`; returns its JSON.
+pub fn publish(py: &str, broker: &str, config: &Value, args: &[&str]) -> Value {
+    let out = Command::new(py)
+        .arg("publish.py")
+        .args(args)
+        .current_dir(celery_dir())
+        .env("PYTHONPATH", celery_dir())
+        .env("CELERY_SCALE_TEST_BROKER", broker)
+        .env("CELERY_SCALE_TEST_CONFIG", config.to_string())
+        .output()
+        .expect("run publish.py");
+    assert!(
+        out.status.success(),
+        "publish.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("publish.py printed {stdout:?}: {e}"))
+}
+
+/// A real Celery worker, killed (with its pool) when dropped, also on test failure.
+pub struct Worker {
+    child: Option<Child>,
+    pub hostname: String,
+}
+
+impl Worker {
+    pub fn start(py: &str, broker: &str, queues: &str, name: &str, extra: &[&str]) -> Self {
+        let celery = PathBuf::from(py).with_file_name("celery");
+        let hostname = format!("{name}@csa");
+        let child = Command::new(celery)
+            .args(["-A", "app", "worker", "-c", "2", "--prefetch-multiplier", "4"])
+            .args(["-Q", queues, "-n", &hostname, "--loglevel", "WARNING"])
+            .args(["--without-mingle", "--without-gossip"])
+            .args(extra)
+            .current_dir(celery_dir())
+            .env("PYTHONPATH", celery_dir())
+            .env("CELERY_SCALE_TEST_BROKER", broker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start a Celery worker");
+        Worker {
+            child: Some(child),
+            hostname,
+        }
+    }
+
+    /// Warm shutdown: SIGTERM to the main process; waits up to `deadline` for it to exit.
+    pub async fn warm_shutdown(&mut self, deadline: Duration) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = std::time::Instant::now();
+        while start.elapsed() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the worker did not exit within {deadline:?} of SIGTERM");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The whole process group: the main process and its pool.
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// A TCP proxy in front of RabbitMQ that the test can cut off (drop every connection and stop
+/// listening, as a broker restart does) and bring back on the same port.
+pub struct Proxy {
+    pub port: u16,
+    upstream: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut p = Proxy {
+            port,
+            upstream: upstream.to_string(),
+            task: None,
+        };
+        p.task = Some(tokio::spawn(serve(listener, p.upstream.clone())));
+        p
+    }
+
+    /// Drops every proxied connection and stops listening.
+    pub fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&mut self) {
+        let listener = poll("the proxy port to be free", Duration::from_secs(5), || async {
+            tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                .await
+                .ok()
+        })
+        .await;
+        self.task = Some(tokio::spawn(serve(listener, self.upstream.clone())));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, upstream: String) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        let upstream = upstream.clone();
+        conns.spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// `host:port` of an AMQP URL.
+pub fn host_port(amqp: &str) -> String {
+    let u = url::Url::parse(amqp).unwrap();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5672))
+}
+
+/// The AMQP URL with its host and port replaced by the proxy's.
+pub fn via(amqp: &str, port: u16) -> String {
+    amqp.replace(&host_port(amqp), &format!("127.0.0.1:{port}"))
+}
