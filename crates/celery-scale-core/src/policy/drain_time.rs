@@ -4,12 +4,13 @@ use crate::ConfigError;
 use crate::policy::{Decision, PolicyInput, ScalingPolicy, tasks_per_worker_within};
 
 /// Enough workers that every waiting task starts within `target_wait`: the workers busy now,
-/// plus `waiting / max(1, throughput x target_wait)` more.
+/// plus `waiting / max(1, throughput x target_wait)` more, where waiting means ready messages
+/// (messages prefetched by a busy worker cannot move to a new one).
 ///
 /// Throughput (tasks per second one worker process completes) is taken from the observation
 /// when the source measured it (Celery worker heartbeats), and from the configured value
 /// otherwise. Busy workers are the executing tasks from heartbeats; without heartbeats every
-/// outstanding message counts as waiting, which errs towards more capacity.
+/// outstanding message (ready and in flight) counts as waiting, which errs towards more capacity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainTime {
     target_wait: Duration,
@@ -53,9 +54,14 @@ impl ScalingPolicy for DrainTime {
             Some(t) if self.use_measured && t.is_finite() && t > 0.0 => (t, "measured"),
             _ => (self.throughput_per_worker, "configured"),
         };
-        let outstanding = obs.outstanding();
-        let busy = obs.executing.unwrap_or(0).min(outstanding);
-        let waiting = outstanding - busy;
+        // With heartbeats, the executing tasks are the busy workers and only ready messages can
+        // use new workers: messages a busy worker has prefetched wait for that worker whatever
+        // the fleet size (and keep it alive through the in-flight floor). Without heartbeats the
+        // busy workers are unknown, so every outstanding message counts as waiting.
+        let (busy, waiting) = match obs.executing {
+            Some(executing) => (executing, obs.ready),
+            None => (0, obs.outstanding()),
+        };
         let per_worker = tasks_per_worker_within(throughput, self.target_wait.as_secs_f64());
         let extra = (waiting as f64 / per_worker).ceil();
         let desired = (busy as f64 + extra).min(u32::MAX as f64) as u32;
@@ -96,6 +102,13 @@ mod tests {
         obs.executing = Some(4);
         // 300 waiting / 30 per worker + 4 busy.
         assert_eq!(decide(&mut p, &obs), 14);
+        // Prefetched messages held by the busy workers do not call for new workers.
+        let mut held = obs.clone();
+        held.in_flight = Some(16);
+        assert_eq!(decide(&mut p, &held), 14);
+        // Without heartbeats every outstanding message counts as waiting.
+        held.executing = None;
+        assert_eq!(decide(&mut p, &held), 11, "(300 + 16) / 30 rounded up");
         // 10-minute tasks: nobody frees up within 30 s, one worker per waiting task.
         let mut p = DrainTime::new(Duration::from_secs(30), 1.0 / 600.0).unwrap();
         assert_eq!(decide(&mut p, &obs), 304);
