@@ -171,6 +171,17 @@ impl Mgmt {
         closed
     }
 
+    /// Waits until the API (whose connection list lags by up to 5 s) shows `n` connections
+    /// with this client-provided name.
+    pub async fn wait_connections_named(&self, name: &str, n: usize) {
+        poll(
+            &format!("{n} connection(s) named {name}"),
+            Duration::from_secs(20),
+            || async { (self.connections_named(name) == n).then_some(()) },
+        )
+        .await
+    }
+
     /// Connections with this client-provided name.
     pub fn connections_named(&self, name: &str) -> usize {
         let (_, conns) = self.call("GET", "/api/connections?columns=name,client_properties", None);

@@ -1,0 +1,357 @@
+//! Faults: a missing queue among present ones, the broker connection closed by the broker and
+//! the broker unreachable then back (the loop holds, then recovers), the management API down,
+//! and a wrong password (typed error, password never printed).
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celery_scale_amqp::{AmqpQueueSource, AmqpSourceConfig, AmqpSourceError, ManagementConfig};
+use celery_scale_core::conformance::QueueFixture as _;
+use celery_scale_core::config::PolicyConfig;
+use celery_scale_core::record::Outcome;
+use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryScaler, QueueSource, Scaler};
+use common::*;
+
+#[tokio::test]
+async fn a_missing_queue_is_named_and_the_others_keep_working() {
+    let Some(amqp) = amqp_url() else { return };
+    let present = [unique("a"), unique("b"), unique("c")];
+    let missing = [unique("missing1"), unique("missing2")];
+    let all: Vec<&str> = present.iter().chain(&missing).map(String::as_str).collect();
+    let _cleanup = QueueCleanup::new(&amqp, &all);
+    let fixture = AmqpFixture::new(&amqp, &present.each_ref().map(String::as_str), None).await;
+    for (i, q) in present.iter().enumerate() {
+        fixture.publish(q, i as u64 + 1).await.unwrap();
+    }
+    // Missing queues before, between and after present ones.
+    let order = [
+        &present[0],
+        &missing[0],
+        &present[1],
+        &missing[1],
+        &present[2],
+    ];
+    let source = AmqpQueueSource::new(
+        AmqpSourceConfig::builder(amqp.as_str())
+            .queues(order.iter().map(|q| q.as_str()))
+            .heartbeats(false)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let e = source.observe().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains(&missing[0]), "names the queue: {e}");
+
+    let read = source.declare_queues().await.unwrap();
+    assert_eq!(read.len(), 5);
+    for (i, q) in present.iter().enumerate() {
+        let (_, depth) = read.iter().find(|(n, _)| n == q).unwrap();
+        let depth = depth.as_ref().expect("a present queue is read");
+        assert_eq!(depth.ready, i as u64 + 1, "{q}");
+        assert_eq!(depth.consumers, Some(0));
+    }
+    for q in &missing {
+        let (_, r) = read.iter().find(|(n, _)| n == q).unwrap();
+        match r {
+            Err(AmqpSourceError::QueueNotFound { queue, vhost }) => {
+                assert_eq!((queue.as_str(), vhost.as_str()), (q.as_str(), "/"));
+            }
+            other => panic!("{q}: expected QueueNotFound, got {other:?}"),
+        }
+    }
+    // The channel the broker closed was reopened on the same connection.
+    assert_eq!(source.connections_opened(), 1);
+
+    // Once the queues exist, the same source reads them all.
+    declare(&amqp, &missing.each_ref().map(String::as_str), None).await;
+    let obs = source.observe().await.unwrap();
+    assert_eq!(obs.ready, 1 + 2 + 3);
+    assert_eq!(obs.queues.len(), 5);
+    assert_eq!(source.connections_opened(), 1);
+}
+
+fn binding(source: Arc<AmqpQueueSource>, scaler: &MemoryScaler) -> Binding {
+    let policy = PolicyConfig {
+        stabilize_down: Duration::ZERO,
+        ..PolicyConfig::default()
+    };
+    Binding::new(
+        LoopSettings {
+            name: "amqp-faults".into(),
+            ..LoopSettings::default()
+        },
+        Box::new(source),
+        Box::new(scaler.clone()),
+        policy.build().unwrap(),
+    )
+    .unwrap()
+}
+
+/// RabbitMQ closes the source's connection (`DELETE /api/connections/{name}` on the management
+/// API: the same `CONNECTION_FORCED` close a node sends its clients when it shuts down). This is
+/// used instead of restarting the shared broker, which would break every other test running
+/// against it; the outage half of a restart is `the_loop_holds_while_the_broker_is_unreachable`.
+#[tokio::test]
+async fn reconnects_after_the_broker_closes_the_connection() {
+    let Some((amqp, mgmt_url)) = amqp_and_mgmt() else {
+        return;
+    };
+    let mgmt = Mgmt::new(&mgmt_url);
+    let queue = unique("forced");
+    let name = unique("conn");
+    let _cleanup = QueueCleanup::new(&amqp, &[&queue]);
+    let fixture = AmqpFixture::new(&amqp, &[&queue], None).await;
+    fixture.publish(&queue, 4).await.unwrap();
+    let source = Arc::new(
+        AmqpQueueSource::new(
+            AmqpSourceConfig::builder(amqp.as_str())
+                .queue(queue.as_str())
+                .connection_name(name.as_str())
+                .build()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let scaler = MemoryScaler::new(1);
+    let mut b = binding(Arc::clone(&source), &scaler);
+    let record = b.tick().await;
+    assert_eq!(record.observation.as_ref().map(|o| o.ready), Some(4), "{record:?}");
+    poll("the heartbeat consumer", Duration::from_secs(10), || async {
+        source.is_consuming_heartbeats().then_some(())
+    })
+    .await;
+    // One connection for the declares and the worker events.
+    mgmt.wait_connections_named(&name, 1).await;
+
+    let closed = mgmt.close_connections_named(&name);
+    assert_eq!(closed, 1);
+    // The next ticks either fail (transient; the loop holds) or already read again after
+    // reconnecting; the scaler is never scaled in from a failure.
+    let desired_before = scaler.capacity().await.unwrap().desired;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let obs = loop {
+        let record = b.tick().await;
+        match (&record.observation_error, record.observation) {
+            (None, Some(obs)) => break obs,
+            (Some(e), _) => {
+                assert!(e.transient, "{e:?}");
+                assert!(
+                    matches!(record.outcome, Outcome::Held { .. } | Outcome::Unchanged { .. }),
+                    "{:?}",
+                    record.outcome
+                );
+                assert!(scaler.capacity().await.unwrap().desired >= desired_before);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no observation within 15 s of the forced close"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(obs.ready, 4);
+    assert_eq!(source.connections_opened(), 2);
+    poll("the heartbeat consumer back", Duration::from_secs(15), || async {
+        source.is_consuming_heartbeats().then_some(())
+    })
+    .await;
+    mgmt.wait_connections_named(&name, 1).await;
+}
+
+/// The broker goes away (every connection dropped, nothing listening: what clients see during a
+/// restart) and comes back on the same address.
+#[tokio::test]
+async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
+    let Some(amqp) = amqp_url() else { return };
+    let queue = unique("outage");
+    let _cleanup = QueueCleanup::new(&amqp, &[&queue]);
+    let fixture = AmqpFixture::new(&amqp, &[&queue], None).await;
+    fixture.publish(&queue, 6).await.unwrap();
+    let mut proxy = Proxy::start(&host_port(&amqp)).await;
+    let source = Arc::new(
+        AmqpQueueSource::new(
+            AmqpSourceConfig::builder(via(&amqp, proxy.port))
+                .queue(queue.as_str())
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let scaler = MemoryScaler::new(0);
+    let mut b = binding(Arc::clone(&source), &scaler);
+    let record = b.tick().await;
+    assert_eq!(record.observation.as_ref().map(|o| o.ready), Some(6), "{record:?}");
+    let desired = scaler.capacity().await.unwrap().desired;
+    assert!(desired > 0, "6 ready tasks scale out: {record:?}");
+
+    proxy.cut();
+    for _ in 0..3 {
+        let e = source.observe().await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(
+            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+            "{e}"
+        );
+        let record = b.tick().await;
+        assert!(record.observation_error.is_some(), "{record:?}");
+        assert_eq!(
+            scaler.capacity().await.unwrap().desired,
+            desired,
+            "a failed observation never scales in: {record:?}"
+        );
+    }
+
+    proxy.restore().await;
+    let obs = poll("an observation after the broker is back", Duration::from_secs(10), || async {
+        source.observe().await.ok()
+    })
+    .await;
+    assert_eq!(obs.ready, 6);
+    assert!(source.connections_opened() >= 2);
+    let record = b.tick().await;
+    assert!(record.observation_error.is_none(), "{record:?}");
+    poll("the heartbeat consumer back", Duration::from_secs(15), || async {
+        source.is_consuming_heartbeats().then_some(())
+    })
+    .await;
+}
+
+/// With both readers configured, each one's failure leaves the other's figures.
+#[tokio::test]
+async fn management_and_amqp_fall_back_on_each_other() {
+    let Some((amqp, mgmt_url)) = amqp_and_mgmt() else {
+        return;
+    };
+    let mgmt = Mgmt::new(&mgmt_url);
+    let queue = unique("fallback");
+    let _cleanup = QueueCleanup::new(&amqp, &[&queue]);
+    let fixture = AmqpFixture::new(&amqp, &[&queue], Some(mgmt)).await;
+    fixture.publish(&queue, 3).await.unwrap();
+    fixture.take(&queue, 1).await.unwrap();
+
+    // The management API is unreachable: AMQP figures, in flight unknown.
+    let source = AmqpQueueSource::new(
+        AmqpSourceConfig::builder(amqp.as_str())
+            .queue(queue.as_str())
+            .heartbeats(false)
+            .management(
+                ManagementConfig::new("http://guest:guest@127.0.0.1:1")
+                    .with_timeout(Duration::from_millis(500)),
+            )
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let obs = source.observe().await.unwrap();
+    assert_eq!((obs.ready, obs.in_flight), (2, None));
+
+    // AMQP is unreachable, the management API answers: its (lagging) figures.
+    let mut proxy = Proxy::start(&host_port(&amqp)).await;
+    let source = AmqpQueueSource::new(
+        AmqpSourceConfig::builder(via(&amqp, proxy.port))
+            .queue(queue.as_str())
+            .heartbeats(false)
+            .connect_timeout(Duration::from_millis(500))
+            .management(ManagementConfig::new(mgmt_url.as_str()))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let obs = source.observe().await.unwrap();
+    assert_eq!((obs.ready, obs.in_flight), (2, Some(1)));
+    proxy.cut();
+    let obs = source.observe().await.unwrap();
+    assert_eq!((obs.ready, obs.in_flight), (2, Some(1)), "from the management API");
+    assert_eq!(obs.consumers, Some(0));
+}
+
+/// Collects everything tracing writes, at every level, from every crate (lapin included).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_typed_error_that_never_shows_it() {
+    let Some((amqp, mgmt_url)) = amqp_and_mgmt() else {
+        return;
+    };
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secret = "Wr0ng-pa55word-x9";
+    // The test URL with its password replaced by a wrong one.
+    let mut bad = url::Url::parse(&amqp).unwrap();
+    bad.set_password(Some(secret)).unwrap();
+    let bad = bad.to_string();
+    let mut bad_mgmt = url::Url::parse(&mgmt_url).unwrap();
+    bad_mgmt.set_password(Some(secret)).unwrap();
+    let config = AmqpSourceConfig::builder(bad.as_str())
+        .queue("celery")
+        .management(ManagementConfig::new(bad_mgmt.as_str()))
+        .build()
+        .unwrap();
+    let source = AmqpQueueSource::new(config.clone()).unwrap();
+    let e = source.observe().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(!e.is_transient());
+    // The typed error underneath.
+    let typed = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<AmqpSourceError>())
+        .expect("the crate's error is the source");
+    assert!(matches!(typed, AmqpSourceError::LoginRefused { .. }), "{typed:?}");
+
+    // Let the heartbeat task try (and fail) too, so its logs are in the capture.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut shown = vec![
+        e.to_string(),
+        format!("{e:?}"),
+        format!("{source:?}"),
+        format!("{config:?}"),
+    ];
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = next {
+        shown.push(err.to_string());
+        next = err.source();
+    }
+    // The management API's 401 on its own.
+    let mgmt_only = celery_scale_amqp::ManagementClient::new(&ManagementConfig::new(
+        bad_mgmt.as_str(),
+    ))
+    .unwrap();
+    let me = mgmt_only.queues("/").await.unwrap_err();
+    assert!(matches!(me, AmqpSourceError::ManagementStatus { status: 401, .. }), "{me:?}");
+    shown.push(format!("{me} {me:?}"));
+    drop(source);
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();
+    assert!(
+        logs.contains("refused the login") || logs.contains("ACCESS_REFUSED"),
+        "the failure is logged: {logs}"
+    );
+    shown.push(logs);
+    for s in &shown {
+        assert!(!s.contains(secret), "the password leaked: {s}");
+    }
+}
