@@ -440,8 +440,7 @@ pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if name.len() < first.len() + last.len() || !name.starts_with(first) || !name.ends_with(last)
-    {
+    if name.len() < first.len() + last.len() || !name.starts_with(first) || !name.ends_with(last) {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -515,8 +514,14 @@ mod tests {
         assert_eq!(field(b().queue("")), "queues[1]");
         assert_eq!(field(b().queue("x".repeat(256))), "queues[1]");
         assert_eq!(field(b().timeout(Duration::ZERO)), "timeout");
-        assert_eq!(field(b().connect_timeout(Duration::ZERO)), "connect_timeout");
-        assert_eq!(field(b().heartbeat_window(Duration::ZERO)), "heartbeat_window");
+        assert_eq!(
+            field(b().connect_timeout(Duration::ZERO)),
+            "connect_timeout"
+        );
+        assert_eq!(
+            field(b().heartbeat_window(Duration::ZERO)),
+            "heartbeat_window"
+        );
         assert_eq!(
             field(b().discovery(DiscoveryConfig::default())),
             "discovery"
@@ -548,7 +553,10 @@ mod tests {
             "http://user:hunter2@h/%2f",
             "amqp://user:hunter2@[::1/x",
         ] {
-            let e = AmqpSourceConfig::builder(url).queue("a").build().unwrap_err();
+            let e = AmqpSourceConfig::builder(url)
+                .queue("a")
+                .build()
+                .unwrap_err();
             assert_eq!(e.field, "url");
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }

@@ -34,7 +34,7 @@ pub enum AmqpSourceError {
         url: String,
         /// The client library's error.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The broker refused the login (wrong user or password, or a user without access to the
     /// vhost).
@@ -44,7 +44,7 @@ pub enum AmqpSourceError {
         url: String,
         /// The broker's reason (`ACCESS_REFUSED - Login was refused ...`).
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The vhost does not exist, or the user may not open it (`NOT_ALLOWED`).
     #[error("RabbitMQ at {url} does not let this user open vhost {vhost:?}")]
@@ -55,7 +55,7 @@ pub enum AmqpSourceError {
         vhost: String,
         /// The broker's reason.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// A queue that the configuration names does not exist (passive declare answered 404).
     #[error("queue {queue:?} does not exist in vhost {vhost:?}")]
@@ -75,7 +75,7 @@ pub enum AmqpSourceError {
         vhost: String,
         /// The broker's reason.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The queue is another connection's exclusive queue (405 `RESOURCE_LOCKED`).
     #[error("queue {queue:?} in vhost {vhost:?} is another connection's exclusive queue")]
@@ -86,7 +86,7 @@ pub enum AmqpSourceError {
         vhost: String,
         /// The broker's reason.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The broker answered with an error we did not expect.
     #[error("RabbitMQ at {url} answered {operation} with an error")]
@@ -97,7 +97,7 @@ pub enum AmqpSourceError {
         operation: String,
         /// The client library's error.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The observation (or a connection attempt) did not finish in time.
     #[error("RabbitMQ at {url} did not answer {operation} within {after:?}")]
@@ -145,7 +145,10 @@ impl AmqpSourceError {
     /// Classifies an error of connecting to `url` (redacted) and vhost `vhost`.
     pub(crate) fn from_connect(url: &str, vhost: &str, source: lapin::Error) -> Self {
         let url = url.to_string();
-        match amqp_kind(&source) {
+        let kind = amqp_kind(&source).cloned();
+        let unavailable = is_unavailable(&source);
+        let source = Box::new(source);
+        match kind {
             Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
                 AmqpSourceError::LoginRefused { url, source }
             }
@@ -154,7 +157,7 @@ impl AmqpSourceError {
                 vhost: vhost.to_string(),
                 source,
             },
-            _ if is_unavailable(&source) => AmqpSourceError::Unavailable { url, source },
+            _ if unavailable => AmqpSourceError::Unavailable { url, source },
             _ => AmqpSourceError::Protocol {
                 url,
                 operation: "connection.open".into(),
@@ -166,7 +169,9 @@ impl AmqpSourceError {
     /// Classifies an error of `operation` on an open connection.
     pub(crate) fn from_operation(url: &str, operation: String, source: lapin::Error) -> Self {
         let url = url.to_string();
-        if is_unavailable(&source) {
+        let unavailable = is_unavailable(&source);
+        let source = Box::new(source);
+        if unavailable {
             AmqpSourceError::Unavailable { url, source }
         } else {
             AmqpSourceError::Protocol {

@@ -228,10 +228,7 @@ impl ManagementClient {
         }
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(
-        &self,
-        body: Body,
-    ) -> Result<T, AmqpSourceError> {
+    fn parse<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, AmqpSourceError> {
         serde_json::from_slice(&body.body).map_err(|source| AmqpSourceError::ManagementData {
             url: self.shown.clone(),
             path: body.path,
@@ -240,7 +237,11 @@ impl ManagementClient {
     }
 
     /// `GET /api/queues/{vhost}/{name}`: one queue's statistics, `None` when it does not exist.
-    pub async fn queue(&self, vhost: &str, name: &str) -> Result<Option<QueueStats>, AmqpSourceError> {
+    pub async fn queue(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Result<Option<QueueStats>, AmqpSourceError> {
         let url = self.endpoint(&["api", "queues", vhost, name]);
         match self.get(url).await? {
             Some(body) => Ok(Some(self.parse::<RawQueue>(body)?.into())),
@@ -304,7 +305,10 @@ mod tests {
             "ack_details": {"rate": 0.25}, "publish": 10}}"#;
         let q: QueueStats = serde_json::from_slice::<RawQueue>(body).unwrap().into();
         assert_eq!(q.queue_type.as_deref(), Some("quorum"));
-        assert_eq!((q.ready, q.unacknowledged, q.consumers), (Some(3), Some(8), Some(1)));
+        assert_eq!(
+            (q.ready, q.unacknowledged, q.consumers),
+            (Some(3), Some(8), Some(1))
+        );
         assert_eq!(
             (q.publish_rate, q.deliver_get_rate, q.ack_rate),
             (Some(1.5), Some(0.5), Some(0.25))
@@ -320,7 +324,10 @@ mod tests {
         )
         .unwrap()
         .into();
-        assert_eq!((q.ready, q.unacknowledged, q.head_message_timestamp), (None, None, None));
+        assert_eq!(
+            (q.ready, q.unacknowledged, q.head_message_timestamp),
+            (None, None, None)
+        );
     }
 
     #[test]
@@ -337,6 +344,9 @@ mod tests {
             "http://rabbit:15672/prefix/api/queues/%2F/a%2Fb%20c"
         );
         let shown = format!("{c:?}");
-        assert!(!shown.contains("p%40ss") && !shown.contains("p@ss"), "{shown}");
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("p@ss"),
+            "{shown}"
+        );
     }
 }

@@ -92,13 +92,13 @@ impl Inner {
                 busy: false,
             })
         };
-        let link = tokio::time::timeout(after, attempt)
-            .await
-            .map_err(|_| AmqpSourceError::Timeout {
+        let link = tokio::time::timeout(after, attempt).await.map_err(|_| {
+            AmqpSourceError::Timeout {
                 url: self.url.clone(),
                 operation: "connect",
                 after,
-            })??;
+            }
+        })??;
         let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if n > 1 {
             tracing::info!(url = %self.url, connections = n, "reconnected to RabbitMQ");
@@ -166,7 +166,9 @@ impl Inner {
             let mut failed = Vec::new();
             for (&i, reply) in pending.iter().zip(replies) {
                 match reply {
-                    Ok(q) => results[i] = Some(Ok((u64::from(q.message_count()), q.consumer_count()))),
+                    Ok(q) => {
+                        results[i] = Some(Ok((u64::from(q.message_count()), q.consumer_count())))
+                    }
                     Err(e) => failed.push((i, e)),
                 }
             }
@@ -216,12 +218,12 @@ impl Inner {
                 AMQPSoftError::RESOURCELOCKED => AmqpSourceError::QueueLocked {
                     queue: names[culprit].clone(),
                     vhost: self.vhost.clone(),
-                    source: error,
+                    source: Box::new(error),
                 },
                 _ => AmqpSourceError::QueueAccessRefused {
                     queue: names[culprit].clone(),
                     vhost: self.vhost.clone(),
-                    source: error,
+                    source: Box::new(error),
                 },
             }));
             tracing::debug!(queue = %names[culprit], "the broker closed the channel on a passive declare; reopening it");
@@ -262,10 +264,9 @@ impl Inner {
             .map_or(self.config.timeout, |m| m.timeout);
         let read = async {
             if names.len() <= PER_QUEUE_HTTP_MAX {
-                let replies = futures::future::join_all(
-                    names.iter().map(|n| client.queue(&self.vhost, n)),
-                )
-                .await;
+                let replies =
+                    futures::future::join_all(names.iter().map(|n| client.queue(&self.vhost, n)))
+                        .await;
                 let mut stats = HashMap::new();
                 for reply in replies {
                     if let Some(s) = reply? {
@@ -284,13 +285,14 @@ impl Inner {
                     .collect())
             }
         };
-        let stats: HashMap<String, QueueStats> = tokio::time::timeout(after, read)
-            .await
-            .map_err(|_| AmqpSourceError::Timeout {
-                url: client.url().to_string(),
-                operation: "the management API read",
-                after,
-            })??;
+        let stats: HashMap<String, QueueStats> =
+            tokio::time::timeout(after, read)
+                .await
+                .map_err(|_| AmqpSourceError::Timeout {
+                    url: client.url().to_string(),
+                    operation: "the management API read",
+                    after,
+                })??;
         *lock(&self.last_stats) = Some(Arc::new(
             names.iter().filter_map(|n| stats.get(n).cloned()).collect(),
         ));
@@ -409,8 +411,7 @@ impl AmqpQueueSource {
     /// background); must be called within a Tokio runtime.
     pub fn new(config: AmqpSourceConfig) -> Result<Self, AmqpSourceError> {
         config.validate()?;
-        let runtime =
-            tokio::runtime::Handle::try_current().map_err(AmqpSourceError::NoRuntime)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(AmqpSourceError::NoRuntime)?;
         let mut uri = parse_amqp_url(&config.url)?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(DEFAULT_AMQP_HEARTBEAT);
@@ -466,7 +467,9 @@ impl AmqpQueueSource {
 
     /// Whether the worker-event consumer is up now (`false` when heartbeats are off).
     pub fn is_consuming_heartbeats(&self) -> bool {
-        self.heartbeats.as_ref().is_some_and(Heartbeats::is_consuming)
+        self.heartbeats
+            .as_ref()
+            .is_some_and(Heartbeats::is_consuming)
     }
 
     /// The management API's statistics of the watched queues from the last successful read
@@ -502,7 +505,10 @@ impl AmqpQueueSource {
             hb.shutdown().await;
         }
         if let Some(link) = self.inner.link.lock().await.take() {
-            let _ = link.connection.close(200, "celery-scale source shut down".into()).await;
+            let _ = link
+                .connection
+                .close(200, "celery-scale source shut down".into())
+                .await;
         }
     }
 
@@ -571,7 +577,11 @@ impl AmqpQueueSource {
     }
 
     fn with_workers(&self, obs: Observation) -> Observation {
-        match self.heartbeats.as_ref().and_then(|hb| hb.summary(Instant::now())) {
+        match self
+            .heartbeats
+            .as_ref()
+            .and_then(|hb| hb.summary(Instant::now()))
+        {
             Some(summary) => obs.with_workers(&summary),
             None => obs,
         }

@@ -94,7 +94,8 @@ async fn a_quorum_queue_counts_ready_and_unacknowledged_the_same_way() {
     let mgmt = Mgmt::new(&mgmt_url);
     let vhost = Vhost::create(&mgmt, &amqp_user(&amqp), &unique("celery-quorum"));
     let broker = with_vhost(&amqp, &vhost.name);
-    let config = json!({"task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum"});
+    let config =
+        json!({"task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum"});
     let out = publish(&py, &broker, &config, &["--queue", "jobs", "--count", "5"]);
     assert_eq!(out["kombu_size"]["jobs"], 5);
 
@@ -135,9 +136,11 @@ async fn a_live_worker_holds_prefetched_tasks_in_flight_and_gives_them_back_on_w
     // Declared as Celery declares it (durable, no arguments).
     declare(&broker, &[queue], None).await;
     let source = source(&broker, &mgmt_url, &[queue], true);
-    poll("the worker-event consumer", Duration::from_secs(10), || async {
-        source.is_consuming_heartbeats().then_some(())
-    })
+    poll(
+        "the worker-event consumer",
+        Duration::from_secs(10),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
     .await;
 
     // 12 tasks of 8 s for a worker with 2 processes and prefetch multiplier 4: 2 execute (acked

@@ -30,7 +30,11 @@ async fn amqp_only_source_conforms() {
     let obs = source.observe().await.unwrap();
     assert_eq!(obs.in_flight, None);
     assert_eq!(obs.consumers, Some(0));
-    assert_eq!(source.connections_opened(), 1, "one connection for every read");
+    assert_eq!(
+        source.connections_opened(),
+        1,
+        "one connection for every read"
+    );
 }
 
 #[tokio::test]
@@ -88,7 +92,11 @@ async fn dead_and_misconfigured_sources_give_typed_errors() {
     .unwrap();
     dead_queue_source(&novhost).await;
     let e = novhost.observe().await.unwrap_err();
-    assert_eq!(e.kind(), celery_scale_core::ErrorKind::PermissionDenied, "{e}");
+    assert_eq!(
+        e.kind(),
+        celery_scale_core::ErrorKind::PermissionDenied,
+        "{e}"
+    );
     assert!(!e.is_transient());
 
     // amqps:// to a plain AMQP port: the TLS handshake fails, typed, without a panic.

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celery_scale_amqp::{AmqpQueueSource, AmqpSourceConfig, AmqpSourceError, ManagementConfig};
-use celery_scale_core::conformance::QueueFixture as _;
 use celery_scale_core::config::PolicyConfig;
+use celery_scale_core::conformance::QueueFixture as _;
 use celery_scale_core::record::Outcome;
 use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryScaler, QueueSource, Scaler};
 use common::*;
@@ -121,10 +121,16 @@ async fn reconnects_after_the_broker_closes_the_connection() {
     let scaler = MemoryScaler::new(1);
     let mut b = binding(Arc::clone(&source), &scaler);
     let record = b.tick().await;
-    assert_eq!(record.observation.as_ref().map(|o| o.ready), Some(4), "{record:?}");
-    poll("the heartbeat consumer", Duration::from_secs(10), || async {
-        source.is_consuming_heartbeats().then_some(())
-    })
+    assert_eq!(
+        record.observation.as_ref().map(|o| o.ready),
+        Some(4),
+        "{record:?}"
+    );
+    poll(
+        "the heartbeat consumer",
+        Duration::from_secs(10),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
     .await;
     // One connection for the declares and the worker events.
     mgmt.wait_connections_named(&name, 1).await;
@@ -142,7 +148,10 @@ async fn reconnects_after_the_broker_closes_the_connection() {
             (Some(e), _) => {
                 assert!(e.transient, "{e:?}");
                 assert!(
-                    matches!(record.outcome, Outcome::Held { .. } | Outcome::Unchanged { .. }),
+                    matches!(
+                        record.outcome,
+                        Outcome::Held { .. } | Outcome::Unchanged { .. }
+                    ),
                     "{:?}",
                     record.outcome
                 );
@@ -158,9 +167,11 @@ async fn reconnects_after_the_broker_closes_the_connection() {
     };
     assert_eq!(obs.ready, 4);
     assert_eq!(source.connections_opened(), 2);
-    poll("the heartbeat consumer back", Duration::from_secs(15), || async {
-        source.is_consuming_heartbeats().then_some(())
-    })
+    poll(
+        "the heartbeat consumer back",
+        Duration::from_secs(15),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
     .await;
     mgmt.wait_connections_named(&name, 1).await;
 }
@@ -189,7 +200,11 @@ async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
     let scaler = MemoryScaler::new(0);
     let mut b = binding(Arc::clone(&source), &scaler);
     let record = b.tick().await;
-    assert_eq!(record.observation.as_ref().map(|o| o.ready), Some(6), "{record:?}");
+    assert_eq!(
+        record.observation.as_ref().map(|o| o.ready),
+        Some(6),
+        "{record:?}"
+    );
     let desired = scaler.capacity().await.unwrap().desired;
     assert!(desired > 0, "6 ready tasks scale out: {record:?}");
 
@@ -211,17 +226,21 @@ async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
     }
 
     proxy.restore().await;
-    let obs = poll("an observation after the broker is back", Duration::from_secs(10), || async {
-        source.observe().await.ok()
-    })
+    let obs = poll(
+        "an observation after the broker is back",
+        Duration::from_secs(10),
+        || async { source.observe().await.ok() },
+    )
     .await;
     assert_eq!(obs.ready, 6);
     assert!(source.connections_opened() >= 2);
     let record = b.tick().await;
     assert!(record.observation_error.is_none(), "{record:?}");
-    poll("the heartbeat consumer back", Duration::from_secs(15), || async {
-        source.is_consuming_heartbeats().then_some(())
-    })
+    poll(
+        "the heartbeat consumer back",
+        Duration::from_secs(15),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
     .await;
 }
 
@@ -270,7 +289,11 @@ async fn management_and_amqp_fall_back_on_each_other() {
     assert_eq!((obs.ready, obs.in_flight), (2, Some(1)));
     proxy.cut();
     let obs = source.observe().await.unwrap();
-    assert_eq!((obs.ready, obs.in_flight), (2, Some(1)), "from the management API");
+    assert_eq!(
+        (obs.ready, obs.in_flight),
+        (2, Some(1)),
+        "from the management API"
+    );
     assert_eq!(obs.consumers, Some(0));
 }
 
@@ -321,7 +344,10 @@ async fn a_wrong_password_is_a_typed_error_that_never_shows_it() {
     let typed = std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<AmqpSourceError>())
         .expect("the crate's error is the source");
-    assert!(matches!(typed, AmqpSourceError::LoginRefused { .. }), "{typed:?}");
+    assert!(
+        matches!(typed, AmqpSourceError::LoginRefused { .. }),
+        "{typed:?}"
+    );
 
     // Let the heartbeat task try (and fail) too, so its logs are in the capture.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -337,12 +363,14 @@ async fn a_wrong_password_is_a_typed_error_that_never_shows_it() {
         next = err.source();
     }
     // The management API's 401 on its own.
-    let mgmt_only = celery_scale_amqp::ManagementClient::new(&ManagementConfig::new(
-        bad_mgmt.as_str(),
-    ))
-    .unwrap();
+    let mgmt_only =
+        celery_scale_amqp::ManagementClient::new(&ManagementConfig::new(bad_mgmt.as_str()))
+            .unwrap();
     let me = mgmt_only.queues("/").await.unwrap_err();
-    assert!(matches!(me, AmqpSourceError::ManagementStatus { status: 401, .. }), "{me:?}");
+    assert!(
+        matches!(me, AmqpSourceError::ManagementStatus { status: 401, .. }),
+        "{me:?}"
+    );
     shown.push(format!("{me} {me:?}"));
     drop(source);
     let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();

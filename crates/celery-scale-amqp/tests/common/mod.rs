@@ -52,7 +52,9 @@ pub fn unique(name: &str) -> String {
 
 /// `amqp://user:pw@host:port/` with another vhost (percent-encoded).
 pub fn with_vhost(amqp: &str, vhost: &str) -> String {
-    let (head, _) = amqp.rsplit_once('/').expect("an AMQP URL with a vhost path");
+    let (head, _) = amqp
+        .rsplit_once('/')
+        .expect("an AMQP URL with a vhost path");
     format!("{head}/{}", urlencode(vhost))
 }
 
@@ -156,15 +158,25 @@ impl Mgmt {
     /// Force-closes every connection with this client-provided name (a real broker-side
     /// close: `CONNECTION_FORCED`). Returns how many were closed.
     pub fn close_connections_named(&self, name: &str) -> usize {
-        let (_, conns) = self.call("GET", "/api/connections?columns=name,client_properties", None);
+        let (_, conns) = self.call(
+            "GET",
+            "/api/connections?columns=name,client_properties",
+            None,
+        );
         let mut closed = 0;
         for c in conns.as_array().cloned().unwrap_or_default() {
             let provided = c["client_properties"]["connection_name"].as_str();
             if provided == Some(name) {
                 let id = c["name"].as_str().unwrap();
-                let (status, _) =
-                    self.call("DELETE", &format!("/api/connections/{}", urlencode(id)), None);
-                assert!(status == 204 || status == 404, "DELETE connection: {status}");
+                let (status, _) = self.call(
+                    "DELETE",
+                    &format!("/api/connections/{}", urlencode(id)),
+                    None,
+                );
+                assert!(
+                    status == 204 || status == 404,
+                    "DELETE connection: {status}"
+                );
                 closed += 1;
             }
         }
@@ -184,7 +196,11 @@ impl Mgmt {
 
     /// Connections with this client-provided name.
     pub fn connections_named(&self, name: &str) -> usize {
-        let (_, conns) = self.call("GET", "/api/connections?columns=name,client_properties", None);
+        let (_, conns) = self.call(
+            "GET",
+            "/api/connections?columns=name,client_properties",
+            None,
+        );
         conns
             .as_array()
             .map(|a| {
@@ -221,8 +237,11 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        self.mgmt
-            .call("DELETE", &format!("/api/vhosts/{}", urlencode(&self.name)), None);
+        self.mgmt.call(
+            "DELETE",
+            &format!("/api/vhosts/{}", urlencode(&self.name)),
+            None,
+        );
     }
 }
 
@@ -295,8 +314,10 @@ pub async fn declare(amqp: &str, queues: &[&str], queue_type: Option<&str>) {
 
 /// A Celery protocol-2 task message body for `sleep(0)`.
 fn celery_body() -> Vec<u8> {
-    serde_json::to_vec(&json!([[0.0], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]))
-        .unwrap()
+    serde_json::to_vec(
+        &json!([[0.0], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]),
+    )
+    .unwrap()
 }
 
 fn celery_properties(id: &str) -> BasicProperties {
@@ -359,7 +380,8 @@ impl AmqpFixture {
 
     async fn settle(&self, queue: &str) {
         if let Some(m) = &self.mgmt {
-            m.wait_counts(&self.vhost, queue, self.expected(queue)).await;
+            m.wait_counts(&self.vhost, queue, self.expected(queue))
+                .await;
         }
     }
 
@@ -401,7 +423,12 @@ impl QueueFixture for AmqpFixture {
                 .await?
                 .await?;
         }
-        self.state.lock().unwrap().entry(queue.into()).or_default().0 += n;
+        self.state
+            .lock()
+            .unwrap()
+            .entry(queue.into())
+            .or_default()
+            .0 += n;
         self.settle(queue).await;
         Ok(())
     }
@@ -493,7 +520,15 @@ impl Worker {
         let celery = PathBuf::from(py).with_file_name("celery");
         let hostname = format!("{name}@csa");
         let child = Command::new(celery)
-            .args(["-A", "app", "worker", "-c", "2", "--prefetch-multiplier", "4"])
+            .args([
+                "-A",
+                "app",
+                "worker",
+                "-c",
+                "2",
+                "--prefetch-multiplier",
+                "4",
+            ])
             .args(["-Q", queues, "-n", &hostname, "--loglevel", "WARNING"])
             .args(["--without-mingle", "--without-gossip"])
             .args(extra)
@@ -576,11 +611,15 @@ impl Proxy {
 
     /// Listens again on the same port.
     pub async fn restore(&mut self) {
-        let listener = poll("the proxy port to be free", Duration::from_secs(5), || async {
-            tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-                .await
-                .ok()
-        })
+        let listener = poll(
+            "the proxy port to be free",
+            Duration::from_secs(5),
+            || async {
+                tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                    .await
+                    .ok()
+            },
+        )
         .await;
         self.task = Some(tokio::spawn(serve(listener, self.upstream.clone())));
     }
