@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::operation::describe_services::DescribeServicesError;
+use aws_sdk_ecs::operation::update_service::UpdateServiceError;
 
 /// The backend name used in core errors and metrics.
 pub const BACKEND: &str = "ecs";
@@ -110,18 +112,27 @@ impl EcsError {
         }
     }
 
-    /// Classifies an SDK error of `operation`.
-    pub fn from_sdk<E, R>(
+    /// Classifies an SDK error of `operation` by its AWS error code (or, when the code is
+    /// absent, by the modeled exception it is), its HTTP status and how the call failed.
+    pub(crate) fn from_sdk<E, R>(
         operation: &'static str,
         timeout: std::time::Duration,
         err: SdkError<E, R>,
     ) -> Self
     where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        E: ProvideErrorMetadata + ModeledCode + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
-        let code = err.code().map(str::to_owned);
-        let message = err.message().unwrap_or_default().to_owned();
+        let code = err
+            .code()
+            .or_else(|| err.as_service_error().and_then(ModeledCode::modeled_code))
+            .map(str::to_owned);
+        let message = match (err.message(), err.as_service_error()) {
+            (Some(m), _) => m.to_owned(),
+            // A modeled exception keeps its message in its own field; its Display shows it.
+            (None, Some(e)) => e.to_string(),
+            (None, None) => String::new(),
+        };
         let status = match &err {
             SdkError::ServiceError(e) => Some(raw_status(e.raw())),
             SdkError::ResponseError(e) => Some(raw_status(e.raw())),
@@ -188,6 +199,39 @@ impl EcsError {
                 source: Some(source),
             },
         }
+    }
+}
+
+/// The error code of a modeled ECS exception, for errors whose metadata carries no code.
+pub(crate) trait ModeledCode {
+    fn modeled_code(&self) -> Option<&'static str>;
+}
+
+impl ModeledCode for DescribeServicesError {
+    fn modeled_code(&self) -> Option<&'static str> {
+        Some(match self {
+            DescribeServicesError::AccessDeniedException(_) => "AccessDeniedException",
+            DescribeServicesError::ClientException(_) => "ClientException",
+            DescribeServicesError::ClusterNotFoundException(_) => "ClusterNotFoundException",
+            DescribeServicesError::InvalidParameterException(_) => "InvalidParameterException",
+            DescribeServicesError::ServerException(_) => "ServerException",
+            _ => return None,
+        })
+    }
+}
+
+impl ModeledCode for UpdateServiceError {
+    fn modeled_code(&self) -> Option<&'static str> {
+        Some(match self {
+            UpdateServiceError::AccessDeniedException(_) => "AccessDeniedException",
+            UpdateServiceError::ClientException(_) => "ClientException",
+            UpdateServiceError::ClusterNotFoundException(_) => "ClusterNotFoundException",
+            UpdateServiceError::InvalidParameterException(_) => "InvalidParameterException",
+            UpdateServiceError::ServerException(_) => "ServerException",
+            UpdateServiceError::ServiceNotActiveException(_) => "ServiceNotActiveException",
+            UpdateServiceError::ServiceNotFoundException(_) => "ServiceNotFoundException",
+            _ => return None,
+        })
     }
 }
 

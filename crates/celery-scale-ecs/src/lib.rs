@@ -6,7 +6,7 @@ mod services;
 
 pub use error::{BACKEND, EcsError, SharedSource};
 pub use services::{
-    EcsServiceConfig, EcsServiceScaler, EcsServices, EcsSettings, SERVICES_PER_CALL,
+    EcsCalls, EcsServiceConfig, EcsServiceScaler, EcsServices, EcsSettings, SERVICES_PER_CALL,
 };
 
 /// The SDK crate this one is built on, for callers who build their own client.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::EcsError;
+use crate::error::ModeledCode;
 
 /// Services per `DescribeServices` call (the API's limit).
 pub const SERVICES_PER_CALL: usize = 10;
@@ -47,6 +49,12 @@ impl EcsSettings {
     /// Sets `cache_ttl`.
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
         self.cache_ttl = ttl;
+        self
+    }
+
+    /// Sets `operation_timeout`.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
         self
     }
 
@@ -122,6 +130,18 @@ struct Inner {
     state: Mutex<State>,
     /// Serializes batch reads so that concurrent `capacity()` calls share one.
     refresh: tokio::sync::Mutex<()>,
+    describes: AtomicU64,
+    updates: AtomicU64,
+}
+
+/// How many ECS calls an [`EcsServices`] handle has made since it was built (each attempt of the
+/// loop counts once; the SDK's own retries are not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EcsCalls {
+    /// `DescribeServices` calls.
+    pub describe_services: u64,
+    /// `UpdateService` calls.
+    pub update_service: u64,
 }
 
 /// One ECS client for many services: hands out an [`EcsServiceScaler`] per service and reads
@@ -150,6 +170,8 @@ impl EcsServices {
                 settings,
                 state: Mutex::new(State::default()),
                 refresh: tokio::sync::Mutex::new(()),
+                describes: AtomicU64::new(0),
+                updates: AtomicU64::new(0),
             }),
         })
     }
@@ -161,6 +183,19 @@ impl EcsServices {
             .load()
             .await;
         Client::new(&config)
+    }
+
+    /// The calls made so far.
+    pub fn calls(&self) -> EcsCalls {
+        EcsCalls {
+            describe_services: self.inner.describes.load(Ordering::Relaxed),
+            update_service: self.inner.updates.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The shared settings.
+    pub fn settings(&self) -> &EcsSettings {
+        &self.inner.settings
     }
 
     /// A scaler for one service; the service is read with the others from now on.
@@ -204,6 +239,7 @@ impl EcsServices {
     ) -> Vec<(Key, Result<Capacity, EcsError>)> {
         const OP: &str = "DescribeServices";
         let timeout = self.inner.settings.operation_timeout;
+        self.inner.describes.fetch_add(1, Ordering::Relaxed);
         let call = self
             .inner
             .client
@@ -213,19 +249,37 @@ impl EcsServices {
             .send();
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(EcsError::from_sdk(OP, timeout, e)),
-            Err(elapsed) => Err(EcsError::Timeout {
-                operation: OP,
-                after: timeout,
-                source: Arc::new(elapsed),
-            }),
+            Ok(Err(e)) => Err(e),
+            Err(elapsed) => {
+                let e = EcsError::Timeout {
+                    operation: OP,
+                    after: timeout,
+                    source: Arc::new(elapsed),
+                };
+                return services
+                    .into_iter()
+                    .map(|s| ((cluster.clone(), s), Err(e.clone())))
+                    .collect();
+            }
         };
         let out = match result {
             Ok(out) => out,
             Err(e) => {
+                // A missing cluster fails the whole call; each of its services is missing.
+                let cluster_missing = aws_sdk_ecs::error::ProvideErrorMetadata::code(&e)
+                    .or_else(|| e.as_service_error().and_then(ModeledCode::modeled_code))
+                    == Some("ClusterNotFoundException");
+                let shared = (!cluster_missing).then(|| EcsError::from_sdk(OP, timeout, e));
                 return services
                     .into_iter()
-                    .map(|s| ((cluster.clone(), s), Err(e.clone())))
+                    .map(|s| {
+                        let err = shared.clone().unwrap_or_else(|| EcsError::NotFound {
+                            cluster: cluster.clone(),
+                            service: s.clone(),
+                            reason: "ClusterNotFoundException".into(),
+                        });
+                        ((cluster.clone(), s), Err(err))
+                    })
                     .collect();
             }
         };
@@ -254,7 +308,10 @@ impl EcsServices {
                         reason: out
                             .failures()
                             .iter()
-                            .find(|f| f.arn().is_some_and(|a| a.ends_with(&name)))
+                            .find(|f| {
+                                f.arn()
+                                    .is_some_and(|a| a == name || a.ends_with(&format!("/{name}")))
+                            })
                             .or(out.failures().first())
                             .and_then(|f| f.reason())
                             .unwrap_or("not described")
@@ -298,6 +355,7 @@ impl EcsServices {
     async fn update(&self, key: &Key, desired: u32) -> Result<(), EcsError> {
         const OP: &str = "UpdateService";
         let timeout = self.inner.settings.operation_timeout;
+        self.inner.updates.fetch_add(1, Ordering::Relaxed);
         let call = self
             .inner
             .client
@@ -309,7 +367,9 @@ impl EcsServices {
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
-                let code = aws_sdk_ecs::error::ProvideErrorMetadata::code(&e).map(str::to_owned);
+                let code = aws_sdk_ecs::error::ProvideErrorMetadata::code(&e)
+                    .or_else(|| e.as_service_error().and_then(ModeledCode::modeled_code))
+                    .map(str::to_owned);
                 match code.as_deref() {
                     Some(
                         "ServiceNotFoundException"
@@ -329,8 +389,18 @@ impl EcsServices {
                 source: Arc::new(elapsed),
             }),
         };
-        // Whatever happened, the cached desired count is no longer to be trusted.
-        lock(&self.inner.state).cache = None;
+        let mut state = lock(&self.inner.state);
+        match (&result, state.cache.as_mut()) {
+            // The service's desired count is now exactly `desired`: patch the shared read so
+            // that other bindings reading within its TTL do not need another round of calls.
+            (Ok(()), Some((_, map))) if matches!(map.get(key), Some(Ok(_))) => {
+                if let Some(Ok(c)) = map.get_mut(key) {
+                    c.desired = desired;
+                }
+            }
+            // Otherwise what the cache says about this service is no longer to be trusted.
+            _ => state.cache = None,
+        }
         result
     }
 }
@@ -349,6 +419,23 @@ impl EcsServiceScaler {
         &self.config
     }
 
+    /// The handle this scaler reads and sets through.
+    pub fn services(&self) -> &EcsServices {
+        &self.services
+    }
+
+    /// Reads the service's desired, running and pending task counts (through the shared,
+    /// batched read), with the typed error.
+    pub async fn read(&self) -> Result<Capacity, EcsError> {
+        self.services.capacity_of(&self.key()).await
+    }
+
+    /// Sets the service's desired task count with `UpdateService`, with the typed error. The
+    /// control loop calls this only when the count changes.
+    pub async fn update(&self, tasks: u32) -> Result<(), EcsError> {
+        self.services.update(&self.key(), tasks).await
+    }
+
     fn key(&self) -> Key {
         (self.config.cluster.clone(), self.config.service.clone())
     }
@@ -365,11 +452,11 @@ impl Scaler for EcsServiceScaler {
     }
 
     async fn capacity(&self) -> celery_scale_core::Result<Capacity> {
-        Ok(self.services.capacity_of(&self.key()).await?)
+        Ok(self.read().await?)
     }
 
     async fn set_desired(&self, units: u32) -> celery_scale_core::Result<SetOutcome> {
-        self.services.update(&self.key(), units).await?;
+        self.update(units).await?;
         Ok(SetOutcome::applied(units))
     }
 }

@@ -128,3 +128,67 @@ async fn many_services_share_one_handle() {
         .unwrap();
     assert_eq!(seen.services()[0].desired_count(), 5, "moto saw the update");
 }
+
+#[tokio::test]
+async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_services() {
+    let Some(client) = client().await else { return };
+    let (a, b) = (unique("batch-a"), unique("batch-b"));
+    let in_a: Vec<String> = (0..12).map(|i| format!("a-{i}")).collect();
+    let in_b: Vec<String> = (0..3).map(|i| format!("b-{i}")).collect();
+    create(&client, &a, &in_a).await;
+    create(&client, &b, &in_b).await;
+    let gone = unique("no-such-cluster");
+    // A long TTL: this test counts calls, whatever the machine's load.
+    let services = EcsServices::new(
+        client,
+        EcsSettings::default().cache_ttl(Duration::from_secs(60)),
+    )
+    .unwrap();
+    let mut scalers: Vec<_> = in_a
+        .iter()
+        .map(|n| services.scaler(EcsServiceConfig::new(&a, n)).unwrap())
+        .chain(
+            in_b.iter()
+                .map(|n| services.scaler(EcsServiceConfig::new(&b, n)).unwrap()),
+        )
+        .collect();
+    let lost = services
+        .scaler(EcsServiceConfig::new(&gone, "workers"))
+        .unwrap();
+    let reads = futures::future::join_all(scalers.iter().map(|s| s.read())).await;
+    assert!(
+        reads
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|c| c.desired == 1))
+    );
+    match lost.read().await {
+        Err(celery_scale_ecs::EcsError::NotFound {
+            cluster, reason, ..
+        }) => {
+            assert_eq!(
+                (cluster.as_str(), reason.as_str()),
+                (gone.as_str(), "ClusterNotFoundException")
+            )
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // Cluster a: 2 calls (10 + 2), cluster b: 1, the missing cluster: 1; all in one read.
+    assert_eq!(services.calls().describe_services, 4);
+    assert_eq!(services.calls().update_service, 0);
+    // Setting one service leaves the shared read valid for the others.
+    let last = scalers.pop().unwrap();
+    last.update(2).await.unwrap();
+    assert_eq!(last.read().await.unwrap().desired, 2);
+    assert_eq!(scalers[0].read().await.unwrap().desired, 1);
+    assert_eq!(
+        services.calls().describe_services,
+        4,
+        "served by the patched read"
+    );
+    match lost.update(1).await {
+        Err(celery_scale_ecs::EcsError::NotFound { reason, .. }) => {
+            assert_eq!(reason, "ClusterNotFoundException")
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
