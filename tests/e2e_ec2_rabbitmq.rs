@@ -1,1 +1,345 @@
-//! Not written yet.
+//! End to end, EC2 + RabbitMQ: a real Celery producer publishes a burst to real RabbitMQ; the
+//! control loop reads it with the RabbitMQ source and sets an Auto Scaling group's desired
+//! capacity on moto; a real Celery worker drains the queue; after the scale-in window the group
+//! is back at its minimum.
+//!
+//! Needs CELERY_SCALE_AMQP_URL, CELERY_SCALE_MOTO_URL and CELERY_SCALE_PYTHON (scripts/test.sh).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use celery_scale::config::{PolicyConfig, PolicyKind};
+use celery_scale::conformance::service_url;
+use celery_scale::ec2::aws_sdk_autoscaling::Client;
+use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
+use celery_scale::record::{DecisionRecord, Outcome};
+use celery_scale::{Binding, LoopSettings, QueueSource};
+use tokio::time::Instant;
+
+const WORKERS_PER_INSTANCE: u32 = 2;
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+fn celery_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testing/celery")
+}
+
+/// Runs a Python snippet or script of the shared Celery app against `broker`.
+fn python(py: &str, broker: &str, args: &[&str]) -> std::process::Output {
+    Command::new(py)
+        .args(args)
+        .current_dir(celery_dir())
+        .env("PYTHONPATH", celery_dir())
+        .env("CELERY_SCALE_TEST_BROKER", broker)
+        .output()
+        .expect("run the Celery test app's python")
+}
+
+/// A Celery worker process, killed (with its pool) when dropped, also on test failure.
+struct Worker(Child);
+
+impl Worker {
+    fn start(py: &str, broker: &str, queue: &str) -> Self {
+        let celery = PathBuf::from(py).with_file_name("celery");
+        let child = Command::new(celery)
+            .args([
+                "-A",
+                "app",
+                "worker",
+                "-c",
+                "4",
+                "--prefetch-multiplier",
+                "1",
+                "-Q",
+                queue,
+            ])
+            .args([
+                "-n",
+                &format!("{queue}@%h"),
+                "--without-mingle",
+                "--without-gossip",
+            ])
+            .current_dir(celery_dir())
+            .env("PYTHONPATH", celery_dir())
+            .env("CELERY_SCALE_TEST_BROKER", broker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a Celery worker");
+        Worker(child)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // SIGKILL the main process; its pool children exit when their parent's pipe closes.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Deletes the test's queue and group, also on failure.
+struct Cleanup {
+    py: String,
+    broker: String,
+    queue: String,
+    moto: String,
+    group: String,
+    launch_configuration: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = python(
+            &self.py,
+            &self.broker,
+            &[
+                "-c",
+                &format!(
+                    "from app import app\nwith app.connection_for_write() as c:\n    c.default_channel.queue_delete({:?})",
+                    self.queue
+                ),
+            ],
+        );
+        let (moto, group, lc) = (
+            self.moto.clone(),
+            self.group.clone(),
+            self.launch_configuration.clone(),
+        );
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async {
+                let c = client(&moto);
+                let _ = c
+                    .delete_auto_scaling_group()
+                    .auto_scaling_group_name(group)
+                    .force_delete(true)
+                    .send()
+                    .await;
+                let _ = c
+                    .delete_launch_configuration()
+                    .launch_configuration_name(lc)
+                    .send()
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+fn sdk_config(moto: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(moto)
+        .credentials_provider(
+            celery_scale::ec2::aws_sdk_autoscaling::config::SharedCredentialsProvider::new(
+                celery_scale::ec2::aws_sdk_autoscaling::config::Credentials::new(
+                    "testing", "testing", None, None, "e2e",
+                ),
+            ),
+        )
+        .build()
+}
+
+fn client(moto: &str) -> Client {
+    Client::new(&sdk_config(moto))
+}
+
+async fn group_desired(c: &Client, group: &str) -> i32 {
+    c.describe_auto_scaling_groups()
+        .auto_scaling_group_names(group)
+        .send()
+        .await
+        .expect("describe on moto")
+        .auto_scaling_groups()[0]
+        .desired_capacity()
+        .unwrap_or(-1)
+}
+
+/// Ticks until `done` says so, or panics with the last records at `deadline`.
+async fn tick_until(
+    b: &mut Binding,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut(&DecisionRecord) -> bool,
+) -> Vec<DecisionRecord> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let r = b.tick().await;
+        let stop = done(&r);
+        seen.push(r);
+        if stop {
+            return seen;
+        }
+        if Instant::now() > deadline {
+            let tail: Vec<String> = seen
+                .iter()
+                .rev()
+                .take(5)
+                .map(|r| serde_json::to_string(r).unwrap())
+                .collect();
+            panic!(
+                "{what}: not reached within {within:?}; last records:\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
+    let (Some(amqp), Some(moto), Some(py)) = (
+        service_url("CELERY_SCALE_AMQP_URL"),
+        service_url("CELERY_SCALE_MOTO_URL"),
+        service_url("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    let queue = unique("e2e-ec2");
+    let group = unique("e2e-ec2-workers");
+    let launch_configuration = unique("e2e-ec2-lc");
+    let _cleanup = Cleanup {
+        py: py.clone(),
+        broker: amqp.clone(),
+        queue: queue.clone(),
+        moto: moto.clone(),
+        group: group.clone(),
+        launch_configuration: launch_configuration.clone(),
+    };
+
+    // The group: 0..=4 instances, none yet.
+    let aws = client(&moto);
+    aws.create_launch_configuration()
+        .launch_configuration_name(&launch_configuration)
+        .image_id("ami-12c6146b")
+        .instance_type("t3.micro")
+        .send()
+        .await
+        .expect("create launch configuration");
+    aws.create_auto_scaling_group()
+        .auto_scaling_group_name(&group)
+        .launch_configuration_name(&launch_configuration)
+        .min_size(0)
+        .max_size(4)
+        .desired_capacity(0)
+        .availability_zones("us-east-1a")
+        .send()
+        .await
+        .expect("create group");
+
+    // A burst of 20 real Celery tasks (0.3 s each) on a fresh queue.
+    let out = python(
+        &py,
+        &amqp,
+        &[
+            "publish.py",
+            "--queue",
+            &queue,
+            "--count",
+            "20",
+            "--seconds",
+            "0.3",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "publish.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let groups = AutoScalingGroups::from_sdk_config(
+        &sdk_config(&moto),
+        AutoScalingSettings::default().cache_ttl(Duration::ZERO),
+    )
+    .unwrap();
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(&group).workers_per_instance(WORKERS_PER_INSTANCE))
+        .unwrap();
+    // One worker per 5 messages, to zero 2 s after the queue is idle.
+    let policy = PolicyConfig {
+        kind: PolicyKind::TargetBacklog,
+        messages_per_worker: 5.0,
+        min_workers: 0,
+        max_workers: 8,
+        stabilize_down: Duration::from_secs(2),
+        scale_to_zero_after: Duration::from_secs(2),
+        ..PolicyConfig::default()
+    };
+    let mut b = Binding::new(
+        LoopSettings {
+            name: "e2e-ec2".into(),
+            interval: Duration::from_secs(1),
+            ..LoopSettings::default()
+        },
+        rabbitmq_source(&amqp, &queue).await,
+        Box::new(scaler),
+        policy.build().unwrap(),
+    )
+    .unwrap();
+
+    // 20 ready -> 4 workers -> 2 instances of 2 workers.
+    let up = tick_until(&mut b, Duration::from_secs(15), "scale out", |r| {
+        matches!(
+            r.outcome,
+            Outcome::Set {
+                to: 2,
+                applied: 2,
+                ..
+            }
+        )
+    })
+    .await;
+    let set = up.last().unwrap();
+    assert_eq!(
+        set.observation.as_ref().map(|o| o.ready),
+        Some(20),
+        "{set:?}"
+    );
+    assert_eq!(
+        group_desired(&aws, &group).await,
+        2,
+        "moto has the new desired capacity"
+    );
+
+    // A real worker drains the queue; after the idle window the group returns to its minimum.
+    let _worker = Worker::start(&py, &amqp, &queue);
+    let down = tick_until(&mut b, Duration::from_secs(40), "scale in", |r| {
+        matches!(r.outcome, Outcome::Set { to: 0, .. })
+    })
+    .await;
+    assert!(
+        down.iter().all(|r| r.capacity_error.is_none()),
+        "capacity was readable throughout"
+    );
+    let last = down.last().unwrap();
+    assert_eq!(
+        last.observation.as_ref().map(|o| o.ready),
+        Some(0),
+        "{last:?}"
+    );
+    assert_eq!(group_desired(&aws, &group).await, 0, "back at MinSize");
+}
+
+/// The RabbitMQ source on `queue` (passive declares; no heartbeats: the test's own worker
+/// drains the queue and the policy needs only the backlog).
+async fn rabbitmq_source(amqp: &str, queue: &str) -> Box<dyn QueueSource> {
+    let config = celery_scale::amqp::AmqpSourceConfig::builder(amqp)
+        .queue(queue)
+        .heartbeats(false)
+        .build()
+        .expect("AMQP source config");
+    Box::new(celery_scale::amqp::AmqpQueueSource::new(config).expect("AMQP source"))
+}
