@@ -13,7 +13,9 @@ use std::time::Duration;
 use celery_scale_amqp::{AmqpQueueSource, AmqpSourceConfig, ManagementConfig};
 use celery_scale_core::QueueSource;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -24,6 +26,10 @@ async fn setup(amqp: &str, prefix: &str, n: usize) -> (Connection, Channel, Vec<
         .await
         .expect("connect to CELERY_SCALE_AMQP_URL");
     let ch = conn.create_channel().await.unwrap();
+    // Confirms: every message is in its queue before the counts are compared.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{n}-{i}")).collect();
     // The broker deletes them 10 minutes after last use, should the bench be interrupted.
     let mut args = FieldTable::default();
@@ -46,6 +52,8 @@ async fn setup(amqp: &str, prefix: &str, n: usize) -> (Connection, Channel, Vec<
                     b"{}",
                     BasicProperties::default(),
                 )
+                .await
+                .unwrap()
                 .await
                 .unwrap();
             }

@@ -635,3 +635,42 @@ impl QueueSource for AmqpQueueSource {
         Ok(self.with_workers(obs))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiscoveryConfig, ManagementConfig};
+
+    fn config() -> AmqpSourceConfig {
+        AmqpSourceConfig::builder("amqp://user:hunter2@rabbit:5672/prod")
+            .queue("celery")
+            .management(ManagementConfig::new("http://mon:hunter3@rabbit:15672"))
+            .discovery(DiscoveryConfig::default())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn new_needs_a_tokio_runtime() {
+        assert!(matches!(
+            AmqpQueueSource::new(config()),
+            Err(AmqpSourceError::NoRuntime(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn debug_hides_passwords_and_new_does_no_io() {
+        // The host does not resolve: construction must still succeed (no I/O before observe).
+        let source = AmqpQueueSource::new(config()).unwrap();
+        let shown = format!("{source:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+        assert!(shown.contains("user:***@rabbit"), "{shown}");
+        assert_eq!(source.vhost(), "prod");
+        assert_eq!(source.queues(), ["celery"]);
+        assert_eq!(source.connections_opened(), 0);
+        assert!(source.management_stats().is_none());
+    }
+}
