@@ -13,10 +13,11 @@
 mod daemon;
 
 use std::error::Error;
+use std::time::Duration;
 
 use celery_scale::ecs::{EcsServiceConfig, EcsServices, EcsSettings};
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
-use celery_scale::{Binding, SecretUrl};
+use celery_scale::{QueueSource, Scaler, SecretUrl};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -27,6 +28,13 @@ struct Args {
     /// Redis broker URL for every binding (overrides `source.url`).
     #[arg(long, env = "CELERY_SCALE_REDIS_URL")]
     redis_url: Option<SecretUrl>,
+    /// How long one batched DescribeServices read serves every binding (keep it below the
+    /// shortest interval), e.g. `500ms`.
+    #[arg(long, env = "CELERY_SCALE_ECS_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "500ms")]
+    ecs_cache_ttl: Duration,
+    /// Timeout of each ECS call, e.g. `5s`.
+    #[arg(long, env = "CELERY_SCALE_ECS_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    ecs_call_timeout: Duration,
 }
 
 #[tokio::main]
@@ -45,25 +53,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
             b.source.url = url.clone();
         }
     }
-    let services = EcsServices::new(EcsServices::client_from_env().await, EcsSettings::default())?;
-    let mut bindings = Vec::new();
-    for (i, b) in config.bindings.iter().enumerate() {
-        let at = format!("bindings[{i}]");
-        let source =
-            RedisQueueSource::new(b.source.clone()).map_err(|e| format!("{at}.source: {e}"))?;
-        let scaler = services
-            .scaler(b.scaler.clone())
-            .map_err(|e| e.within(&format!("{at}.scaler")))?;
-        let policy = b
-            .policy
-            .build()
-            .map_err(|e| e.within(&format!("{at}.policy")))?;
-        bindings.push(Binding::new(
-            daemon::settings(b, &args.daemon),
-            Box::new(source),
-            Box::new(scaler),
-            policy,
-        )?);
-    }
+    // One ECS client and one shared handle: every service of every binding is read together,
+    // ceil(n / 10) DescribeServices calls per cluster per tick.
+    let services = EcsServices::new(
+        EcsServices::client_from_env().await,
+        EcsSettings::default()
+            .cache_ttl(args.ecs_cache_ttl)
+            .operation_timeout(args.ecs_call_timeout),
+    )
+    .map_err(|e| format!("--ecs-*: {e}"))?;
+    let bindings = daemon::build_bindings(
+        &config,
+        &args.daemon,
+        |source| Ok(Box::new(RedisQueueSource::new(source.clone())?) as Box<dyn QueueSource>),
+        |scaler| Ok(Box::new(services.scaler(scaler.clone())?) as Box<dyn Scaler>),
+    )?;
     daemon::run(&args.daemon, bindings).await
 }

@@ -1,13 +1,26 @@
 //! The daemon shape shared by the deployable examples (`ecs_redis`, `ec2_rabbitmq`): flags and
 //! environment, TOML/JSON configuration, logging, Prometheus metrics, `--once`, `--dry-run` and
 //! clean shutdown on SIGTERM/SIGINT. Each example only says how to build its source and scaler.
+//!
+//! A daemon is, in order:
+//!
+//! ```text
+//! let args = Args::parse();                      // #[command(flatten)] daemon: DaemonArgs
+//! daemon::init_logging(args.daemon.log_format);
+//! let config = daemon::load_config::<MySource, MyScaler>(&args.daemon.config, validate)?;
+//! let bindings = daemon::build_bindings(&config, &args.daemon, make_source, make_scaler)?;
+//! daemon::run(&args.daemon, bindings).await
+//! ```
+#![allow(dead_code)] // each example uses the pieces it needs
 
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use celery_scale::config::{BindingConfig, Config};
-use celery_scale::{Autoscaler, Binding, CancellationToken, ConfigError, LoopSettings};
+use celery_scale::{
+    Autoscaler, Binding, CancellationToken, ConfigError, LoopSettings, QueueSource, Scaler,
+};
 use serde::de::DeserializeOwned;
 
 /// The flags every daemon has; each also reads an environment variable.
@@ -74,6 +87,32 @@ pub fn settings<S, T>(binding: &BindingConfig<S, T>, args: &DaemonArgs) -> LoopS
     let mut s = binding.settings.clone();
     s.dry_run |= args.dry_run;
     s
+}
+
+/// Builds every binding of `config`: its loop settings (with `--dry-run` applied), its policy,
+/// and the source and scaler that `source` and `scaler` make from the binding's backend
+/// sections. Errors name the binding, e.g. `bindings[1].scaler: ...`.
+pub fn build_bindings<S, T>(
+    config: &Config<S, T>,
+    args: &DaemonArgs,
+    mut source: impl FnMut(&S) -> Result<Box<dyn QueueSource>, Box<dyn Error>>,
+    mut scaler: impl FnMut(&T) -> Result<Box<dyn Scaler>, Box<dyn Error>>,
+) -> Result<Vec<Binding>, Box<dyn Error>> {
+    let mut bindings = Vec::with_capacity(config.bindings.len());
+    for (i, b) in config.bindings.iter().enumerate() {
+        let at = format!("bindings[{i}]");
+        let source = source(&b.source).map_err(|e| format!("{at}.source: {e}"))?;
+        let scaler = scaler(&b.scaler).map_err(|e| format!("{at}.scaler: {e}"))?;
+        let policy = b
+            .policy
+            .build()
+            .map_err(|e| e.within(&format!("{at}.policy")))?;
+        bindings.push(
+            Binding::new(settings(b, args), source, scaler, policy)
+                .map_err(|e| format!("{at}: {e}"))?,
+        );
+    }
+    Ok(bindings)
 }
 
 /// Runs the bindings: one tick each with `--once` (records printed as JSON), otherwise until

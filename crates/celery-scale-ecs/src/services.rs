@@ -79,8 +79,14 @@ pub struct EcsServiceConfig {
     /// Service name or ARN.
     pub service: String,
     /// Celery worker processes per task (the worker's `--concurrency`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "workers_per_task")]
     pub workers_per_task: WorkersPerUnit,
+}
+
+fn workers_per_task<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WorkersPerUnit, D::Error> {
+    let n = u32::deserialize(d)?;
+    WorkersPerUnit::new(n)
+        .ok_or_else(|| serde::de::Error::custom("workers_per_task: must be at least 1"))
 }
 
 impl EcsServiceConfig {
@@ -458,5 +464,70 @@ impl Scaler for EcsServiceScaler {
     async fn set_desired(&self, units: u32) -> celery_scale_core::Result<SetOutcome> {
         self.update(units).await?;
         Ok(SetOutcome::applied(units))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_and_rejects_bad_fields() {
+        let c: EcsServiceConfig =
+            toml::from_str("cluster = \"prod\"\nservice = \"w\"\nworkers_per_task = 4\n").unwrap();
+        assert_eq!(
+            c,
+            EcsServiceConfig::new("prod", "w")
+                .workers_per_task(4)
+                .unwrap()
+        );
+        let back: EcsServiceConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let d: EcsServiceConfig = toml::from_str("cluster = \"p\"\nservice = \"w\"\n").unwrap();
+        assert_eq!(d.workers_per_task.get(), 1, "defaults to 1");
+
+        let zero = toml::from_str::<EcsServiceConfig>(
+            "cluster = \"p\"\nservice = \"w\"\nworkers_per_task = 0\n",
+        )
+        .unwrap_err();
+        assert!(zero.to_string().contains("workers_per_task"), "{zero}");
+        let unknown =
+            toml::from_str::<EcsServiceConfig>("cluster = \"p\"\nservice = \"w\"\nsize = 1\n")
+                .unwrap_err();
+        assert!(unknown.to_string().contains("size"), "{unknown}");
+        assert_eq!(
+            EcsServiceConfig::new("p", " ")
+                .validate()
+                .unwrap_err()
+                .field,
+            "service"
+        );
+        assert_eq!(
+            EcsServiceConfig::new("p", "w")
+                .workers_per_task(0)
+                .unwrap_err()
+                .field,
+            "workers_per_task"
+        );
+    }
+
+    #[test]
+    fn settings_are_humantime_and_validated() {
+        let s: EcsSettings =
+            toml::from_str("cache_ttl = \"1s\"\noperation_timeout = \"2s\"\n").unwrap();
+        assert_eq!(
+            s,
+            EcsSettings::default()
+                .cache_ttl(Duration::from_secs(1))
+                .operation_timeout(Duration::from_secs(2))
+        );
+        assert_eq!(
+            EcsSettings::default()
+                .operation_timeout(Duration::ZERO)
+                .validate()
+                .unwrap_err()
+                .field,
+            "operation_timeout"
+        );
     }
 }
