@@ -5,85 +5,19 @@
 //!
 //! Needs CELERY_SCALE_AMQP_URL, CELERY_SCALE_MOTO_URL and CELERY_SCALE_PYTHON (scripts/test.sh).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+mod common;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::conformance::service_url;
 use celery_scale::ec2::aws_sdk_autoscaling::Client;
 use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
-use celery_scale::record::{DecisionRecord, Outcome};
+use celery_scale::record::Outcome;
 use celery_scale::{Binding, LoopSettings, QueueSource};
-use tokio::time::Instant;
+use common::{Worker, python, python_unchecked, tick_until, unique};
 
 const WORKERS_PER_INSTANCE: u32 = 2;
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-fn celery_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testing/celery")
-}
-
-/// Runs a Python snippet or script of the shared Celery app against `broker`.
-fn python(py: &str, broker: &str, args: &[&str]) -> std::process::Output {
-    Command::new(py)
-        .args(args)
-        .current_dir(celery_dir())
-        .env("PYTHONPATH", celery_dir())
-        .env("CELERY_SCALE_TEST_BROKER", broker)
-        .output()
-        .expect("run the Celery test app's python")
-}
-
-/// A Celery worker process, killed (with its pool) when dropped, also on test failure.
-struct Worker(Child);
-
-impl Worker {
-    fn start(py: &str, broker: &str, queue: &str) -> Self {
-        let celery = PathBuf::from(py).with_file_name("celery");
-        let child = Command::new(celery)
-            .args([
-                "-A",
-                "app",
-                "worker",
-                "-c",
-                "4",
-                "--prefetch-multiplier",
-                "1",
-                "-Q",
-                queue,
-            ])
-            .args([
-                "-n",
-                &format!("{queue}@%h"),
-                "--without-mingle",
-                "--without-gossip",
-            ])
-            .current_dir(celery_dir())
-            .env("PYTHONPATH", celery_dir())
-            .env("CELERY_SCALE_TEST_BROKER", broker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a Celery worker");
-        Worker(child)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // SIGKILL the main process; its pool children exit when their parent's pipe closes.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Deletes the test's queue and group, also on failure.
 struct Cleanup {
@@ -97,7 +31,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = python(
+        let _ = python_unchecked(
             &self.py,
             &self.broker,
             &[
@@ -167,38 +101,6 @@ async fn group_desired(c: &Client, group: &str) -> i32 {
         .unwrap_or(-1)
 }
 
-/// Ticks until `done` says so, or panics with the last records at `deadline`.
-async fn tick_until(
-    b: &mut Binding,
-    within: Duration,
-    what: &str,
-    mut done: impl FnMut(&DecisionRecord) -> bool,
-) -> Vec<DecisionRecord> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    loop {
-        let r = b.tick().await;
-        let stop = done(&r);
-        seen.push(r);
-        if stop {
-            return seen;
-        }
-        if Instant::now() > deadline {
-            let tail: Vec<String> = seen
-                .iter()
-                .rev()
-                .take(5)
-                .map(|r| serde_json::to_string(r).unwrap())
-                .collect();
-            panic!(
-                "{what}: not reached within {within:?}; last records:\n{}",
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
     let (Some(amqp), Some(moto), Some(py)) = (
@@ -241,7 +143,7 @@ async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
         .expect("create group");
 
     // A burst of 20 real Celery tasks (0.3 s each) on a fresh queue.
-    let out = python(
+    python(
         &py,
         &amqp,
         &[
@@ -253,11 +155,6 @@ async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
             "--seconds",
             "0.3",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "publish.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     let groups = AutoScalingGroups::from_sdk_config(

@@ -24,15 +24,22 @@ pub fn celery_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testing/celery")
 }
 
-/// Runs a Python script (or `-c` snippet) of the shared Celery app against `broker`.
-pub fn python(py: &str, broker: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(py)
+/// Runs a Python script (or `-c` snippet) of the shared Celery app against `broker`, whatever
+/// its exit status (for clean-up).
+pub fn python_unchecked(py: &str, broker: &str, args: &[&str]) -> std::process::Output {
+    Command::new(py)
         .args(args)
         .current_dir(celery_dir())
         .env("PYTHONPATH", celery_dir())
         .env("CELERY_SCALE_TEST_BROKER", broker)
         .output()
-        .expect("run the Celery test app's python");
+        .expect("run the Celery test app's python")
+}
+
+/// Runs a Python script (or `-c` snippet) of the shared Celery app against `broker`; it must
+/// succeed.
+pub fn python(py: &str, broker: &str, args: &[&str]) -> std::process::Output {
+    let out = python_unchecked(py, broker, args);
     assert!(
         out.status.success(),
         "python {args:?} failed: {}",

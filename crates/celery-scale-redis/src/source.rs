@@ -29,12 +29,14 @@ struct Plan {
     ranges: Vec<std::ops::Range<usize>>,
     /// Queue index by name, for attributing unacked messages.
     index: HashMap<String, usize>,
-    /// `LLEN` per key, then `HLEN` or `HSCAN` of `unacked`.
+    /// Whether each key's `LLEN` is followed by its `LINDEX -1` (oldest message).
+    tails: bool,
+    /// `LLEN` (and `LINDEX -1`) per key, then `HLEN` or `HSCAN` of `unacked`.
     pipe: redis::Pipeline,
 }
 
 impl Plan {
-    fn new(queues: Vec<String>, layout: &Layout, in_flight: InFlightMode) -> Plan {
+    fn new(queues: Vec<String>, layout: &Layout, in_flight: InFlightMode, tails: bool) -> Plan {
         let mut keys = Vec::new();
         let mut ranges = Vec::with_capacity(queues.len());
         for q in &queues {
@@ -42,10 +44,13 @@ impl Plan {
             keys.extend(layout.step_keys(q));
             ranges.push(start..keys.len());
         }
-        let mut pipe = redis::Pipeline::with_capacity(keys.len() + 1);
+        let mut pipe = redis::Pipeline::with_capacity(keys.len() * (1 + usize::from(tails)) + 1);
         pipe.ignore_errors();
         for key in &keys {
             pipe.cmd("LLEN").arg(key);
+            if tails {
+                pipe.cmd("LINDEX").arg(key).arg(-1);
+            }
         }
         match in_flight {
             InFlightMode::Off => {}
@@ -70,6 +75,7 @@ impl Plan {
             keys,
             ranges,
             index,
+            tails,
             pipe,
         }
     }
@@ -82,9 +88,10 @@ struct Discovered {
 /// The [`QueueSource`] for Celery on Redis.
 ///
 /// One observation is one pipelined round trip over a [`ConnectionManager`] (which reconnects
-/// by itself): `LLEN` of every priority key of every queue (kombu's own `_size`) and
-/// `HLEN unacked` (or the first `HSCAN` page) for in-flight messages; when some keys hold
-/// messages, a second pipeline reads their oldest message (`LINDEX key -1`) for its age. With heartbeats on, a background task subscribed to Celery's worker
+/// by itself): `LLEN` of every priority key of every queue (kombu's own `_size`), with
+/// `oldest_age` each key's oldest message (`LINDEX key -1`) for its age, and `HLEN unacked` (or
+/// the first `HSCAN` page) for in-flight messages. With heartbeats on, a background task
+/// subscribed to Celery's worker
 /// events adds executing tasks, live workers and measured throughput; it stops when the source
 /// is dropped (or [`RedisQueueSource::shutdown`] is awaited).
 ///
@@ -184,7 +191,12 @@ impl RedisQueueSource {
             steps: config.priority_steps.clone(),
             sep: config.sep.clone(),
         };
-        let plan = Plan::new(config.queues.clone(), &layout, config.in_flight);
+        let plan = Plan::new(
+            config.queues.clone(),
+            &layout,
+            config.in_flight,
+            config.oldest_age,
+        );
         let heartbeats = config.heartbeats.then(|| {
             Heartbeats::start(
                 SubscriberSettings {
@@ -287,24 +299,26 @@ impl RedisQueueSource {
                 detail: format!("{} replies to {} commands", replies.len(), plan.pipe.len()),
             });
         }
+        let per_key = 1 + usize::from(plan.tails);
+        let field = self.config.publish_time_field.as_deref();
         let mut depths = Vec::with_capacity(plan.queues.len());
-        let mut non_empty = Vec::new();
-        for (q, (queue, range)) in plan.queues.iter().zip(&plan.ranges).enumerate() {
+        for (queue, range) in plan.queues.iter().zip(&plan.ranges) {
             let mut depth = QueueDepth::new(queue.clone(), 0);
             for k in range.clone() {
-                let len = self.int_reply(&replies[k], "LLEN", &plan.keys[k], "list")?;
-                if len > 0 {
-                    non_empty.push((q, k));
+                let key = &plan.keys[k];
+                depth.ready += self.int_reply(&replies[k * per_key], "LLEN", key, "list")?;
+                if plan.tails {
+                    let age = match &replies[k * per_key + 1] {
+                        Value::BulkString(raw) => message_age(raw, field, wall),
+                        Value::Nil => None,
+                        other => return Err(self.reply_error(other, "LINDEX", key, "list")),
+                    };
+                    depth.oldest_age = depth.oldest_age.max(age);
                 }
-                depth.ready += len;
             }
             depths.push(depth);
         }
-        if self.config.oldest_age && !non_empty.is_empty() {
-            self.read_ages(&mut conn, &plan, &non_empty, &mut depths, wall)
-                .await?;
-        }
-        let last = &replies[plan.keys.len()..];
+        let last = &replies[plan.keys.len() * per_key..];
         let unacked = self.layout.unacked();
         let global_in_flight = match self.config.in_flight {
             InFlightMode::Off => None,
@@ -325,38 +339,6 @@ impl RedisQueueSource {
             obs = obs.with_workers(&workers);
         }
         Ok(obs)
-    }
-
-    /// Reads the oldest message (`LINDEX key -1`) of every non-empty key in one pipeline and
-    /// keeps, per queue, the largest age they give.
-    async fn read_ages(
-        &self,
-        conn: &mut ConnectionManager,
-        plan: &Plan,
-        non_empty: &[(usize, usize)],
-        depths: &mut [QueueDepth],
-        wall: SystemTime,
-    ) -> Result<(), RedisSourceError> {
-        let mut pipe = redis::Pipeline::with_capacity(non_empty.len());
-        pipe.ignore_errors();
-        for &(_, k) in non_empty {
-            pipe.cmd("LINDEX").arg(&plan.keys[k]).arg(-1);
-        }
-        let tails: Vec<Value> = pipe
-            .query_async(conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
-        let field = self.config.publish_time_field.as_deref();
-        for (&(q, k), tail) in non_empty.iter().zip(&tails) {
-            let age = match tail {
-                Value::BulkString(raw) => message_age(raw, field, wall),
-                // Emptied since the lengths were read.
-                Value::Nil => None,
-                other => return Err(self.reply_error(other, "LINDEX", &plan.keys[k], "list")),
-            };
-            depths[q].oldest_age = depths[q].oldest_age.max(age);
-        }
-        Ok(())
     }
 
     /// The error for a reply that is not what `command` returns on a `expected` key.
@@ -545,7 +527,12 @@ impl RedisQueueSource {
         let changed = self.current_plan().queues != queues;
         if changed {
             tracing::info!(queues = ?queues, "redis queue discovery");
-            let plan = Arc::new(Plan::new(queues, &self.layout, self.config.in_flight));
+            let plan = Arc::new(Plan::new(
+                queues,
+                &self.layout,
+                self.config.in_flight,
+                self.config.oldest_age,
+            ));
             *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         }
         *discovered = Some(Discovered { at: Instant::now() });
