@@ -7,15 +7,10 @@
 //! every `*.csv` trace in DIR.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use celery_scale::config::PolicyConfig;
-use celery_scale::policy::ScalingPolicy;
-use celery_scale::sim::baselines::{AwsTargetTracking, Fixed, Keda};
-use celery_scale::sim::{SimConfig, SimResult, Simulator, Trace, suite};
+use celery_scale::sim::{SimResult, Trace, report, suite};
 use clap::Parser;
 use plotters::prelude::*;
-use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,70 +31,10 @@ struct Args {
     write_traces: Option<PathBuf>,
 }
 
-/// The bounds every policy gets.
-const MAX_WORKERS: u32 = 100;
-/// Messages per worker for the queue-length baselines (the default policy's value).
-fn target_per_worker() -> f64 {
-    PolicyConfig::default().messages_per_worker
-}
-
-#[derive(Debug, Serialize)]
-struct Row {
-    trace: String,
-    policy: &'static str,
-    worker_seconds: f64,
-    lower_bound_worker_seconds: f64,
-    wait_p50_s: f64,
-    wait_p95_s: f64,
-    wait_p99_s: f64,
-    wait_max_s: f64,
-    scaling_actions: u32,
-}
-
-/// Workers a static fleet needs: the peak over 5-minute windows of the work arriving per second.
-fn peak_workers(trace: &Trace) -> u32 {
-    let window = 300.0;
-    let arrivals = trace.arrivals();
-    let mut best: f64 = 0.0;
-    let mut lo = 0;
-    let mut sum = 0.0;
-    for a in arrivals {
-        sum += a.duration.as_secs_f64() * f64::from(a.count);
-        while arrivals[lo].at.as_secs_f64() < a.at.as_secs_f64() - window {
-            sum -= arrivals[lo].duration.as_secs_f64() * f64::from(arrivals[lo].count);
-            lo += 1;
-        }
-        best = best.max(sum / window);
-    }
-    (best.ceil() as u32).clamp(1, MAX_WORKERS)
-}
-
-fn policies(trace: &Trace) -> Vec<(&'static str, Box<dyn ScalingPolicy>)> {
-    let ours = PolicyConfig {
-        max_workers: MAX_WORKERS,
-        ..PolicyConfig::default()
-    };
-    vec![
-        (
-            "celery-scale",
-            ours.build().expect("the default policy is valid"),
-        ),
-        (
-            "keda",
-            Box::new(Keda::new(target_per_worker(), 0, MAX_WORKERS)),
-        ),
-        (
-            "aws-target-tracking",
-            Box::new(AwsTargetTracking::new(target_per_worker(), 1, MAX_WORKERS)),
-        ),
-        ("static", Box::new(Fixed(peak_workers(trace)))),
-    ]
-}
-
 fn svg(
     path: &PathBuf,
     name: &str,
-    runs: &[(&str, SimResult)],
+    runs: &[(&str, &SimResult)],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -189,46 +124,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     std::fs::create_dir_all(&args.out)?;
-    let sim = Simulator::new(SimConfig {
-        seed: args.seed,
-        startup: Duration::from_secs(60),
-        ..SimConfig::default()
-    });
-    let mut rows = Vec::new();
     println!(
         "{:<18} {:<20} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "trace", "policy", "worker-s", "xLB", "p50 s", "p95 s", "p99 s", "max s", "actions"
     );
-    for (name, trace) in &traces {
-        let lower_bound = trace.busy_time().as_secs_f64();
-        let mut runs = Vec::new();
-        for (policy, p) in policies(trace) {
-            let r = sim.run(trace, p)?;
-            let s = &r.summary;
+    let results = report::run(&traces, args.seed)?;
+    let mut rows = Vec::new();
+    for (name, _) in &traces {
+        let runs: Vec<(&str, &SimResult)> = results
+            .iter()
+            .filter(|(r, _)| &r.trace == name)
+            .map(|(r, sim)| (r.policy.as_str(), sim))
+            .collect();
+        let mut lower_bound = 0.0;
+        for (r, _) in results.iter().filter(|(r, _)| &r.trace == name) {
+            lower_bound = r.lower_bound_worker_seconds;
             println!(
                 "{:<18} {:<20} {:>12.0} {:>7.2} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7}",
                 name,
-                policy,
-                s.worker_seconds,
-                s.worker_seconds / lower_bound.max(1.0),
-                s.wait_p50_s,
-                s.wait_p95_s,
-                s.wait_p99_s,
-                s.wait_max_s,
-                s.scaling_actions
+                r.policy,
+                r.worker_seconds,
+                r.worker_seconds / lower_bound.max(1.0),
+                r.wait_p50_s,
+                r.wait_p95_s,
+                r.wait_p99_s,
+                r.wait_max_s,
+                r.scaling_actions
             );
-            rows.push(Row {
-                trace: name.clone(),
-                policy,
-                worker_seconds: s.worker_seconds,
-                lower_bound_worker_seconds: lower_bound,
-                wait_p50_s: s.wait_p50_s,
-                wait_p95_s: s.wait_p95_s,
-                wait_p99_s: s.wait_p99_s,
-                wait_max_s: s.wait_max_s,
-                scaling_actions: s.scaling_actions,
-            });
-            runs.push((policy, r));
+            rows.push(r.clone());
         }
         println!("{:<18} {:<20} {:>12.0}", name, "lower-bound", lower_bound);
         svg(&args.out.join(format!("{name}.svg")), name, &runs)?;
@@ -240,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|r| r.policy == "celery-scale")
         .map(|r| r.lower_bound_worker_seconds)
         .sum();
-    for policy in ["celery-scale", "keda", "aws-target-tracking", "static"] {
+    for policy in report::POLICIES {
         let ws: f64 = rows
             .iter()
             .filter(|r| r.policy == policy)

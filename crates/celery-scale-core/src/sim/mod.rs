@@ -23,6 +23,7 @@
 //! ```
 
 pub mod baselines;
+pub mod report;
 pub mod suite;
 mod trace;
 
@@ -314,6 +315,9 @@ struct World {
     registry: Arc<Mutex<WorkerRegistry>>,
     fleet: Arc<Mutex<Fleet>>,
     rng: StdRng,
+    /// Which unit gets the next message (separate from `rng`, so scale-in choices do not
+    /// depend on how many messages were dispatched).
+    dispatch_rng: StdRng,
     /// Message id -> (arrival second, duration seconds), until the task starts.
     tasks: HashMap<u64, (f64, f64)>,
     waits: Vec<f64>,
@@ -330,6 +334,7 @@ impl World {
         }
         World {
             rng: StdRng::seed_from_u64(config.seed),
+            dispatch_rng: StdRng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
             queues,
             broker,
             registry: Arc::new(Mutex::new(WorkerRegistry::default())),
@@ -410,10 +415,17 @@ impl World {
         }
     }
 
+    /// One step of the workers: finished tasks complete, free worker processes start their
+    /// unit's reserved messages, then the broker's messages go, one at a time, to a random unit
+    /// with room (a free process, or fewer reserved than the prefetch limit).
+    ///
+    /// Random, not first-come: kombu's Redis transport re-issues its `BRPOP` every second
+    /// (timeout 1 s) and RabbitMQ hands messages round-robin to consumers with prefetch credit,
+    /// so which node gets the next message is neither the oldest node nor the idlest one. A
+    /// busy node with prefetch room takes messages as readily as an idle one.
     fn work(&mut self, fleet: &mut Fleet, now_s: f64) {
         let prefetch = (self.config.workers_per_unit * self.config.prefetch_multiplier) as usize;
-        for ui in 0..fleet.units.len() {
-            let u = &mut fleet.units[ui];
+        for u in fleet.units.iter_mut() {
             if u.ended_s.is_some() || u.ready_s > now_s {
                 continue;
             }
@@ -430,33 +442,44 @@ impl World {
                 continue;
             }
             for si in 0..u.slots.len() {
-                if u.slots[si].is_some() {
-                    continue;
-                }
-                let next = u.reserved.pop_front().or_else(|| {
-                    let id = self.take();
-                    if id.is_some() {
-                        u.processed += 1;
-                    }
-                    id
-                });
-                let Some(id) = next else { break };
-                // Celery acks when the task starts (early ack).
-                self.broker.ack(id);
-                let (arrived, duration) = self.tasks.remove(&id).unwrap_or((now_s, 0.0));
-                self.waits.push((now_s - arrived).max(0.0));
-                u.slots[si] = Some(now_s + duration);
-            }
-            while u.reserved.len() < prefetch {
-                match self.take() {
-                    Some(id) => {
-                        u.reserved.push_back(id);
-                        u.processed += 1;
-                    }
-                    None => break,
+                if u.slots[si].is_none()
+                    && let Some(id) = u.reserved.pop_front()
+                {
+                    u.slots[si] = Some(self.start(id, now_s));
                 }
             }
         }
+        let has_room = |u: &Unit| {
+            u.ended_s.is_none()
+                && !u.stopping
+                && u.ready_s <= now_s
+                && (u.busy() < u.slots.len() || u.reserved.len() < prefetch)
+        };
+        let mut open: Vec<usize> = (0..fleet.units.len())
+            .filter(|&i| has_room(&fleet.units[i]))
+            .collect();
+        while !open.is_empty() {
+            let Some(id) = self.take() else { break };
+            let k = self.dispatch_rng.random_range(0..open.len());
+            let u = &mut fleet.units[open[k]];
+            u.processed += 1;
+            match u.slots.iter().position(Option::is_none) {
+                Some(si) => u.slots[si] = Some(self.start(id, now_s)),
+                None => u.reserved.push_back(id),
+            }
+            if !has_room(u) {
+                open.swap_remove(k);
+            }
+        }
+    }
+
+    /// A worker process starts message `id`: Celery acks it (early ack) and the wait ends.
+    /// Returns when the task ends.
+    fn start(&mut self, id: u64, now_s: f64) -> f64 {
+        self.broker.ack(id);
+        let (arrived, duration) = self.tasks.remove(&id).unwrap_or((now_s, 0.0));
+        self.waits.push((now_s - arrived).max(0.0));
+        now_s + duration
     }
 
     fn beat(&self, fleet: &Fleet, now_s: f64, now: Instant) {
