@@ -169,39 +169,38 @@ async fn burst_on_redis_scales_an_ecs_service_out_and_back_in() {
     );
 }
 
-/// The scale-in protection recipe (testing/celery/ecs_protection.py, documented in
-/// docs/ecs.md): a real Celery worker with the recipe loaded and ECS_AGENT_URI pointing at a
-/// local stub of the ECS agent asks for protection when a task starts and releases it when idle.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protection_recipe_protects_while_busy_and_releases_when_idle() {
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A stub of the ECS agent: records the JSON body of every
+/// `PUT /task-protection/v1/state` and answers 200 (any other request fails the test).
+struct StubAgent {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    server: tokio::task::JoinHandle<()>,
+}
 
-    let (Some(redis), Some(py)) = (
-        service_url("CELERY_SCALE_REDIS_URL"),
-        service_url("CELERY_SCALE_PYTHON"),
-    ) else {
-        return;
-    };
-    // A stub ECS agent: records (method, path, body) of every request and answers 200.
-    let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = format!("http://{}", listener.local_addr().unwrap());
-    let record = Arc::clone(&seen);
-    let server = tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = sock.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
+impl StubAgent {
+    async fn start() -> Self {
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let record = Arc::clone(&seen);
+        let server = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
                         let head = &text[..end];
                         let len = head
                             .lines()
@@ -211,80 +210,187 @@ async fn protection_recipe_protects_while_busy_and_releases_when_idle() {
                                     .map(|v| v.trim().parse::<usize>().unwrap_or(0))
                             })
                             .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            let mut first = head.lines().next().unwrap_or_default().split(' ');
-                            let method = first.next().unwrap_or_default().to_string();
-                            let path = first.next().unwrap_or_default().to_string();
-                            let body = text[end + 4..end + 4 + len].to_string();
-                            record.lock().unwrap().push((method, path, body));
-                            let _ = sock
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-                                .await;
-                            return;
+                        if buf.len() < end + 4 + len {
+                            continue;
                         }
+                        let request_line = head.lines().next().unwrap_or_default().to_string();
+                        let body = &text[end + 4..end + 4 + len];
+                        let value = if request_line.starts_with("PUT /task-protection/v1/state ") {
+                            serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+                        } else {
+                            serde_json::json!({ "unexpected request": request_line })
+                        };
+                        record.lock().unwrap().push(value);
+                        let _ = sock
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                            )
+                            .await;
+                        return;
                     }
-                }
-            });
-        }
-    });
-
-    let broker = format!("{}/{DB}", redis.trim_end_matches('/'));
-    let queue = unique("e2e-protect");
-    let _worker = Worker::start_with(
-        &py,
-        &broker,
-        &queue,
-        &["-I", "ecs_protection"],
-        &[("ECS_AGENT_URI", agent.as_str())],
-    );
-    python(
-        &py,
-        &broker,
-        &[
-            "publish.py",
-            "--queue",
-            &queue,
-            "--count",
-            "3",
-            "--seconds",
-            "1",
-        ],
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        let requests = seen.lock().unwrap().clone();
-        let bodies: Vec<serde_json::Value> = requests
-            .iter()
-            .map(|(method, path, body)| {
-                assert_eq!(
-                    (method.as_str(), path.as_str()),
-                    ("PUT", "/task-protection/v1/state")
-                );
-                serde_json::from_str(body).unwrap()
-            })
-            .collect();
-        let protected = bodies.first().is_some_and(|b| {
-            b["ProtectionEnabled"] == true && b["ExpiresInMinutes"].as_u64().is_some()
+                });
+            }
         });
-        let released = bodies
-            .last()
-            .is_some_and(|b| b["ProtectionEnabled"] == false);
-        if protected && released {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent saw {bodies:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        StubAgent { url, seen, server }
     }
-    server.abort();
+
+    /// Waits (with a deadline) until the agent has seen `want` requests, then checks that no
+    /// more arrive for a moment, and returns them as "protect"/"release" (anything else is kept
+    /// as its JSON text so that the assertion shows it).
+    async fn wait_for(&self, want: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.seen.lock().unwrap().len() < want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(
+                |b| match (&b["ProtectionEnabled"], b["ExpiresInMinutes"].as_u64()) {
+                    (serde_json::Value::Bool(true), Some(1..=2880)) => "protect".to_string(),
+                    (serde_json::Value::Bool(false), None) => "release".to_string(),
+                    _ => b.to_string(),
+                },
+            )
+            .collect()
+    }
+}
+
+impl Drop for StubAgent {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn delete_queue(py: &str, broker: &str, queue: &str) {
     let _ = python(
-        &py,
-        &broker,
+        py,
+        broker,
         &[
             "-c",
             &format!("import redis; redis.Redis.from_url({broker:?}).delete({queue:?})"),
         ],
     );
+}
+
+/// The scale-in protection recipe (testing/celery/ecs_protection.py, documented in
+/// docs/ecs.md): a real Celery worker (4 prefork processes) with the recipe loaded and
+/// ECS_AGENT_URI pointing at a local stub of the ECS agent asks for protection once when its
+/// first task starts and releases it once when the last one ends, and again for the next burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protection_recipe_protects_while_busy_and_releases_when_idle() {
+    let (Some(redis), Some(py)) = (
+        service_url("CELERY_SCALE_REDIS_URL"),
+        service_url("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    let agent = StubAgent::start().await;
+    let broker = format!("{}/{DB}", redis.trim_end_matches('/'));
+    let queue = unique("e2e-protect");
+    let record = std::env::temp_dir().join(format!("{queue}.json"));
+    let _worker = Worker::start_with(
+        &py,
+        &broker,
+        &queue,
+        &["-I", "ecs_protection"],
+        &[
+            ("ECS_AGENT_URI", agent.url.as_str()),
+            ("CELERY_SCALE_PROTECTION_FILE", record.to_str().unwrap()),
+        ],
+    );
+    let burst = |count: &str| {
+        python(
+            &py,
+            &broker,
+            &[
+                "publish.py",
+                "--queue",
+                &queue,
+                "--count",
+                count,
+                "--seconds",
+                "1",
+            ],
+        )
+    };
+    // Three tasks run at once on the worker's processes: one protect, one release.
+    burst("3");
+    assert_eq!(agent.wait_for(2).await, ["protect", "release"]);
+    // The next burst protects again.
+    burst("2");
+    assert_eq!(
+        agent.wait_for(4).await,
+        ["protect", "release", "protect", "release"]
+    );
+    delete_queue(&py, &broker, &queue);
+    let _ = std::fs::remove_file(record);
+}
+
+/// A worker process SIGKILLed in the middle of a task (as the OOM killer does) never sends
+/// `task_postrun`; the recipe drops its entry the next time the record is touched, so the
+/// worker does not stay protected for good: the next task protects and, when it ends, releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protection_recipe_forgets_a_process_killed_mid_task() {
+    let (Some(redis), Some(py)) = (
+        service_url("CELERY_SCALE_REDIS_URL"),
+        service_url("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    let agent = StubAgent::start().await;
+    let broker = format!("{}/{DB}", redis.trim_end_matches('/'));
+    let queue = unique("e2e-protect-kill");
+    let record = std::env::temp_dir().join(format!("{queue}.json"));
+    let _worker = Worker::start_with(
+        &py,
+        &broker,
+        &queue,
+        &["-I", "ecs_protection"],
+        &[
+            ("ECS_AGENT_URI", agent.url.as_str()),
+            ("CELERY_SCALE_PROTECTION_FILE", record.to_str().unwrap()),
+        ],
+    );
+    let publish = |seconds: &str| {
+        python(
+            &py,
+            &broker,
+            &[
+                "publish.py",
+                "--queue",
+                &queue,
+                "--count",
+                "1",
+                "--seconds",
+                seconds,
+            ],
+        )
+    };
+    publish("30");
+    assert_eq!(agent.wait_for(1).await, ["protect"]);
+    // The recipe's record names the process running the task: kill it.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let pids: Vec<u64> = state["active"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|p| p.as_u64())
+        .collect();
+    assert_eq!(pids.len(), 1, "{state}");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(agent.wait_for(1).await, ["protect"], "nothing released it");
+    // The next task finds the dead process's entry, drops it, protects and releases.
+    publish("0.2");
+    assert_eq!(agent.wait_for(3).await, ["protect", "protect", "release"]);
+    delete_queue(&py, &broker, &queue);
+    let _ = std::fs::remove_file(record);
 }

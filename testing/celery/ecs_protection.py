@@ -4,27 +4,39 @@ worker processes runs a task, release it when the whole worker is idle.
 Load it in the worker (`celery -A app worker -I ecs_protection`, or import it from your app's
 module). ECS sets ECS_AGENT_URI in every task; without it (not on ECS) this does nothing.
 Scale-in then stops only unprotected (idle) tasks; a protected task is kept until it releases
-protection or ExpiresInMinutes passes (1-2880). Set it above your longest task.
+protection or ExpiresInMinutes passes (1-2880, CELERY_SCALE_PROTECTION_MINUTES, default 60).
+While tasks keep starting, protection is renewed once half of that has passed, so a worker
+that stays busy for hours stays protected; a worker that is stuck stays protected at most
+ExpiresInMinutes after its last task started.
 
-Prefork children share one counter per worker node (a file guarded by fcntl.flock), so the task
-is protected on the first task that starts and released when the last one ends.
+Prefork children share one record per worker node: a JSON file {task_id: pid} guarded by
+fcntl.flock. A task's entry is added on task_prerun and removed on task_postrun; entries of
+processes that died mid-task (hard time limit, OOM kill) are dropped whenever the file is
+touched. The agent is called when the record goes from empty to non-empty (protect) and back
+(release).
 """
 import fcntl
 import json
 import os
 import tempfile
+import time
 import urllib.request
 
 from celery.signals import task_postrun, task_prerun
 
 EXPIRES_IN_MINUTES = int(os.environ.get("CELERY_SCALE_PROTECTION_MINUTES", "60"))
-_COUNTER = os.path.join(tempfile.gettempdir(), f"celery-ecs-protection-{os.getppid()}.count")
+# One record per worker node: prefork children share their parent's pid as getppid().
+_RECORD = os.environ.get(
+    "CELERY_SCALE_PROTECTION_FILE",
+    os.path.join(tempfile.gettempdir(), f"celery-ecs-protection-{os.getppid()}.json"),
+)
 
 
 def _set_protection(enabled):
+    """PUT $ECS_AGENT_URI/task-protection/v1/state; True when the agent accepted it."""
     agent = os.environ.get("ECS_AGENT_URI")
     if not agent:
-        return
+        return False
     body = {"ProtectionEnabled": enabled}
     if enabled:
         body["ExpiresInMinutes"] = EXPIRES_IN_MINUTES
@@ -36,34 +48,67 @@ def _set_protection(enabled):
     )
     try:
         urllib.request.urlopen(req, timeout=5).read()
+        return True
     except OSError as e:  # never fail a task because the agent did not answer
         print(f"ecs task protection: {e}")
+        return False
 
 
-def _add(delta):
-    """Adds delta to the node's active count under a lock; calls the agent on 0<->1."""
-    with open(_COUNTER, "a+") as f:
+def _alive(pid):
+    """Whether pid runs; a zombie (dead, not yet reaped by the worker) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # "pid (comm) state ...": the state follows the last ")".
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _update(task_id, running):
+    """Adds (running) or removes task_id under the lock; protects, renews or releases."""
+    with open(_RECORD, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        text = f.read().strip()
-        before = int(text) if text else 0
-        after = max(0, before + delta)
-        f.seek(0)
-        f.truncate()
-        f.write(str(after))
-        f.flush()
-        if before == 0 and after > 0:
-            _set_protection(True)
-        elif before > 0 and after == 0:
-            _set_protection(False)
-        fcntl.flock(f, fcntl.LOCK_UN)
+        try:
+            f.seek(0)
+            text = f.read().strip()
+            state = json.loads(text) if text else {}
+            active = {t: p for t, p in state.get("active", {}).items() if _alive(p)}
+            protected_at = state.get("protected_at")
+            was_busy = bool(active)
+            if running:
+                active[task_id] = os.getpid()
+            else:
+                active.pop(task_id, None)
+            now = time.time()
+            if active and (
+                not was_busy
+                or protected_at is None
+                or now - protected_at > EXPIRES_IN_MINUTES * 30
+            ):
+                if _set_protection(True):
+                    protected_at = now
+            elif was_busy and not active:
+                _set_protection(False)
+                protected_at = None
+            f.seek(0)
+            f.truncate()
+            json.dump({"active": active, "protected_at": protected_at}, f)
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @task_prerun.connect
-def _protect(**_):
-    _add(1)
+def _protect(task_id=None, **_):
+    _update(task_id, True)
 
 
 @task_postrun.connect
-def _release(**_):
-    _add(-1)
+def _release(task_id=None, **_):
+    _update(task_id, False)
