@@ -394,3 +394,27 @@ async fn protection_recipe_forgets_a_process_killed_mid_task() {
     delete_queue(&py, &broker, &queue);
     let _ = std::fs::remove_file(record);
 }
+
+/// The sample configuration the docs walk through parses, validates and builds.
+#[tokio::test]
+async fn the_sample_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ecs_redis.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let config = celery_scale::config::Config::<RedisSourceConfig, EcsServiceConfig>::from_toml(
+        &text,
+        |source, scaler| {
+            source.validate().map_err(|e| e.within("source"))?;
+            scaler.validate().map_err(|e| e.within("scaler"))
+        },
+    )
+    .unwrap();
+    let b = &config.bindings[0];
+    assert_eq!(
+        (b.scaler.cluster.as_str(), b.scaler.service.as_str()),
+        ("celery", "workers")
+    );
+    assert_eq!(b.scaler.workers_per_task.get(), 4);
+    assert_eq!(b.settings.interval, Duration::from_secs(2));
+    b.policy.build().unwrap();
+    RedisQueueSource::new(b.source.clone()).unwrap();
+}
