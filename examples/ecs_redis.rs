@@ -53,12 +53,23 @@ async fn main() -> Result<(), Box<dyn Error>> {
             b.source.url = url.clone();
         }
     }
+    // A shared read must not outlive a tick: keep its TTL below the shortest interval.
+    let shortest = config.bindings.iter().map(|b| b.settings.interval).min();
+    let mut cache_ttl = args.ecs_cache_ttl;
+    if let Some(shortest) = shortest.filter(|i| cache_ttl >= *i) {
+        cache_ttl = shortest / 2;
+        tracing::warn!(
+            ?shortest,
+            ?cache_ttl,
+            "--ecs-cache-ttl is not below the shortest interval; using half of it"
+        );
+    }
     // One ECS client and one shared handle: every service of every binding is read together,
     // ceil(n / 10) DescribeServices calls per cluster per tick.
     let services = EcsServices::new(
         EcsServices::client_from_env().await,
         EcsSettings::default()
-            .cache_ttl(args.ecs_cache_ttl)
+            .cache_ttl(cache_ttl)
             .operation_timeout(args.ecs_call_timeout),
     )
     .map_err(|e| format!("--ecs-*: {e}"))?;
