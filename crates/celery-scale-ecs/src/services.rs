@@ -318,7 +318,6 @@ impl EcsServices {
                                 f.arn()
                                     .is_some_and(|a| a == name || a.ends_with(&format!("/{name}")))
                             })
-                            .or(out.failures().first())
                             .and_then(|f| f.reason())
                             .unwrap_or("not described")
                             .to_owned(),
