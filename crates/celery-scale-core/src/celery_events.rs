@@ -8,7 +8,7 @@
 //! ([`decode_kombu_envelope`]); on RabbitMQ they are messages on the `celeryev` topic exchange
 //! whose body is the event JSON itself ([`WorkerEvent::from_json`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -154,13 +154,14 @@ struct WorkerState {
     samples: VecDeque<(Instant, u64, u64)>,
 }
 
-/// Live workers by hostname, fed with [`WorkerEvent`]s, read as a [`WorkerSummary`].
+/// Live workers by hostname (ordered, so sums are reproducible), fed with [`WorkerEvent`]s, read
+/// as a [`WorkerSummary`].
 ///
 /// A worker is forgotten when it sends `worker-offline` or when no heartbeat has arrived for
 /// `3 x freq` (Celery's own `worker-lost` rule uses a similar multiple).
 #[derive(Debug)]
 pub struct WorkerRegistry {
-    workers: HashMap<String, WorkerState>,
+    workers: BTreeMap<String, WorkerState>,
     window: Duration,
 }
 
@@ -174,7 +175,7 @@ impl WorkerRegistry {
     /// A registry that measures throughput over `window`.
     pub fn new(window: Duration) -> Self {
         WorkerRegistry {
-            workers: HashMap::new(),
+            workers: BTreeMap::new(),
             window,
         }
     }
