@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use celery_scale::amqp::{AmqpQueueSource, AmqpSourceConfig};
 use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
-use celery_scale::{Binding, SecretUrl};
+use celery_scale::{QueueSource, Scaler, SecretUrl};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -62,24 +62,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
             .call_timeout(args.asg_call_timeout),
     )
     .await?;
-    let mut bindings = Vec::new();
-    for (i, b) in config.bindings.iter().enumerate() {
-        let at = format!("bindings[{i}]");
-        let source =
-            AmqpQueueSource::new(b.source.clone()).map_err(|e| format!("{at}.source: {e}"))?;
-        let scaler = groups
-            .scaler(b.scaler.clone())
-            .map_err(|e| e.within(&format!("{at}.scaler")))?;
-        let policy = b
-            .policy
-            .build()
-            .map_err(|e| e.within(&format!("{at}.policy")))?;
-        bindings.push(Binding::new(
-            daemon::settings(b, &args.daemon),
-            Box::new(source),
-            Box::new(scaler),
-            policy,
-        )?);
-    }
+    let bindings = daemon::build_bindings(
+        &config,
+        &args.daemon,
+        |source| Ok(Box::new(AmqpQueueSource::new(source.clone())?) as Box<dyn QueueSource>),
+        |scaler| Ok(Box::new(groups.scaler(scaler.clone())?) as Box<dyn Scaler>),
+    )?;
     daemon::run(&args.daemon, bindings).await
 }
