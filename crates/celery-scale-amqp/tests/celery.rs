@@ -143,18 +143,20 @@ async fn a_live_worker_holds_prefetched_tasks_in_flight_and_gives_them_back_on_w
     )
     .await;
 
-    // 12 tasks of 8 s for a worker with 2 processes and prefetch multiplier 4: 2 execute (acked
-    // when they start, Celery's default), 8 are prefetched (unacknowledged), 2 stay ready.
+    // 12 tasks of 20 s for a worker with 2 processes and prefetch multiplier 4: 2 execute (acked
+    // when they start, Celery's default), 8 are prefetched (unacknowledged), 2 stay ready. The
+    // tasks are long so that this state outlasts a slow worker start plus the management API's
+    // 5 s statistics lag (with 8 s tasks it could end before both were seen on a loaded machine).
     publish(
         &py,
         &broker,
         &json!({}),
-        &["--queue", queue, "--count", "12", "--seconds", "8"],
+        &["--queue", queue, "--count", "12", "--seconds", "20"],
     );
     let mut worker = Worker::start(&py, &broker, queue, &unique("w"), &[]);
     let busy = poll(
         "2 executing, 8 in flight, 2 ready, 1 live worker",
-        Duration::from_secs(25),
+        Duration::from_secs(40),
         || async {
             let obs = source.observe().await.ok()?;
             (obs.executing == Some(2)
@@ -172,7 +174,7 @@ async fn a_live_worker_holds_prefetched_tasks_in_flight_and_gives_them_back_on_w
     assert_eq!(declared[0].1.as_ref().unwrap().ready, 2);
 
     // Warm shutdown: the executing tasks finish, the prefetched ones are given back.
-    worker.warm_shutdown(Duration::from_secs(20)).await;
+    worker.warm_shutdown(Duration::from_secs(40)).await;
     let idle = poll(
         "10 ready again, nothing in flight, no worker",
         Duration::from_secs(20),
