@@ -244,6 +244,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("peak workers      {}", s.peak_workers);
     println!("scaling actions   {}", s.scaling_actions);
+    println!(
+        "launches          {} ({:.0} worker-s starting, {:.0} idle or stopping)",
+        s.launches,
+        s.startup_seconds,
+        s.worker_seconds - s.busy_seconds - s.startup_seconds
+    );
     println!("simulated         {:.0} s", s.simulated_s);
     svg(&args.out, &result)?;
     println!("chart             {}", args.out.display());

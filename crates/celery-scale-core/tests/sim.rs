@@ -57,7 +57,17 @@ fn a_burst_is_served_and_capacity_returns_to_min() {
         "back to min_workers 0 when idle"
     );
     // Everything that was billed includes at least the busy time and each start-up.
-    assert!(s.worker_seconds >= s.busy_seconds);
+    assert!(s.worker_seconds >= s.busy_seconds + s.startup_seconds);
+    assert!(
+        s.launches >= s.peak_workers,
+        "one launch per worker at least"
+    );
+    assert!(
+        s.startup_seconds > 0.0 && s.startup_seconds <= 60.0 * f64::from(s.launches),
+        "each launch bills at most its 60 s start-up: {} s for {} launches",
+        s.startup_seconds,
+        s.launches
+    );
     assert!(s.wait_max_s >= s.wait_p95_s && s.wait_p95_s >= s.wait_p50_s);
     assert!(s.scaling_actions >= 2, "at least out and back in");
 }

@@ -161,6 +161,10 @@ pub struct Summary {
     pub wait_max_s: f64,
     /// Times the desired count was set.
     pub scaling_actions: u32,
+    /// Units launched, the initial ones included.
+    pub launches: u32,
+    /// Worker-seconds billed while units were starting (a cancelled start counts until then).
+    pub startup_seconds: f64,
     /// Most worker processes running at once.
     pub peak_workers: u32,
     /// Simulated time.
@@ -628,6 +632,12 @@ impl World {
             .map(|u| (u.ended_s.unwrap_or(end_s) - u.launched_s.max(0.0)).max(0.0))
             .sum::<f64>()
             * f64::from(per_unit.get());
+        let startup_seconds = f
+            .units
+            .iter()
+            .map(|u| (u.ready_s.min(u.ended_s.unwrap_or(end_s)) - u.launched_s.max(0.0)).max(0.0))
+            .sum::<f64>()
+            * f64::from(per_unit.get());
         // Tasks that never started waited until the end.
         let mut waits = self.waits.clone();
         waits.extend(self.tasks.values().map(|(arrived, _)| end_s - arrived));
@@ -651,6 +661,8 @@ impl World {
                 wait_p99_s: pct(99.0),
                 wait_max_s: waits.last().copied().unwrap_or(0.0),
                 scaling_actions: actions,
+                launches: f.units.len() as u32,
+                startup_seconds,
                 peak_workers: peak,
                 simulated_s: end_s,
             },
