@@ -1,11 +1,12 @@
 //! Configuration of an [`AmqpQueueSource`](crate::AmqpQueueSource): serde (TOML, JSON) and a
 //! builder, validated with errors that name the field.
 
+use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, SecretUrl};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::{Deserialize, Serialize};
 
 /// The RabbitMQ management API (plugin `rabbitmq_management`, port 15672 by default).
@@ -74,6 +75,140 @@ impl Default for DiscoveryConfig {
     }
 }
 
+/// Certificates for `amqps://` beyond the built-in web PKI roots: a private certificate authority
+/// and, for mutual TLS, a client identity (a PEM certificate and key, or a PKCS#12 file).
+///
+/// The files are read, and checked, when the source is made
+/// ([`AmqpQueueSource::new`](crate::AmqpQueueSource::new)); an error names the field.
+/// The worker-event consumer shares the source's connection, so it uses the same settings.
+///
+/// ```
+/// use celery_scale_amqp::{AmqpSourceConfig, TlsConfig};
+/// let config: AmqpSourceConfig = toml::from_str(r#"
+///     url = "amqps://celery:secret@rabbit.internal:5671/%2f"
+///     queues = ["celery"]
+///     [tls]
+///     ca_file = "/etc/celery-scale/rabbitmq-ca.pem"
+///     client_pkcs12_file = "/etc/celery-scale/client.p12"
+///     client_pkcs12_password = "p12-secret"
+/// "#).unwrap();
+/// config.validate().unwrap();
+/// let shown = format!("{config:?}");
+/// assert!(!shown.contains("p12-secret") && !shown.contains(":secret@"), "{shown}");
+/// ```
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A PEM file with the certificate authority (one or more certificates) that signed the
+    /// broker's certificate. lapin trusts it **in addition to** the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate (its chain may follow it), for mutual TLS; needs
+    /// `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `client_cert_file` (PKCS#8, PKCS#1 or SEC1; not encrypted).
+    pub client_key_file: Option<PathBuf>,
+    /// A PKCS#12 file (`.p12`, `.pfx`) with the client certificate and its key, for mutual TLS,
+    /// instead of `client_cert_file` and `client_key_file`.
+    pub client_pkcs12_file: Option<PathBuf>,
+    /// The password of `client_pkcs12_file` (none: the empty password). Never shown by `Debug`.
+    pub client_pkcs12_password: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TlsConfig {
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            client_pkcs12_file,
+            client_pkcs12_password,
+        } = self;
+        f.debug_struct("TlsConfig")
+            .field("ca_file", ca_file)
+            .field("client_cert_file", client_cert_file)
+            .field("client_key_file", client_key_file)
+            .field("client_pkcs12_file", client_pkcs12_file)
+            .field(
+                "client_pkcs12_password",
+                &client_pkcs12_password.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// Trusts the certificate authority in the PEM file `ca_file` (in addition to the web PKI
+    /// roots).
+    pub fn with_ca_file(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
+    /// Presents the PEM client certificate `cert_file` with its PEM private key `key_file`
+    /// (mutual TLS).
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_cert_file = Some(cert_file.into());
+        self.client_key_file = Some(key_file.into());
+        self
+    }
+
+    /// Presents the client certificate and key of the PKCS#12 file `file`, decrypted with
+    /// `password` (mutual TLS).
+    pub fn with_client_pkcs12(
+        mut self,
+        file: impl Into<PathBuf>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.client_pkcs12_file = Some(file.into());
+        self.client_pkcs12_password = Some(password.into());
+        self
+    }
+
+    /// Checks how the fields combine (the files themselves are read when the source is made).
+    fn validate(&self, scheme: &AMQPScheme) -> Result<(), ConfigError> {
+        if *scheme != AMQPScheme::AMQPS {
+            return Err(ConfigError::new(
+                "tls",
+                "is set but the URL scheme is \"amqp\", not \"amqps\"",
+            ));
+        }
+        let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+        for (field, path) in [
+            ("tls.ca_file", &self.ca_file),
+            ("tls.client_cert_file", &self.client_cert_file),
+            ("tls.client_key_file", &self.client_key_file),
+            ("tls.client_pkcs12_file", &self.client_pkcs12_file),
+        ] {
+            if empty(path) {
+                return Err(ConfigError::new(field, "must not be empty"));
+            }
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err(ConfigError::new(
+                "tls.client_key_file",
+                "client_cert_file and client_key_file go together",
+            ));
+        }
+        if self.client_pkcs12_file.is_some() && self.client_cert_file.is_some() {
+            return Err(ConfigError::new(
+                "tls.client_pkcs12_file",
+                "is a second client identity besides client_cert_file: set one of them",
+            ));
+        }
+        if self.client_pkcs12_password.is_some() && self.client_pkcs12_file.is_none() {
+            return Err(ConfigError::new(
+                "tls.client_pkcs12_password",
+                "is set without client_pkcs12_file",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Configuration of an [`AmqpQueueSource`](crate::AmqpQueueSource).
 ///
 /// ```
@@ -129,6 +264,9 @@ pub struct AmqpSourceConfig {
     /// The connection name RabbitMQ shows (management UI, `rabbitmqctl list_connections`).
     #[serde(default = "default_connection_name")]
     pub connection_name: String,
+    /// Certificates for an `amqps://` URL: a private certificate authority, a client identity.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for AmqpSourceConfig {
@@ -145,6 +283,7 @@ impl std::fmt::Debug for AmqpSourceConfig {
             timeout,
             connect_timeout,
             connection_name,
+            tls,
         } = self;
         f.debug_struct("AmqpSourceConfig")
             .field("url", &url.redacted())
@@ -158,6 +297,7 @@ impl std::fmt::Debug for AmqpSourceConfig {
             .field("timeout", timeout)
             .field("connect_timeout", connect_timeout)
             .field("connection_name", connection_name)
+            .field("tls", tls)
             .finish()
     }
 }
@@ -256,6 +396,7 @@ impl AmqpSourceConfig {
             timeout: default_timeout(),
             connect_timeout: default_connect_timeout(),
             connection_name: default_connection_name(),
+            tls: None,
         }
     }
 
@@ -276,7 +417,7 @@ impl AmqpSourceConfig {
         if self.url.expose().trim().is_empty() {
             return Err(ConfigError::new("url", "must not be empty"));
         }
-        parse_amqp_url(&self.url)?;
+        let uri = parse_amqp_url(&self.url)?;
         if self.queues.is_empty() && self.discovery.is_none() {
             return Err(ConfigError::new(
                 "queues",
@@ -328,6 +469,9 @@ impl AmqpSourceConfig {
         }
         if self.connect_timeout.is_zero() {
             return Err(ConfigError::new("connect_timeout", "must be above zero"));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&uri.scheme)?;
         }
         Ok(())
     }
@@ -423,6 +567,12 @@ impl AmqpSourceConfigBuilder {
     /// Sets the connection name RabbitMQ shows.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.config.connection_name = name.into();
+        self
+    }
+
+    /// Sets the certificates for an `amqps://` URL.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 
@@ -544,6 +694,69 @@ mod tests {
             .discovery(DiscoveryConfig::default())
             .build();
         assert!(discovered.is_ok(), "discovery alone needs no queue names");
+    }
+
+    #[test]
+    fn tls_options_are_checked_and_named() {
+        let field = |c: AmqpSourceConfigBuilder| c.build().unwrap_err().field;
+        let tls = || AmqpSourceConfig::builder("amqps://u:p@h/%2f").queue("a");
+        let ca = || TlsConfig::default().with_ca_file("/etc/ca.pem");
+        // TLS options need an amqps:// URL.
+        assert_eq!(
+            field(
+                AmqpSourceConfig::builder("amqp://u:p@h/%2f")
+                    .queue("a")
+                    .tls(ca())
+            ),
+            "tls"
+        );
+        assert!(tls().tls(ca()).build().is_ok());
+        assert!(tls().tls(TlsConfig::default()).build().is_ok());
+        let half = TlsConfig {
+            client_cert_file: Some("/etc/client.pem".into()),
+            ..ca()
+        };
+        assert_eq!(field(tls().tls(half)), "tls.client_key_file");
+        let both = ca()
+            .with_client_cert("/etc/client.pem", "/etc/client.key")
+            .with_client_pkcs12("/etc/client.p12", "pw");
+        assert_eq!(field(tls().tls(both)), "tls.client_pkcs12_file");
+        let password_alone = TlsConfig {
+            client_pkcs12_password: Some("pw".into()),
+            ..ca()
+        };
+        assert_eq!(
+            field(tls().tls(password_alone)),
+            "tls.client_pkcs12_password"
+        );
+        assert_eq!(
+            field(tls().tls(TlsConfig::default().with_ca_file(""))),
+            "tls.ca_file"
+        );
+    }
+
+    #[test]
+    fn tls_serializes_and_hides_the_pkcs12_password() {
+        let c = AmqpSourceConfig::builder("amqps://u:pw@h/%2f")
+            .queue("celery")
+            .tls(
+                TlsConfig::default()
+                    .with_ca_file("/etc/ca.pem")
+                    .with_client_pkcs12("/etc/client.p12", "p12-hunter2"),
+            )
+            .build()
+            .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("p12-hunter2"), "{shown}");
+        assert!(shown.contains("/etc/client.p12"), "{shown}");
+        let toml = toml::to_string(&c).unwrap();
+        let back: AmqpSourceConfig = toml::from_str(&toml).unwrap();
+        assert_eq!(back, c);
+        let e = toml::from_str::<AmqpSourceConfig>(
+            "url = \"amqps://h\"\nqueues = [\"a\"]\n[tls]\ncafile = \"x\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cafile"), "{e}");
     }
 
     #[test]

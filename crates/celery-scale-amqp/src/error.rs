@@ -1,5 +1,6 @@
 //! What can go wrong reading Celery's queues on RabbitMQ, by meaning.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, Error};
@@ -13,13 +14,27 @@ const BACKEND: &str = "rabbitmq";
 /// Converts into [`celery_scale_core::Error`] with the right
 /// [`is_transient`](celery_scale_core::Error::is_transient): an unreachable or restarting
 /// broker, a dropped connection, timeouts and 5xx answers of the management API are transient; a
-/// refused login, a missing queue or vhost, a refused permission and bad configuration are not.
+/// refused login, a missing queue or vhost, a refused permission, an untrusted certificate and
+/// bad configuration are not.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AmqpSourceError {
     /// A configuration field is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A TLS file of the configuration cannot be read or does not hold what the field needs
+    /// (no PEM certificate, a key that is not the certificate's, a wrong PKCS#12 password).
+    /// Converts into a core [`Config`](celery_scale_core::Error::Config) error naming the field.
+    #[error("{field}: cannot use {path:?}")]
+    TlsFile {
+        /// The configuration field, e.g. `tls.ca_file`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why (an I/O error, or `InvalidData` with the reason).
+        #[source]
+        source: std::io::Error,
+    },
     /// The source was created outside a Tokio runtime.
     #[error("AmqpQueueSource::new must be called within a Tokio runtime")]
     NoRuntime(#[source] tokio::runtime::TryCurrentError),
@@ -33,6 +48,20 @@ pub enum AmqpSourceError {
         /// The broker URL, redacted.
         url: String,
         /// The client library's error.
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    /// The TLS handshake with the broker failed: its certificate is not trusted (set
+    /// `tls.ca_file` to the authority that signed it) or does not name the host, a client
+    /// certificate is missing or refused, or the port does not speak TLS. Not transient, except
+    /// for failures that are not about the configuration (an internal error alert).
+    #[error("TLS with RabbitMQ at {url} failed: {reason}")]
+    Tls {
+        /// The broker URL, redacted.
+        url: String,
+        /// rustls' reason, e.g. `invalid peer certificate: UnknownIssuer`.
+        reason: String,
+        /// The client library's error (rustls' error is inside it).
         #[source]
         source: Box<lapin::Error>,
     },
@@ -145,6 +174,13 @@ impl AmqpSourceError {
     /// Classifies an error of connecting to `url` (redacted) and vhost `vhost`.
     pub(crate) fn from_connect(url: &str, vhost: &str, source: lapin::Error) -> Self {
         let url = url.to_string();
+        if let Some(tls) = crate::tls::rustls_error(&source) {
+            return AmqpSourceError::Tls {
+                url,
+                reason: tls.to_string(),
+                source: Box::new(source),
+            };
+        }
         let kind = amqp_kind(&source).cloned();
         let unavailable = is_unavailable(&source);
         let source = Box::new(source);
@@ -191,6 +227,8 @@ impl AmqpSourceError {
             AmqpSourceError::ManagementStatus { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
+            AmqpSourceError::Tls { source, .. } => !crate::tls::rustls_error(source.as_ref())
+                .is_some_and(crate::tls::is_config_problem),
             AmqpSourceError::Protocol { source, .. } => !matches!(
                 amqp_kind(source),
                 Some(AMQPErrorKind::Soft(
@@ -203,6 +241,7 @@ impl AmqpSourceError {
                 ))
             ),
             AmqpSourceError::Config(_)
+            | AmqpSourceError::TlsFile { .. }
             | AmqpSourceError::NoRuntime(_)
             | AmqpSourceError::HttpClient(_)
             | AmqpSourceError::LoginRefused { .. }
@@ -248,6 +287,14 @@ impl From<AmqpSourceError> for Error {
         let message = e.to_string();
         match e {
             AmqpSourceError::Config(c) => Error::Config(c),
+            AmqpSourceError::TlsFile {
+                field,
+                path,
+                source,
+            } => Error::Config(ConfigError::new(
+                field,
+                format!("cannot use {path:?}: {source}"),
+            )),
             AmqpSourceError::NoRuntime(_)
             | AmqpSourceError::HttpClient(_)
             | AmqpSourceError::QueueLocked { .. } => Error::Other {
@@ -287,7 +334,9 @@ impl From<AmqpSourceError> for Error {
                 message,
                 source: Some(Box::new(e)),
             },
-            AmqpSourceError::Protocol { .. } | AmqpSourceError::ManagementStatus { .. } => {
+            AmqpSourceError::Protocol { .. }
+            | AmqpSourceError::ManagementStatus { .. }
+            | AmqpSourceError::Tls { .. } => {
                 let transient = e.is_transient();
                 Error::Other {
                     backend: BACKEND,
@@ -385,6 +434,47 @@ mod tests {
         assert!(Error::from(status(503)).is_transient());
         assert_eq!(Error::from(status(401)).kind(), CoreKind::PermissionDenied);
         assert!(!Error::from(status(400)).is_transient());
+
+        let tls = |e: rustls::Error| {
+            AmqpSourceError::from_connect(
+                "amqps://u:***@h:5671/%2f",
+                "/",
+                lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            )
+        };
+        let untrusted = tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(
+            matches!(untrusted, AmqpSourceError::Tls { .. }),
+            "{untrusted:?}"
+        );
+        assert!(
+            untrusted.to_string().contains("UnknownIssuer"),
+            "{untrusted}"
+        );
+        let core: Error = untrusted.into();
+        assert_eq!(core.kind(), CoreKind::Other);
+        assert!(!core.is_transient());
+        let internal = tls(rustls::Error::AlertReceived(
+            rustls::AlertDescription::InternalError,
+        ));
+        assert!(Error::from(internal).is_transient());
+
+        let file: Error = AmqpSourceError::TlsFile {
+            field: "tls.ca_file",
+            path: "/etc/ca.pem".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }
+        .into();
+        match &file {
+            Error::Config(c) => {
+                assert_eq!(c.field, "tls.ca_file");
+                assert!(c.rule.contains("/etc/ca.pem"), "{c}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!file.is_transient());
 
         let c: Error = AmqpSourceError::Config(ConfigError::new("url", "empty")).into();
         assert_eq!(c.kind(), CoreKind::Config);

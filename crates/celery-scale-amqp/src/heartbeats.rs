@@ -151,8 +151,8 @@ async fn run(inner: Arc<Inner>, shared: Arc<Shared>, cancel: CancellationToken) 
     }
 }
 
-/// Sets up the event queue on a channel of the shared connection and consumes until the
-/// connection or the channel goes away.
+/// Sets up the event queue on a channel of the shared connection (so with the source's TLS
+/// settings) and consumes until the connection or the channel goes away.
 async fn consume(
     inner: &Inner,
     shared: &Shared,

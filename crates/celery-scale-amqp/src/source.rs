@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use celery_scale_core::{Observation, QueueDepth, QueueSource};
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -50,6 +51,8 @@ struct QueueSet {
 pub(crate) struct Inner {
     config: AmqpSourceConfig,
     uri: AMQPUri,
+    /// The CA and client identity for `amqps://` (empty: the web PKI roots, no identity).
+    tls: OwnedTLSConfig,
     url: String,
     vhost: String,
     link: tokio::sync::Mutex<Option<Link>>,
@@ -80,9 +83,16 @@ impl Inner {
         let props = ConnectionProperties::default()
             .with_connection_name(self.config.connection_name.as_str().into());
         let attempt = async {
-            let connection = Connection::connect_uri(self.uri.clone(), props)
-                .await
-                .map_err(|e| AmqpSourceError::from_connect(&self.url, &self.vhost, e))?;
+            let connect_error = |e| AmqpSourceError::from_connect(&self.url, &self.vhost, e);
+            let runtime = lapin::runtime::default_runtime().map_err(connect_error)?;
+            let connection = Connection::connect_uri_with_config(
+                self.uri.clone(),
+                props,
+                self.tls.clone(),
+                runtime,
+            )
+            .await
+            .map_err(connect_error)?;
             let channel = connection.create_channel().await.map_err(|e| {
                 AmqpSourceError::from_operation(&self.url, "channel.open".into(), e)
             })?;
@@ -407,8 +417,9 @@ impl fmt::Debug for AmqpQueueSource {
 impl AmqpQueueSource {
     /// Validates `config` and prepares the source, without connecting: the first
     /// [`observe`](QueueSource::observe) connects, so a source made while RabbitMQ is down works
-    /// once it is up. With heartbeats on, starts the worker-event task (which connects in the
-    /// background); must be called within a Tokio runtime.
+    /// once it is up. Reads and checks the `[tls]` files now (an error names the field). With
+    /// heartbeats on, starts the worker-event task (which connects in the background, with the
+    /// same TLS settings); must be called within a Tokio runtime.
     pub fn new(config: AmqpSourceConfig) -> Result<Self, AmqpSourceError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(AmqpSourceError::NoRuntime)?;
@@ -416,12 +427,19 @@ impl AmqpQueueSource {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(DEFAULT_AMQP_HEARTBEAT);
         }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::load)
+            .transpose()?
+            .unwrap_or_default();
         let management = config
             .management
             .as_ref()
             .map(ManagementClient::new)
             .transpose()?;
         let inner = Arc::new(Inner {
+            tls,
             url: config.url.redacted(),
             vhost: uri.vhost.clone(),
             uri,

@@ -1,6 +1,6 @@
-//! Faults: a missing queue among present ones, the broker connection closed by the broker and
-//! the broker unreachable then back (the loop holds, then recovers), the management API down,
-//! and a wrong password (typed error, password never printed).
+//! Faults: a missing queue among present ones, the broker connection closed by the broker, the
+//! broker unreachable then back and a real RabbitMQ restart (the loop holds, then recovers), the
+//! management API down, and a wrong password (typed error, password never printed).
 
 mod common;
 
@@ -242,6 +242,119 @@ async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
         || async { source.is_consuming_heartbeats().then_some(()) },
     )
     .await;
+}
+
+/// A real RabbitMQ restart, on a throwaway node (restarting the shared broker would break every
+/// other test running against it): the node is stopped with `rabbitmqctl stop` (its clients get
+/// `CONNECTION_FORCED`, then nothing listens) and started again on the same ports with the same
+/// data. The same source, in the same process, reconnects by itself, and the persistent
+/// messages of the durable queues are counted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarted_mid_run_the_loop_holds_then_recovers() {
+    let Some(mut broker) = scratch::ScratchBroker::start(None).await else {
+        return;
+    };
+    let url = broker.amqp_url();
+    let (celery, emails) = ("celery", "emails");
+    {
+        // Durable queues (as Celery declares them) and persistent messages (delivery mode 2),
+        // confirmed by the broker.
+        let fixture = AmqpFixture::new(&url, &[celery, emails], None).await;
+        fixture.publish(celery, 6).await.unwrap();
+        fixture.publish(emails, 3).await.unwrap();
+    }
+    let source = Arc::new(
+        AmqpQueueSource::new(
+            AmqpSourceConfig::builder(url.as_str())
+                .queues([celery, emails])
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let scaler = MemoryScaler::new(0);
+    let mut b = binding(Arc::clone(&source), &scaler);
+    let record = b.tick().await;
+    assert_eq!(
+        record.observation.as_ref().map(|o| o.ready),
+        Some(9),
+        "{record:?}"
+    );
+    let desired = scaler.capacity().await.unwrap().desired;
+    assert!(desired > 0, "9 ready tasks scale out: {record:?}");
+    poll(
+        "the heartbeat consumer",
+        Duration::from_secs(15),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
+    .await;
+
+    broker.stop().await;
+    for _ in 0..3 {
+        let record = b.tick().await;
+        let e = record
+            .observation_error
+            .as_ref()
+            .unwrap_or_else(|| panic!("the broker is down: {record:?}"));
+        assert!(e.transient, "{e:?}");
+        assert!(
+            matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Timeout),
+            "{e:?}"
+        );
+        assert!(
+            matches!(
+                record.outcome,
+                Outcome::Held { .. } | Outcome::Unchanged { .. }
+            ),
+            "{:?}",
+            record.outcome
+        );
+        assert_eq!(
+            scaler.capacity().await.unwrap().desired,
+            desired,
+            "a failed observation never changes capacity: {record:?}"
+        );
+    }
+    assert!(!source.is_consuming_heartbeats());
+
+    let down_for = broker.start_again().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let obs = loop {
+        let record = b.tick().await;
+        match (record.observation_error, record.observation) {
+            (None, Some(obs)) => break obs,
+            (Some(e), _) => assert!(e.transient, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no observation within 20 s of the node's restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(obs.ready, 9, "persistent messages survive: {obs:?}");
+    assert_eq!(
+        obs.queues,
+        [(celery.to_string(), 6), (emails.to_string(), 3)]
+    );
+    assert_eq!(scaler.capacity().await.unwrap().desired, desired);
+    assert!(
+        source.connections_opened() >= 2,
+        "reconnected: {}",
+        source.connections_opened()
+    );
+    poll(
+        "the heartbeat consumer back",
+        Duration::from_secs(20),
+        || async { source.is_consuming_heartbeats().then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "the node was started again in {down_for:?}; starts: {:?}",
+        broker.starts
+    );
 }
 
 /// With both readers configured, each one's failure leaves the other's figures.

@@ -1,7 +1,10 @@
 //! Helpers shared by the RabbitMQ integration tests: an AMQP fixture that publishes and takes as
 //! Celery does, throwaway vhosts, real Celery (publisher and worker), a TCP proxy that can cut
-//! the broker off, and the management API.
+//! the broker off, the management API, and (in [`scratch`]) throwaway RabbitMQ nodes with test
+//! certificates for the restart and TLS tests.
 #![allow(dead_code)]
+
+pub mod scratch;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
