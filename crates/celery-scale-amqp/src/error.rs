@@ -324,11 +324,19 @@ impl From<AmqpSourceError> for Error {
                     source: Some(Box::new(e)),
                 }
             }
-            AmqpSourceError::QueueNotFound { queue, vhost } => Error::NotFound {
+            AmqpSourceError::QueueNotFound {
+                ref queue,
+                ref vhost,
+            } => Error::NotFound {
                 backend: BACKEND,
                 what: format!("queue {queue:?} in vhost {vhost:?}"),
+                source: Some(Box::new(e)),
             },
-            AmqpSourceError::Timeout { after, .. } => Error::timeout(message, after),
+            AmqpSourceError::Timeout { after, .. } => Error::Timeout {
+                operation: message,
+                after,
+                source: Some(Box::new(e)),
+            },
             AmqpSourceError::ManagementData { .. } => Error::InvalidData {
                 backend: BACKEND,
                 message,
@@ -416,6 +424,8 @@ mod tests {
         assert_eq!(missing.kind(), CoreKind::NotFound);
         assert!(!missing.is_transient());
         assert!(missing.to_string().contains("emails"), "{missing}");
+        let kept = std::error::Error::source(&missing).expect("the crate's error is the source");
+        assert!(kept.is::<AmqpSourceError>(), "{kept:?}");
 
         let t: Error = AmqpSourceError::Timeout {
             url: url.into(),
@@ -425,6 +435,7 @@ mod tests {
         .into();
         assert_eq!(t.kind(), CoreKind::Timeout);
         assert!(t.is_transient());
+        assert!(std::error::Error::source(&t).is_some_and(|s| s.is::<AmqpSourceError>()));
 
         let status = |status| AmqpSourceError::ManagementStatus {
             url: "http://guest:***@h:15672".into(),

@@ -31,6 +31,9 @@ pub enum Error {
         operation: String,
         /// The timeout that elapsed.
         after: Duration,
+        /// The backend's own timeout error, when the backend timed out (not the loop).
+        #[source]
+        source: Option<BoxError>,
     },
     /// The backend asked us to slow down (AWS `ThrottlingException`, `Throttling`).
     #[error("{backend} throttled the request")]
@@ -48,6 +51,9 @@ pub enum Error {
         backend: &'static str,
         /// What is missing, e.g. `queue 'celery'` or `service 'workers' in cluster 'prod'`.
         what: String,
+        /// The backend's own error.
+        #[source]
+        source: Option<BoxError>,
     },
     /// Authentication or authorization failed.
     #[error("{backend}: permission denied: {message}")]
@@ -189,11 +195,12 @@ impl Error {
         }
     }
 
-    /// A shorthand for [`Error::Timeout`].
+    /// A shorthand for [`Error::Timeout`] without an underlying error (a deadline of ours).
     pub fn timeout(operation: impl Into<String>, after: Duration) -> Self {
         Error::Timeout {
             operation: operation.into(),
             after,
+            source: None,
         }
     }
 }
@@ -252,7 +259,8 @@ mod tests {
         assert!(
             !Error::NotFound {
                 backend: "ecs",
-                what: "service 'x'".into()
+                what: "service 'x'".into(),
+                source: None,
             }
             .is_transient()
         );

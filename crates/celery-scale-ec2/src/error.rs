@@ -341,9 +341,10 @@ impl From<Ec2Error> for celery_scale_core::Error {
     fn from(e: Ec2Error) -> Self {
         use celery_scale_core::Error;
         match e {
-            Ec2Error::GroupNotFound { group } => Error::NotFound {
+            Ec2Error::GroupNotFound { ref group } => Error::NotFound {
                 backend: BACKEND,
                 what: format!("Auto Scaling group '{group}'"),
+                source: Some(Box::new(e)),
             },
             Ec2Error::AccessDenied { ref message, .. } => Error::PermissionDenied {
                 backend: BACKEND,
@@ -368,6 +369,7 @@ impl From<Ec2Error> for celery_scale_core::Error {
                     None => format!("{operation} (SDK connect or operation timeout)"),
                 },
                 after: after.unwrap_or_default(),
+                source: Some(Box::new(e)),
             },
             Ec2Error::Unreachable { .. } => Error::Unavailable {
                 backend: BACKEND,
@@ -469,5 +471,22 @@ mod tests {
             "{e:?}"
         );
         assert!(e.is_transient());
+    }
+
+    #[test]
+    fn core_errors_keep_this_crates_error_as_source() {
+        for e in [
+            Ec2Error::GroupNotFound {
+                group: "workers".into(),
+            },
+            Ec2Error::Timeout {
+                operation: "DescribeAutoScalingGroups",
+                after: Some(std::time::Duration::from_secs(4)),
+            },
+        ] {
+            let core = celery_scale_core::Error::from(e);
+            let kept = std::error::Error::source(&core).expect("a source");
+            assert!(kept.is::<Ec2Error>(), "{core}: {kept:?}");
+        }
     }
 }

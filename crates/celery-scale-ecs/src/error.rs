@@ -252,6 +252,7 @@ impl From<EcsError> for celery_scale_core::Error {
             } => Error::NotFound {
                 backend: BACKEND,
                 what: format!("service '{service}' in cluster '{cluster}'"),
+                source: Some(Box::new(e)),
             },
             EcsError::AccessDenied { .. } => Error::PermissionDenied {
                 backend: BACKEND,
@@ -267,6 +268,7 @@ impl From<EcsError> for celery_scale_core::Error {
             } => Error::Timeout {
                 operation: format!("{BACKEND} {operation}"),
                 after,
+                source: Some(Box::new(e)),
             },
             EcsError::Unreachable { .. } => Error::Unavailable {
                 backend: BACKEND,
@@ -286,5 +288,27 @@ impl From<EcsError> for celery_scale_core::Error {
                 source: Some(Box::new(e)),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_not_found_keeps_this_crates_error_as_source() {
+        let core = celery_scale_core::Error::from(EcsError::NotFound {
+            cluster: "prod".into(),
+            service: "workers".into(),
+            reason: "MISSING".into(),
+        });
+        assert_eq!(core.kind(), celery_scale_core::ErrorKind::NotFound);
+        assert!(
+            core.to_string().contains("'workers' in cluster 'prod'"),
+            "{core}"
+        );
+        let kept = std::error::Error::source(&core).expect("a source");
+        assert!(kept.is::<EcsError>(), "{kept:?}");
+        assert!(kept.to_string().contains("MISSING"), "{kept}");
     }
 }

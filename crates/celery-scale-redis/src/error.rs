@@ -244,9 +244,11 @@ impl From<RedisSourceError> for Error {
                 message,
                 source: Some(Box::new(e)),
             },
-            RedisSourceError::Timeout { after, .. } => {
-                Error::timeout(format!("redis observe ({message})"), after)
-            }
+            RedisSourceError::Timeout { after, .. } => Error::Timeout {
+                operation: format!("redis observe ({message})"),
+                after,
+                source: Some(Box::new(e)),
+            },
             RedisSourceError::WrongType { .. } | RedisSourceError::UnexpectedReply { .. } => {
                 Error::InvalidData {
                     backend: BACKEND,
@@ -312,6 +314,7 @@ mod tests {
         .into();
         assert_eq!(t.kind(), CoreKind::Timeout);
         assert!(t.is_transient());
+        assert!(std::error::Error::source(&t).is_some_and(|s| s.is::<RedisSourceError>()));
 
         let c: Error = RedisSourceError::Config(ConfigError::new("sep", "empty")).into();
         assert_eq!(c.kind(), CoreKind::Config);
