@@ -4,6 +4,10 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 /// Never fewer workers than the tasks executing now, nor than the workers needed to hold the
 /// in-flight (prefetched, ETA) messages at `held_per_worker` each: scaling below that would stop
 /// workers that are doing or holding work.
+///
+/// The floor is at most the current desired count: when more tasks execute than that, the extra
+/// ones run on workers already being stopped (a warm shutdown finishes its tasks), and raising the
+/// count again would start replacements instead of keeping them.
 #[derive(Debug, Clone)]
 pub struct InFlightFloor<P> {
     inner: P,
@@ -34,7 +38,9 @@ impl<P: ScalingPolicy> ScalingPolicy for InFlightFloor<P> {
             .in_flight
             .unwrap_or(0)
             .div_ceil(u64::from(self.held_per_worker));
-        let floor = executing.max(holding).min(u64::from(u32::MAX)) as u32;
+        let floor = executing
+            .max(holding)
+            .min(u64::from(input.capacity.desired)) as u32;
         if d.desired < floor {
             d.push(
                 "in_flight_floor",
@@ -71,6 +77,8 @@ mod tests {
         );
         obs.in_flight = Some(0);
         assert_eq!(p.decide(&input(&obs, 9, now)).desired, 3);
+        // Already scaled in to 2 while 3 execute: the third worker is leaving; keep 2.
+        assert_eq!(p.decide(&input(&obs, 2, now)).desired, 2);
         assert!(InFlightFloor::new(Scripted::default(), 0).is_err());
     }
 }

@@ -9,7 +9,9 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, tasks_per_worker_withi
 ///
 /// Throughput (tasks per second one worker process completes) is taken from the observation
 /// when the source measured it (Celery worker heartbeats), and from the configured value
-/// otherwise. Busy workers are the executing tasks from heartbeats; without heartbeats every
+/// otherwise. Busy workers are the executing tasks from heartbeats, at most the current desired
+/// count: tasks beyond it run on workers already being stopped (a warm shutdown finishes its
+/// task), and counting them would ask for their replacements. Without heartbeats every
 /// outstanding message (ready and in flight) counts as waiting, which errs towards more capacity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainTime {
@@ -59,7 +61,7 @@ impl ScalingPolicy for DrainTime {
         // the fleet size (and keep it alive through the in-flight floor). Without heartbeats the
         // busy workers are unknown, so every outstanding message counts as waiting.
         let (busy, waiting) = match obs.executing {
-            Some(executing) => (executing, obs.ready),
+            Some(executing) => (executing.min(u64::from(input.capacity.desired)), obs.ready),
             None => (0, obs.outstanding()),
         };
         let per_worker = tasks_per_worker_within(throughput, self.target_wait.as_secs_f64());
@@ -84,14 +86,37 @@ mod tests {
     use crate::{Capacity, Observation};
     use tokio::time::Instant;
 
-    fn decide(p: &mut DrainTime, obs: &Observation) -> u32 {
+    fn decide_at(p: &mut DrainTime, obs: &Observation, current: u32) -> u32 {
         p.decide(&PolicyInput {
             observation: Some(obs),
             consecutive_failures: 0,
-            capacity: Capacity::default(),
+            capacity: Capacity {
+                desired: current,
+                running: current,
+                pending: 0,
+            },
             now: obs.at,
         })
         .desired
+    }
+
+    fn decide(p: &mut DrainTime, obs: &Observation) -> u32 {
+        decide_at(p, obs, 100)
+    }
+
+    #[test]
+    fn tasks_of_workers_being_stopped_do_not_ask_for_replacements() {
+        let now = Instant::now();
+        let mut p = DrainTime::new(Duration::from_secs(30), 1.0 / 600.0).unwrap();
+        let mut obs = Observation::new(0, now);
+        // Scaled in from 10 to 9: the stopped worker finishes its task, so 10 still execute.
+        obs.executing = Some(10);
+        assert_eq!(decide_at(&mut p, &obs, 9), 9, "not back to 10");
+        // Waiting tasks still add workers on top of the busy ones we keep.
+        obs.ready = 2;
+        assert_eq!(decide_at(&mut p, &obs, 9), 11);
+        // With desired at 10 or more, every executing task counts.
+        assert_eq!(decide_at(&mut p, &obs, 12), 12);
     }
 
     #[test]
