@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use celery_scale_core::{Observation, QueueDepth, QueueSource};
+use celery_scale_core::celery_events::WorkerFeed;
+use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
@@ -17,9 +18,8 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
 
-use crate::config::{AmqpSourceConfig, is_internal_queue, parse_amqp_url, wildcard_match};
+use crate::config::{AmqpSourceConfig, is_internal_queue, parse_amqp_url};
 use crate::error::{AmqpSourceError, amqp_kind, is_unavailable};
-use crate::heartbeats::Heartbeats;
 use crate::management::{ManagementClient, QueueStats};
 
 /// AMQP heartbeat asked for when the URL does not say (seconds): a dead connection is noticed
@@ -398,7 +398,7 @@ impl Inner {
 /// See the crate documentation for an example.
 pub struct AmqpQueueSource {
     inner: Arc<Inner>,
-    heartbeats: Option<Heartbeats>,
+    heartbeats: Option<WorkerFeed>,
 }
 
 impl fmt::Debug for AmqpQueueSource {
@@ -458,7 +458,7 @@ impl AmqpQueueSource {
         let heartbeats = inner
             .config
             .heartbeats
-            .then(|| Heartbeats::start(Arc::clone(&inner), &runtime));
+            .then(|| crate::heartbeats::start(Arc::clone(&inner), &runtime));
         Ok(AmqpQueueSource { inner, heartbeats })
     }
 
@@ -485,9 +485,7 @@ impl AmqpQueueSource {
 
     /// Whether the worker-event consumer is up now (`false` when heartbeats are off).
     pub fn is_consuming_heartbeats(&self) -> bool {
-        self.heartbeats
-            .as_ref()
-            .is_some_and(Heartbeats::is_consuming)
+        self.heartbeats.as_ref().is_some_and(WorkerFeed::is_up)
     }
 
     /// The management API's statistics of the watched queues from the last successful read

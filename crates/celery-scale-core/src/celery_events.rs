@@ -15,6 +15,10 @@ use base64::Engine as _;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+mod feed;
+
+pub use feed::{FeedSettings, FeedSink, WorkerFeed};
+
 /// What kind of worker event this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerEventKind {
@@ -245,9 +249,51 @@ impl WorkerRegistry {
     }
 }
 
+/// Whether `name` matches `pattern`, where `*` matches any run of characters (none included)
+/// and every other character only itself: how worker hostnames (`emails@*`) and queue names
+/// (`celeryev.*`) are picked or left out.
+///
+/// ```
+/// use celery_scale_core::wildcard_match;
+/// assert!(wildcard_match("emails@*", "emails@host-1"));
+/// assert!(!wildcard_match("emails@*", "celery@host-1"));
+/// ```
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if name.len() < first.len() + last.len() || !name.starts_with(first) || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("emails@*", "emails@host-1"));
+        assert!(!wildcard_match("emails@*", "celery@host-1"));
+        assert!(wildcard_match("*", "anything"));
+        assert!(wildcard_match("a*b*c", "a-x-b-y-c"));
+        assert!(!wildcard_match("a*b*c", "a-x-c-y-b"));
+        assert!(wildcard_match("exact", "exact"));
+        assert!(!wildcard_match("exact", "exactly"));
+        assert!(!wildcard_match("ab*ba", "aba"));
+        assert!(wildcard_match("*a*b*", "xxaYYb"));
+        assert!(!wildcard_match("a*a", "a"));
+    }
 
     fn beat(host: &str, active: u64, processed: u64) -> WorkerEvent {
         WorkerEvent {

@@ -19,6 +19,7 @@ pub mod sim;
 pub use autoscaler::{Autoscaler, Binding, LoopSettings};
 pub use backend::{QueueSource, Scaler};
 pub use capacity::{Capacity, CapacityUnit, SetOutcome, WorkersPerUnit};
+pub use celery_events::wildcard_match;
 pub use error::{BoxError, ConfigError, Error, ErrorKind, Result};
 pub use memory::{MemoryMessage, MemoryQueue, MemoryScaler};
 pub use observation::{Observation, QueueDepth};

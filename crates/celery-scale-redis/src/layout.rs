@@ -80,26 +80,6 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Whether `name` matches `pattern`, where `*` matches any run of characters.
-pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
 /// Whether a discovered queue is one of Celery's own (remote control, replies, event receivers).
 pub(crate) fn is_internal_queue(queue: &str) -> bool {
     queue.is_empty()
@@ -300,14 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn wildcards_and_internal_queues() {
-        assert!(wildcard_match("emails@*", "emails@host-1"));
-        assert!(!wildcard_match("emails@*", "celery@host-1"));
-        assert!(wildcard_match("*", "anything"));
-        assert!(wildcard_match("a*b*c", "a-x-b-y-c"));
-        assert!(!wildcard_match("a*b*c", "a-x-c-y-b"));
-        assert!(wildcard_match("exact", "exact"));
-        assert!(!wildcard_match("ab*ba", "aba"));
+    fn internal_queues() {
         assert!(is_internal_queue("celery@h.celery.pidbox"));
         assert!(is_internal_queue("0f3c.reply.celery.pidbox"));
         assert!(is_internal_queue("celeryev.1234"));

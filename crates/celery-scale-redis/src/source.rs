@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use celery_scale_core::celery_events::WorkerSummary;
-use celery_scale_core::{Observation, QueueDepth, QueueSource};
+use celery_scale_core::celery_events::{WorkerFeed, WorkerSummary};
+use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, RedisError, Value};
 use tokio::time::Instant;
 
 use crate::config::{InFlightMode, RedisSourceConfig};
 use crate::error::RedisSourceError;
-use crate::heartbeats::{Heartbeats, SubscriberSettings};
-use crate::layout::{Layout, is_internal_queue, message_age, unacked_route, wildcard_match};
+use crate::heartbeats::SubscriberSettings;
+use crate::layout::{Layout, is_internal_queue, message_age, unacked_route};
 
 /// Entries asked for per `HSCAN` page.
 const HSCAN_COUNT: u32 = 1000;
@@ -105,7 +105,7 @@ pub struct RedisQueueSource {
     /// The plan for the configured queues (without discovery), or the last discovered one.
     plan: Mutex<Arc<Plan>>,
     discovered: tokio::sync::Mutex<Option<Discovered>>,
-    heartbeats: Option<Heartbeats>,
+    heartbeats: Option<WorkerFeed>,
 }
 
 impl fmt::Debug for RedisQueueSource {
@@ -198,7 +198,7 @@ impl RedisQueueSource {
             config.oldest_age,
         );
         let heartbeats = config.heartbeats.then(|| {
-            Heartbeats::start(
+            crate::heartbeats::start(
                 SubscriberSettings {
                     client: client.clone(),
                     channels: layout.worker_event_channels(db),
@@ -247,9 +247,7 @@ impl RedisQueueSource {
 
     /// Whether the heartbeat subscription is up (always `false` with heartbeats off).
     pub fn heartbeats_subscribed(&self) -> bool {
-        self.heartbeats
-            .as_ref()
-            .is_some_and(Heartbeats::is_subscribed)
+        self.heartbeats.as_ref().is_some_and(WorkerFeed::is_up)
     }
 
     /// Stops the heartbeat subscriber and waits for its task to end. Dropping the source stops

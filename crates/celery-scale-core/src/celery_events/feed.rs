@@ -1,0 +1,302 @@
+//! A live feed of worker events: the state and the reconnect loop every broker's heartbeat task
+//! shares, so a backend writes only its transport (subscribe or consume, decode, hand over).
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{WorkerEvent, WorkerRegistry, WorkerSummary, wildcard_match};
+
+/// The first wait before a transport is set up again; it doubles after each failed attempt up
+/// to [`MAX_BACKOFF`], and is back to this once a transport came up.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What a [`WorkerFeed`] is started with.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    /// The throughput window of the [`WorkerRegistry`].
+    pub window: Duration,
+    /// How long the transport must have been up before [`WorkerFeed::summary`] answers, so that
+    /// every worker has been heard at least once.
+    pub warmup: Duration,
+    /// Patterns (`*` matches any run of characters, see [`wildcard_match`]) of the hostnames of
+    /// the workers that count; empty: every worker counts.
+    pub hostnames: Vec<String>,
+    /// What the transport is, for logs, e.g. `"worker-event subscription"`.
+    pub transport: &'static str,
+    /// Where the transport connects, for logs (with any password already hidden).
+    pub url: String,
+}
+
+#[derive(Debug)]
+struct FeedState {
+    registry: WorkerRegistry,
+    /// When the current transport came up; `None` while it is down.
+    up_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct FeedShared {
+    state: Mutex<FeedState>,
+    hostnames: Vec<String>,
+}
+
+impl FeedShared {
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        // A panic while holding this lock cannot leave the registry half-updated in a way that
+        // matters (it is rebuilt from the next beats), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The side of a [`WorkerFeed`] its transport writes to: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FeedSink {
+    shared: Arc<FeedShared>,
+}
+
+impl FeedSink {
+    /// Marks the transport as up from now: forgets the workers heard before (beats may have been
+    /// missed meanwhile) and starts the warm-up.
+    pub fn up(&self) {
+        let mut state = self.shared.lock();
+        state.registry.clear();
+        state.up_since = Some(Instant::now());
+    }
+
+    /// Whether events from `hostname` count (it matches one of the configured patterns, or
+    /// there are none).
+    pub fn counts(&self, hostname: &str) -> bool {
+        self.shared.hostnames.is_empty()
+            || self
+                .shared
+                .hostnames
+                .iter()
+                .any(|p| wildcard_match(p, hostname))
+    }
+
+    /// Records an event received at `now`, unless its worker is filtered out by hostname.
+    pub fn apply(&self, event: &WorkerEvent, now: Instant) {
+        if self.counts(&event.hostname) {
+            self.shared.lock().registry.apply(event, now);
+        }
+    }
+
+    /// Marks the transport as down, forgetting the workers if it was up; returns whether it was.
+    fn down(&self) -> bool {
+        let mut state = self.shared.lock();
+        let was_up = state.up_since.take().is_some();
+        if was_up {
+            state.registry.clear();
+        }
+        was_up
+    }
+}
+
+/// A background task that keeps a broker's worker-event transport running (set up again with
+/// backoff whenever it ends or fails) and the live workers it heard. Dropping it stops the task.
+#[derive(Debug)]
+pub struct WorkerFeed {
+    sink: FeedSink,
+    warmup: Duration,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl WorkerFeed {
+    /// Starts the feed on `runtime`. `transport` runs the transport once: it sets it up, calls
+    /// [`FeedSink::up`] once it is, then hands every decoded event to [`FeedSink::apply`] until
+    /// the transport ends (`Ok`) or fails (`Err`). It is called again after a backoff of 200 ms,
+    /// doubling up to 5 s, back to 200 ms once a transport came up.
+    pub fn start<T, F, E>(
+        settings: FeedSettings,
+        runtime: &tokio::runtime::Handle,
+        transport: T,
+    ) -> WorkerFeed
+    where
+        T: FnMut(FeedSink) -> F + Send + 'static,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let sink = FeedSink {
+            shared: Arc::new(FeedShared {
+                state: Mutex::new(FeedState {
+                    registry: WorkerRegistry::new(settings.window),
+                    up_since: None,
+                }),
+                hostnames: settings.hostnames.clone(),
+            }),
+        };
+        let warmup = settings.warmup;
+        let cancel = CancellationToken::new();
+        let task = runtime.spawn(run(settings, sink.clone(), cancel.clone(), transport));
+        WorkerFeed {
+            sink,
+            warmup,
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// The live workers' figures, or `None` while the transport is down or too recent (within
+    /// the warm-up) to have heard every worker.
+    pub fn summary(&self, now: Instant) -> Option<WorkerSummary> {
+        let mut state = self.sink.shared.lock();
+        let since = state.up_since?;
+        if now.saturating_duration_since(since) < self.warmup {
+            return None;
+        }
+        Some(state.registry.summary(now))
+    }
+
+    /// Whether the transport is up now.
+    pub fn is_up(&self) -> bool {
+        self.sink.shared.lock().up_since.is_some()
+    }
+
+    /// Stops the task and waits for it to end.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for WorkerFeed {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn run<T, F, E>(
+    settings: FeedSettings,
+    sink: FeedSink,
+    cancel: CancellationToken,
+    mut transport: T,
+) where
+    T: FnMut(FeedSink) -> F,
+    F: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let FeedSettings {
+        transport: what,
+        url,
+        ..
+    } = settings;
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = transport(sink.clone()) => outcome,
+        };
+        if sink.down() {
+            backoff = MIN_BACKOFF;
+        }
+        match outcome {
+            Ok(()) => tracing::warn!(url = %url, "{what} ended; setting it up again"),
+            Err(e) => {
+                tracing::warn!(url = %url, error = %e, "{what} failed; retrying in {backoff:?}")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::WorkerEventKind;
+    use super::*;
+
+    fn beat(host: &str) -> WorkerEvent {
+        WorkerEvent {
+            kind: WorkerEventKind::Heartbeat,
+            hostname: host.into(),
+            active: 1,
+            processed: 0,
+            freq: 2.0,
+            timestamp: 0.0,
+        }
+    }
+
+    fn settings(warmup: Duration, hostnames: &[&str]) -> FeedSettings {
+        FeedSettings {
+            window: Duration::from_secs(60),
+            warmup,
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            transport: "test transport",
+            url: "test://".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn filters_hostnames_and_waits_for_the_warmup() {
+        let feed = WorkerFeed::start(
+            settings(Duration::from_secs(1), &["emails@*"]),
+            &tokio::runtime::Handle::current(),
+            |sink: FeedSink| async move {
+                sink.up();
+                sink.apply(&beat("emails@a"), Instant::now());
+                sink.apply(&beat("celery@a"), Instant::now());
+                std::future::pending::<Result<(), String>>().await
+            },
+        );
+        while !feed.is_up() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(feed.summary(Instant::now()), None, "within the warm-up");
+        let later = Instant::now() + Duration::from_secs(1);
+        let summary = feed.summary(later);
+        assert_eq!(
+            summary.map(|s| s.live_workers),
+            Some(1),
+            "celery@a is filtered out"
+        );
+        feed.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgets_workers_while_down_and_retries() {
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let feed = WorkerFeed::start(
+            settings(Duration::ZERO, &[]),
+            &tokio::runtime::Handle::current(),
+            move |sink: FeedSink| {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        sink.up();
+                        sink.apply(&beat("celery@a"), Instant::now());
+                        return Err("lost");
+                    }
+                    sink.up();
+                    std::future::pending().await
+                }
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(feed.is_up());
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let summary = feed.summary(Instant::now()).unwrap();
+        assert_eq!(
+            summary.live_workers, 0,
+            "the beat before the reconnect is forgotten"
+        );
+        drop(feed);
+    }
+}
