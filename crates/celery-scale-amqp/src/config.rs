@@ -24,14 +24,24 @@ pub struct ManagementConfig {
     /// Deadline of one management read (all its HTTP requests).
     #[serde(default = "default_management_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// A PEM file of CA certificates to trust for an `https://` API signed by a private CA, in
+    /// addition to the web PKI roots. Unset: the source's `tls.ca_file`, if any (the broker's
+    /// CA usually signs both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ManagementConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ManagementConfig { url, timeout } = self;
+        let ManagementConfig {
+            url,
+            timeout,
+            ca_file,
+        } = self;
         f.debug_struct("ManagementConfig")
             .field("url", &url.redacted())
             .field("timeout", timeout)
+            .field("ca_file", ca_file)
             .finish()
     }
 }
@@ -42,12 +52,19 @@ impl ManagementConfig {
         ManagementConfig {
             url: url.into(),
             timeout: default_management_timeout(),
+            ca_file: None,
         }
     }
 
     /// The same with another timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The same, trusting the CA certificates of the PEM file at `path` too.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
         self
     }
 }
@@ -448,6 +465,9 @@ impl AmqpSourceConfig {
             parse_management_url(&m.url)?;
             if m.timeout.is_zero() {
                 return Err(ConfigError::new("management.timeout", "must be above zero"));
+            }
+            if m.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::new("management.ca_file", "must not be empty"));
             }
         }
         if let Some(d) = &self.discovery {

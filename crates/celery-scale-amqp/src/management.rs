@@ -151,12 +151,23 @@ impl ManagementClient {
         // The credentials travel as a header; the URL that errors may show has none.
         let _ = base.set_username("");
         let _ = base.set_password(None);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
-            .user_agent(concat!("celery-scale-amqp/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(AmqpSourceError::HttpClient)?;
+            .user_agent(concat!("celery-scale-amqp/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &config.ca_file {
+            const FIELD: &str = "management.ca_file";
+            let pem = crate::tls::read_ca_file(FIELD, path)?;
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+                AmqpSourceError::TlsFile {
+                    field: FIELD,
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }
+            })?;
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http.build().map_err(AmqpSourceError::HttpClient)?;
         Ok(ManagementClient {
             http,
             base,

@@ -433,10 +433,17 @@ impl AmqpQueueSource {
             .map(crate::tls::load)
             .transpose()?
             .unwrap_or_default();
+        // The management API trusts the broker's CA too unless it names its own.
         let management = config
             .management
             .as_ref()
-            .map(ManagementClient::new)
+            .map(|m| {
+                let mut m = m.clone();
+                if m.ca_file.is_none() {
+                    m.ca_file = config.tls.as_ref().and_then(|t| t.ca_file.clone());
+                }
+                ManagementClient::new(&m)
+            })
             .transpose()?;
         let inner = Arc::new(Inner {
             tls,

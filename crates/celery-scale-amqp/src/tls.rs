@@ -81,19 +81,24 @@ fn certificates(
 /// The CA file as the PEM text lapin takes, once every certificate in it is a usable trust
 /// anchor (rustls would skip the others without a word).
 fn read_ca(path: &Path) -> Result<String, AmqpSourceError> {
-    const FIELD: &str = "tls.ca_file";
-    let pem = read(FIELD, path)?;
-    let certs = certificates(FIELD, path, &pem)?;
+    read_ca_file("tls.ca_file", path)
+}
+
+/// The PEM file of CA certificates that `field` names, once every certificate in it is a usable
+/// trust anchor; the error names `field`.
+pub(crate) fn read_ca_file(field: &'static str, path: &Path) -> Result<String, AmqpSourceError> {
+    let pem = read(field, path)?;
+    let certs = certificates(field, path, &pem)?;
     let mut store = rustls::RootCertStore::empty();
     let (_, ignored) = store.add_parsable_certificates(certs);
     if ignored > 0 {
         return Err(invalid(
-            FIELD,
+            field,
             path,
             format!("{ignored} of its certificates cannot be used as a trust anchor"),
         ));
     }
-    String::from_utf8(pem).map_err(|e| invalid(FIELD, path, e))
+    String::from_utf8(pem).map_err(|e| invalid(field, path, e))
 }
 
 fn read_pem_identity(cert_file: &Path, key_file: &Path) -> Result<OwnedIdentity, AmqpSourceError> {

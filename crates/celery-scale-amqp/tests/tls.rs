@@ -9,7 +9,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celery_scale_amqp::{AmqpQueueSource, AmqpSourceConfig, AmqpSourceError, TlsConfig};
+use celery_scale_amqp::{
+    AmqpQueueSource, AmqpSourceConfig, AmqpSourceError, ManagementClient, ManagementConfig,
+    TlsConfig,
+};
 use celery_scale_core::conformance::{QueueFixture as _, queue_source};
 use celery_scale_core::{ErrorKind, QueueSource};
 use common::scratch::{SCRATCH_PASSWORD, ScratchBroker, ScratchTls, TestPki};
@@ -63,6 +66,7 @@ async fn beat(conn: &Connection, hostname: &str, active: u64) {
 async fn amqps_with_a_private_ca_conforms_and_an_untrusted_certificate_is_a_typed_error() {
     let Some(broker) = ScratchBroker::start(Some(ScratchTls {
         require_client_cert: false,
+        https_management: true,
     }))
     .await
     else {
@@ -142,6 +146,53 @@ async fn amqps_with_a_private_ca_conforms_and_an_untrusted_certificate_is_a_type
     }
     // The trusted source is unaffected.
     assert_eq!(source.observe().await.unwrap().ready, 7);
+
+    // The management API over HTTPS, signed by the same private CA. Without the CA the read
+    // fails on the certificate (the password not shown); with `management.ca_file`, or with
+    // `tls.ca_file` alone (the source hands it on), it reads the queue.
+    let untrusted = ManagementClient::new(&ManagementConfig::new(broker.management_url())).unwrap();
+    let e = poll(
+        "the HTTPS management listener up (refusing the certificate)",
+        Duration::from_secs(30),
+        || async {
+            let e = untrusted.queue("/", queue).await.err()?;
+            let chain = everything_shown(&e.into());
+            (chain.contains("certificate") || chain.contains("UnknownIssuer")).then_some(chain)
+        },
+    )
+    .await;
+    assert!(!e.contains(SCRATCH_PASSWORD), "{e}");
+    let trusted = ManagementClient::new(
+        &ManagementConfig::new(broker.management_url()).with_ca_file(&pki.ca_file),
+    )
+    .unwrap();
+    let stats = poll(
+        "queue statistics over HTTPS",
+        Duration::from_secs(30),
+        || async { trusted.queue("/", queue).await.ok().flatten()?.ready },
+    )
+    .await;
+    assert!(stats <= 7, "{stats}");
+    let inherited = AmqpQueueSource::new(
+        AmqpSourceConfig::builder(broker.amqps_url())
+            .queue(queue)
+            .heartbeats(false)
+            .tls(TlsConfig::default().with_ca_file(&pki.ca_file))
+            .management(ManagementConfig::new(broker.management_url()))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // In flight comes only from the management API (statistics, up to 5 s behind).
+    poll(
+        "7 ready and 0 in flight with the HTTPS management API",
+        Duration::from_secs(30),
+        || async {
+            let obs = inherited.observe().await.ok()?;
+            ((obs.ready, obs.in_flight) == (7, Some(0))).then_some(())
+        },
+    )
+    .await;
 }
 
 /// Collects everything tracing writes, at every level, from every crate (lapin included).
@@ -170,6 +221,7 @@ async fn mutual_tls_with_a_pem_or_pkcs12_client_identity() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let Some(broker) = ScratchBroker::start(Some(ScratchTls {
         require_client_cert: true,
+        https_management: false,
     }))
     .await
     else {
@@ -281,6 +333,24 @@ async fn tls_files_are_checked_when_the_source_is_made() {
         field(TlsConfig::default().with_ca_file(dir.join("missing.pem"))),
         "tls.ca_file"
     );
+    // The management API's own CA file is checked the same way, naming its field.
+    for bad in [dir.join("missing.pem"), pki.client_key_file.clone()] {
+        let e = ManagementClient::new(
+            &ManagementConfig::new("https://mon:hunter2@127.0.0.1:1").with_ca_file(bad),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AmqpSourceError::TlsFile {
+                    field: "management.ca_file",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!format!("{e}{e:?}").contains("hunter2"), "{e:?}");
+    }
     // A key where the CA should be: no certificate in it.
     assert_eq!(
         field(TlsConfig::default().with_ca_file(&pki.client_key_file)),

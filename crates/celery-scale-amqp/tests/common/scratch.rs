@@ -153,6 +153,9 @@ pub struct ScratchTls {
     /// `verify_peer` with `fail_if_no_peer_cert`: clients must present a certificate the test
     /// CA signed (mutual TLS); otherwise `verify_none`.
     pub require_client_cert: bool,
+    /// Also run the management API, over HTTPS only with the same server certificate (its
+    /// plain HTTP listener moved to a free port as well, off the shared broker's 15672).
+    pub https_management: bool,
 }
 
 /// A RabbitMQ node of its own, stopped and deleted when dropped.
@@ -162,6 +165,8 @@ pub struct ScratchBroker {
     pub port: u16,
     /// The TLS port, with [`ScratchTls`].
     pub tls_port: Option<u16>,
+    /// The management API's HTTPS and HTTP ports, with [`ScratchTls::https_management`].
+    pub management_ports: Option<(u16, u16)>,
     pub pki: Option<TestPki>,
     /// How long each start took, until the node accepted an AMQP connection.
     pub starts: Vec<Duration>,
@@ -198,6 +203,7 @@ impl ScratchBroker {
             node,
             port: 0,
             tls_port: None,
+            management_ports: None,
             pki,
             starts: Vec::new(),
             dist_port: 0,
@@ -210,6 +216,9 @@ impl ScratchBroker {
             broker.port = free_port();
             broker.dist_port = free_port();
             broker.tls_port = tls.map(|_| free_port());
+            broker.management_ports = tls
+                .filter(|t| t.https_management)
+                .map(|_| (free_port(), free_port()));
             broker.write_files(tls);
             match broker.boot().await {
                 Ok(took) => {
@@ -249,6 +258,14 @@ impl ScratchBroker {
         )
     }
 
+    /// `https://csa:<password>@127.0.0.1:<port>` of the management API over HTTPS.
+    pub fn management_url(&self) -> String {
+        let (https, _) = self
+            .management_ports
+            .expect("a node with the HTTPS management API");
+        format!("https://{SCRATCH_USER}:{SCRATCH_PASSWORD}@127.0.0.1:{https}")
+    }
+
     fn write_files(&self, tls: Option<ScratchTls>) {
         let d = &self.dir;
         let mut conf = format!(
@@ -278,8 +295,24 @@ impl ScratchBroker {
                 tls.require_client_cert,
             ));
         }
+        let mut plugins = "[].\n";
+        if let (Some(pki), Some((https, http))) = (&self.pki, self.management_ports) {
+            conf.push_str(&format!(
+                "management.tcp.ip = 127.0.0.1\n\
+                 management.tcp.port = {http}\n\
+                 management.ssl.ip = 127.0.0.1\n\
+                 management.ssl.port = {https}\n\
+                 management.ssl.cacertfile = {}\n\
+                 management.ssl.certfile = {}\n\
+                 management.ssl.keyfile = {}\n",
+                pki.ca_file.display(),
+                pki.server_cert_file.display(),
+                pki.server_key_file.display(),
+            ));
+            plugins = "[rabbitmq_management].\n";
+        }
         std::fs::write(d.join("rabbitmq.conf"), conf).unwrap();
-        std::fs::write(d.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(d.join("enabled_plugins"), plugins).unwrap();
         // Instead of /etc/rabbitmq/rabbitmq-env.conf, which names the shared node.
         std::fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
         let cookie = d.join(".erlang.cookie");
