@@ -1,13 +1,14 @@
 use crate::ConfigError;
-use crate::policy::{Decision, PolicyInput, ScalingPolicy};
+use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers};
 
 /// Never fewer workers than the tasks executing now, nor than the workers needed to hold the
 /// in-flight (prefetched, ETA) messages at `held_per_worker` each: scaling below that would stop
 /// workers that are doing or holding work.
 ///
-/// The floor is at most the current desired count: when more tasks execute than that, the extra
-/// ones run on workers already being stopped (a warm shutdown finishes its tasks), and raising the
-/// count again would start replacements instead of keeping them.
+/// Executing tasks count up to the workers the target keeps (the larger of its desired and
+/// running counts): tasks beyond that run on workers already being stopped (a warm shutdown
+/// finishes its tasks), and raising the count for them would start replacements instead of
+/// keeping them. Held messages always count: a worker must be up to hold or restore them.
 #[derive(Debug, Clone)]
 pub struct InFlightFloor<P> {
     inner: P,
@@ -38,15 +39,15 @@ impl<P: ScalingPolicy> ScalingPolicy for InFlightFloor<P> {
             .in_flight
             .unwrap_or(0)
             .div_ceil(u64::from(self.held_per_worker));
-        let floor = executing
-            .max(holding)
-            .min(u64::from(input.capacity.desired)) as u32;
+        let kept = kept_workers(input);
+        let floor = executing.min(kept).max(holding).min(u64::from(u32::MAX)) as u32;
         if d.desired < floor {
             d.push(
                 "in_flight_floor",
                 floor,
                 format!(
-                    "keep {floor}: {executing} executing, {} in flight at {} per worker",
+                    "keep {floor}: {executing} executing (counted up to the {kept} workers kept), \
+                     {} in flight at {} per worker",
                     obs.in_flight.unwrap_or(0),
                     self.held_per_worker
                 ),
@@ -79,6 +80,20 @@ mod tests {
         assert_eq!(p.decide(&input(&obs, 9, now)).desired, 3);
         // Already scaled in to 2 while 3 execute: the third worker is leaving; keep 2.
         assert_eq!(p.decide(&input(&obs, 2, now)).desired, 2);
+        // Held messages still count in full: a worker must be up to hold (or restore) them.
+        obs.in_flight = Some(17);
+        assert_eq!(p.decide(&input(&obs, 2, now)).desired, 5);
+        obs.in_flight = Some(0);
+        // Scale-in protection keeps 3 busy workers running at desired 1: all 3 count.
+        let protected = PolicyInput {
+            capacity: crate::Capacity {
+                desired: 1,
+                running: 3,
+                pending: 0,
+            },
+            ..input(&obs, 1, now)
+        };
+        assert_eq!(p.decide(&protected).desired, 3);
         assert!(InFlightFloor::new(Scripted::default(), 0).is_err());
     }
 }

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use crate::ConfigError;
-use crate::policy::{Decision, PolicyInput, ScalingPolicy, tasks_per_worker_within};
+use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers, tasks_per_worker_within};
 
 /// Enough workers that every waiting task starts within `target_wait`: the workers busy now,
 /// plus `waiting / max(1, throughput x target_wait)` more, where waiting means ready messages
@@ -9,10 +9,12 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, tasks_per_worker_withi
 ///
 /// Throughput (tasks per second one worker process completes) is taken from the observation
 /// when the source measured it (Celery worker heartbeats), and from the configured value
-/// otherwise. Busy workers are the executing tasks from heartbeats, at most the current desired
-/// count: tasks beyond it run on workers already being stopped (a warm shutdown finishes its
-/// task), and counting them would ask for their replacements. Without heartbeats every
-/// outstanding message (ready and in flight) counts as waiting, which errs towards more capacity.
+/// otherwise. Busy workers are the executing tasks from heartbeats, at most the workers the
+/// target keeps (the larger of its desired and running counts): tasks beyond that run on workers
+/// already being stopped (a warm shutdown finishes its task), and counting them would ask for
+/// their replacements. Workers kept by scale-in protection still count as running, so their tasks
+/// count. Without heartbeats every outstanding message (ready and in flight) counts as waiting,
+/// which errs towards more capacity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainTime {
     target_wait: Duration,
@@ -61,7 +63,7 @@ impl ScalingPolicy for DrainTime {
         // the fleet size (and keep it alive through the in-flight floor). Without heartbeats the
         // busy workers are unknown, so every outstanding message counts as waiting.
         let (busy, waiting) = match obs.executing {
-            Some(executing) => (executing.min(u64::from(input.capacity.desired)), obs.ready),
+            Some(executing) => (executing.min(kept_workers(input)), obs.ready),
             None => (0, obs.outstanding()),
         };
         let per_worker = tasks_per_worker_within(throughput, self.target_wait.as_secs_f64());
@@ -117,6 +119,19 @@ mod tests {
         assert_eq!(decide_at(&mut p, &obs, 9), 11);
         // With desired at 10 or more, every executing task counts.
         assert_eq!(decide_at(&mut p, &obs, 12), 12);
+        // Scale-in protection keeps 10 busy workers running at a desired count of 5: their
+        // tasks count, so the 2 waiting tasks get workers of their own.
+        let protected = p.decide(&PolicyInput {
+            observation: Some(&obs),
+            consecutive_failures: 0,
+            capacity: Capacity {
+                desired: 5,
+                running: 10,
+                pending: 0,
+            },
+            now: obs.at,
+        });
+        assert_eq!(protected.desired, 12);
     }
 
     #[test]

@@ -137,6 +137,13 @@ pub fn decide_guarded(policy: &mut dyn ScalingPolicy, input: &PolicyInput<'_>) -
     decision
 }
 
+/// The workers the target keeps, for counting busy ones: the larger of its desired and running
+/// counts. Tasks executing beyond that run on workers being stopped (they finish, then leave);
+/// workers kept by scale-in protection count as running.
+pub(crate) fn kept_workers(input: &PolicyInput<'_>) -> u64 {
+    u64::from(input.capacity.desired.max(input.capacity.running))
+}
+
 /// The per-worker rate limit used by [`DrainTime`] and by the simulator's default: how many
 /// tasks one worker can start within `window` at `throughput` tasks per second (at least one).
 pub(crate) fn tasks_per_worker_within(throughput: f64, window_s: f64) -> f64 {
