@@ -56,7 +56,9 @@ impl FeedShared {
     }
 }
 
-/// The side of a [`WorkerFeed`] its transport writes to: cheap to clone.
+/// The side of a [`WorkerFeed`] its transport writes to: cheap to clone. A transport run uses
+/// it only while it runs (the next run gets a fresh clone after [`FeedSink::up`] forgot the
+/// workers heard before); a clone kept past that would feed stale events.
 #[derive(Debug, Clone)]
 pub struct FeedSink {
     shared: Arc<FeedShared>,
@@ -114,7 +116,9 @@ impl WorkerFeed {
     /// Starts the feed on `runtime`. `transport` runs the transport once: it sets it up, calls
     /// [`FeedSink::up`] once it is, then hands every decoded event to [`FeedSink::apply`] until
     /// the transport ends (`Ok`) or fails (`Err`). It is called again after a backoff of 200 ms,
-    /// doubling up to 5 s, back to 200 ms once a transport came up.
+    /// doubling up to 5 s, back to 200 ms once a transport came up. Each run is a task of its
+    /// own: one that panics counts as failed (the feed is down, then set up again), never as
+    /// still up.
     pub fn start<T, F, E>(
         settings: FeedSettings,
         runtime: &tokio::runtime::Handle,
@@ -179,6 +183,15 @@ impl Drop for WorkerFeed {
     }
 }
 
+/// Aborts the task when dropped (the feed's own task was aborted or returned).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run<T, F, E>(
     settings: FeedSettings,
     sink: FeedSink,
@@ -186,8 +199,8 @@ async fn run<T, F, E>(
     mut transport: T,
 ) where
     T: FnMut(FeedSink) -> F,
-    F: Future<Output = Result<(), E>>,
-    E: Display,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: Display + Send + 'static,
 {
     let FeedSettings {
         transport: what,
@@ -196,17 +209,21 @@ async fn run<T, F, E>(
     } = settings;
     let mut backoff = MIN_BACKOFF;
     loop {
+        let mut attempt = AbortOnDrop(tokio::spawn(transport(sink.clone())));
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
-            outcome = transport(sink.clone()) => outcome,
+            outcome = &mut attempt.0 => outcome,
         };
         if sink.down() {
             backoff = MIN_BACKOFF;
         }
         match outcome {
-            Ok(()) => tracing::warn!(url = %url, "{what} ended; setting it up again"),
-            Err(e) => {
+            Ok(Ok(())) => tracing::warn!(url = %url, "{what} ended; setting it up again"),
+            Ok(Err(e)) => {
                 tracing::warn!(url = %url, error = %e, "{what} failed; retrying in {backoff:?}")
+            }
+            Err(e) => {
+                tracing::error!(url = %url, error = %e, "{what} panicked; retrying in {backoff:?}")
             }
         }
         tokio::select! {
@@ -298,5 +315,40 @@ mod tests {
             "the beat before the reconnect is forgotten"
         );
         drop(feed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transport_that_panics_is_down_then_set_up_again() {
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+        let feed = WorkerFeed::start(
+            settings(Duration::ZERO, &[]),
+            &tokio::runtime::Handle::current(),
+            move |sink: FeedSink| {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let tx = tx.clone();
+                async move {
+                    sink.up();
+                    sink.apply(&beat("celery@a"), Instant::now());
+                    if n == 0 {
+                        // Up, with a worker heard: the panic must not leave it looking so.
+                        let _ = tx.send(true);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        panic!("a bug in a transport");
+                    }
+                    std::future::pending::<Result<(), String>>().await
+                }
+            },
+        );
+        assert_eq!(rx.recv().await, Some(true));
+        // Between the panic and the retry (200 ms later) the feed is down: no figures.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!feed.is_up(), "down after the panic");
+        assert_eq!(feed.summary(Instant::now()), None);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(feed.is_up(), "set up again");
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        feed.shutdown().await;
     }
 }
