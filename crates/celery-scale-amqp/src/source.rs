@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     config: AmqpSourceConfig,
     uri: AMQPUri,
     /// The CA and client identity for `amqps://` (empty: the web PKI roots, no identity).
+    /// Its `Debug` prints the PKCS#12 password and the key: never derive `Debug` for `Inner`.
     tls: OwnedTLSConfig,
     url: String,
     vhost: String,
