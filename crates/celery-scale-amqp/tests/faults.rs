@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use celery_scale_amqp::{AmqpQueueSource, AmqpSourceConfig, AmqpSourceError, ManagementConfig};
@@ -91,6 +90,55 @@ fn binding(source: Arc<AmqpQueueSource>, scaler: &MemoryScaler) -> Binding {
         policy.build().unwrap(),
     )
     .unwrap()
+}
+
+/// A binding over `source` on `scaler` (from 0), ticked once: it reads `ready` messages and
+/// scales out. Returns the binding and the desired count it set.
+async fn scaled_out(
+    source: &Arc<AmqpQueueSource>,
+    scaler: &MemoryScaler,
+    ready: u64,
+) -> (Binding, u32) {
+    let mut b = binding(Arc::clone(source), scaler);
+    let record = b.tick().await;
+    assert_eq!(
+        record.observation.as_ref().map(|o| o.ready),
+        Some(ready),
+        "{record:?}"
+    );
+    let desired = scaler.capacity().await.unwrap().desired;
+    assert!(desired > 0, "{ready} ready tasks scale out: {record:?}");
+    (b, desired)
+}
+
+/// Three ticks while the broker is unreachable: each records a transient fault (unavailable or
+/// timed out), holds, and leaves the desired count at `desired`.
+async fn holds_through_outage(b: &mut Binding, scaler: &MemoryScaler, desired: u32) {
+    for _ in 0..3 {
+        let record = b.tick().await;
+        let e = record
+            .observation_error
+            .as_ref()
+            .unwrap_or_else(|| panic!("the broker is unreachable: {record:?}"));
+        assert!(e.transient, "{e:?}");
+        assert!(
+            matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Timeout),
+            "{e:?}"
+        );
+        assert!(
+            matches!(
+                record.outcome,
+                Outcome::Held { .. } | Outcome::Unchanged { .. }
+            ),
+            "{:?}",
+            record.outcome
+        );
+        assert_eq!(
+            scaler.capacity().await.unwrap().desired,
+            desired,
+            "a failed observation never changes capacity: {record:?}"
+        );
+    }
 }
 
 /// RabbitMQ closes the source's connection (`DELETE /api/connections/{name}` on the management
@@ -198,32 +246,10 @@ async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
         .unwrap(),
     );
     let scaler = MemoryScaler::new(0);
-    let mut b = binding(Arc::clone(&source), &scaler);
-    let record = b.tick().await;
-    assert_eq!(
-        record.observation.as_ref().map(|o| o.ready),
-        Some(6),
-        "{record:?}"
-    );
-    let desired = scaler.capacity().await.unwrap().desired;
-    assert!(desired > 0, "6 ready tasks scale out: {record:?}");
+    let (mut b, desired) = scaled_out(&source, &scaler, 6).await;
 
     proxy.cut();
-    for _ in 0..3 {
-        let e = source.observe().await.unwrap_err();
-        assert!(e.is_transient(), "{e}");
-        assert!(
-            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
-            "{e}"
-        );
-        let record = b.tick().await;
-        assert!(record.observation_error.is_some(), "{record:?}");
-        assert_eq!(
-            scaler.capacity().await.unwrap().desired,
-            desired,
-            "a failed observation never scales in: {record:?}"
-        );
-    }
+    holds_through_outage(&mut b, &scaler, desired).await;
 
     proxy.restore().await;
     let obs = poll(
@@ -275,15 +301,7 @@ async fn rabbitmq_restarted_mid_run_the_loop_holds_then_recovers() {
         .unwrap(),
     );
     let scaler = MemoryScaler::new(0);
-    let mut b = binding(Arc::clone(&source), &scaler);
-    let record = b.tick().await;
-    assert_eq!(
-        record.observation.as_ref().map(|o| o.ready),
-        Some(9),
-        "{record:?}"
-    );
-    let desired = scaler.capacity().await.unwrap().desired;
-    assert!(desired > 0, "9 ready tasks scale out: {record:?}");
+    let (mut b, desired) = scaled_out(&source, &scaler, 9).await;
     poll(
         "the heartbeat consumer",
         Duration::from_secs(15),
@@ -292,31 +310,7 @@ async fn rabbitmq_restarted_mid_run_the_loop_holds_then_recovers() {
     .await;
 
     broker.stop().await;
-    for _ in 0..3 {
-        let record = b.tick().await;
-        let e = record
-            .observation_error
-            .as_ref()
-            .unwrap_or_else(|| panic!("the broker is down: {record:?}"));
-        assert!(e.transient, "{e:?}");
-        assert!(
-            matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Timeout),
-            "{e:?}"
-        );
-        assert!(
-            matches!(
-                record.outcome,
-                Outcome::Held { .. } | Outcome::Unchanged { .. }
-            ),
-            "{:?}",
-            record.outcome
-        );
-        assert_eq!(
-            scaler.capacity().await.unwrap().desired,
-            desired,
-            "a failed observation never changes capacity: {record:?}"
-        );
-    }
+    holds_through_outage(&mut b, &scaler, desired).await;
     assert!(!source.is_consuming_heartbeats());
 
     let down_for = broker.start_again().await;
@@ -410,32 +404,12 @@ async fn management_and_amqp_fall_back_on_each_other() {
     assert_eq!(obs.consumers, Some(0));
 }
 
-/// Collects everything tracing writes, at every level, from every crate (lapin included).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_wrong_password_is_a_typed_error_that_never_shows_it() {
     let Some((amqp, mgmt_url)) = amqp_and_mgmt() else {
         return;
     };
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
 
     let secret = "Wr0ng-pa55word-x9";
     // The test URL with its password replaced by a wrong one.
@@ -486,7 +460,7 @@ async fn a_wrong_password_is_a_typed_error_that_never_shows_it() {
     );
     shown.push(format!("{me} {me:?}"));
     drop(source);
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();
+    let logs = captured.text();
     assert!(
         logs.contains("refused the login") || logs.contains("ACCESS_REFUSED"),
         "the failure is logged: {logs}"

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celery_scale_amqp::{
@@ -195,30 +194,10 @@ async fn amqps_with_a_private_ca_conforms_and_an_untrusted_certificate_is_a_type
     .await;
 }
 
-/// Collects everything tracing writes, at every level, from every crate (lapin included).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 // One thread, so that the log capture (set for this thread) sees lapin's tasks too.
 #[tokio::test]
 async fn mutual_tls_with_a_pem_or_pkcs12_client_identity() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
     let Some(broker) = ScratchBroker::start(Some(ScratchTls {
         require_client_cert: true,
         https_management: false,
@@ -288,7 +267,7 @@ async fn mutual_tls_with_a_pem_or_pkcs12_client_identity() {
     assert!(tls_errors > 0, "the broker's alert was never seen");
     assert_eq!(anonymous.connections_opened(), 0);
 
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();
+    let logs = captured.text();
     // The capture works (our own line is in it); whatever lapin logged on this thread by now
     // is in it too, and neither may hold a password.
     assert!(
