@@ -29,6 +29,10 @@ struct Args {
     /// Write the generated traces as CSV into this directory (e.g. traces/).
     #[arg(long)]
     write_traces: Option<PathBuf>,
+    /// Busy workers protect themselves from scale-in (the ECS and EC2 protection recipes), for
+    /// every policy; by default a scale-in stops random workers, busy or not.
+    #[arg(long)]
+    scale_in_protection: bool,
 }
 
 fn svg(
@@ -128,7 +132,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<18} {:<20} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "trace", "policy", "worker-s", "xLB", "p50 s", "p95 s", "p99 s", "max s", "actions"
     );
-    let results = report::run(&traces, args.seed)?;
+    let world = celery_scale::sim::SimConfig {
+        scale_in_protection: args.scale_in_protection,
+        ..report::world(args.seed)
+    };
+    let results = report::run_in(&traces, world)?;
     let mut rows = Vec::new();
     for (name, _) in &traces {
         let runs: Vec<(&str, &SimResult)> = results

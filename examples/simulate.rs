@@ -39,6 +39,10 @@ struct Args {
     /// Worker start-up time (billed).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     startup: Duration,
+    /// Busy workers protect themselves from scale-in (the ECS and EC2 protection recipes);
+    /// by default a scale-in stops random workers, busy or not.
+    #[arg(long)]
+    scale_in_protection: bool,
     /// Random seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -209,6 +213,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sim = Simulator::new(SimConfig {
         seed: args.seed,
         startup: args.startup,
+        scale_in_protection: args.scale_in_protection,
         settle: Duration::from_secs(300),
         ..SimConfig::default()
     });

@@ -69,6 +69,11 @@ pub struct SimConfig {
     pub prefetch_multiplier: u32,
     /// Units running at the start.
     pub initial_units: u32,
+    /// Busy units protect themselves from scale-in, as the ECS task scale-in protection and the
+    /// EC2 instance protection recipes do (`docs/ecs.md`, `docs/ec2.md`): a scale-in stops idle
+    /// units, and a busy unit above the desired count is stopped once it has no task left.
+    /// Without it, a scale-in stops units chosen at random, busy or not (warm shutdown).
+    pub scale_in_protection: bool,
     /// After the last task completes, keep simulating until the fleet has not changed for this
     /// long (so slow scale-in is billed).
     #[serde(with = "humantime_serde")]
@@ -91,6 +96,7 @@ impl Default for SimConfig {
             workers_per_unit: 1,
             prefetch_multiplier: 4,
             initial_units: 0,
+            scale_in_protection: false,
             settle: Duration::from_secs(900),
             horizon_after_last_arrival: Duration::from_secs(6 * 3600),
             sample_every: Duration::from_secs(5),
@@ -397,11 +403,13 @@ impl World {
                 }
             }
             while excess > 0 {
+                let protection = self.config.scale_in_protection;
                 let candidates: Vec<usize> = fleet
                     .units
                     .iter()
                     .enumerate()
                     .filter(|(_, u)| !u.stopping && u.ended_s.is_none())
+                    .filter(|(_, u)| !protection || (u.busy() == 0 && u.reserved.is_empty()))
                     .map(|(i, _)| i)
                     .collect();
                 let Some(&i) = candidates.get(self.rng.random_range(0..candidates.len().max(1)))
@@ -667,5 +675,62 @@ impl World {
                 simulated_s: end_s,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two running units, one executing a task and one idle, and a desired count of 1.
+    fn world_with_one_busy_unit(protection: bool, seed: u64) -> (World, Fleet) {
+        let config = SimConfig {
+            seed,
+            scale_in_protection: protection,
+            ..SimConfig::default()
+        };
+        let mut world = World::new(config, Trace::new(Vec::new()));
+        let mut busy = world.launch(0.0, 0.0);
+        busy.slots[0] = Some(600.0);
+        let idle = world.launch(0.0, 0.0);
+        let fleet = Fleet {
+            desired: 1,
+            units: vec![busy, idle],
+            now_s: 10.0,
+        };
+        (world, fleet)
+    }
+
+    #[test]
+    fn protection_stops_the_idle_unit_and_random_scale_in_may_stop_the_busy_one() {
+        for seed in 0..20 {
+            let (mut world, mut fleet) = world_with_one_busy_unit(true, seed);
+            world.reconcile(&mut fleet, 10.0);
+            assert!(!fleet.units[0].stopping, "the busy unit is protected");
+            assert!(fleet.units[1].stopping, "the idle unit is stopped");
+        }
+        let busy_stopped = (0..20)
+            .filter(|&seed| {
+                let (mut world, mut fleet) = world_with_one_busy_unit(false, seed);
+                world.reconcile(&mut fleet, 10.0);
+                fleet.units[0].stopping
+            })
+            .count();
+        assert!(
+            (1..20).contains(&busy_stopped),
+            "without protection the victim is random: busy one stopped {busy_stopped} of 20 times"
+        );
+    }
+
+    #[test]
+    fn a_protected_unit_above_the_desired_count_stops_once_idle() {
+        let (mut world, mut fleet) = world_with_one_busy_unit(true, 1);
+        fleet.desired = 0;
+        world.reconcile(&mut fleet, 10.0);
+        assert!(!fleet.units[0].stopping, "still executing: kept");
+        // Its task ends; the next reconcile stops it.
+        fleet.units[0].slots[0] = None;
+        world.reconcile(&mut fleet, 700.0);
+        assert!(fleet.units[0].stopping);
     }
 }

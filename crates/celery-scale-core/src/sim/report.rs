@@ -97,7 +97,16 @@ pub fn run(
     traces: &[(String, Trace)],
     seed: u64,
 ) -> Result<Vec<(ReportRow, SimResult)>, ConfigError> {
-    let sim = Simulator::new(world(seed));
+    run_in(traces, world(seed))
+}
+
+/// [`run`] in another world (e.g. [`world`] with `scale_in_protection`), the same for every
+/// policy.
+pub fn run_in(
+    traces: &[(String, Trace)],
+    world: SimConfig,
+) -> Result<Vec<(ReportRow, SimResult)>, ConfigError> {
+    let sim = Simulator::new(world);
     let mut out = Vec::new();
     for (name, trace) in traces {
         let lower_bound = trace.busy_time().as_secs_f64();
