@@ -19,7 +19,11 @@ use crate::error::AmqpSourceError;
 
 /// Reads and checks the files of `tls`; the error names the field.
 pub(crate) fn load(tls: &TlsConfig) -> Result<OwnedTLSConfig, AmqpSourceError> {
-    let cert_chain = tls.ca_file.as_deref().map(read_ca).transpose()?;
+    let cert_chain = tls
+        .ca_file
+        .as_deref()
+        .map(|path| read_ca_file("tls.ca_file", path))
+        .transpose()?;
     let identity = match (
         &tls.client_cert_file,
         &tls.client_key_file,
@@ -78,14 +82,9 @@ fn certificates(
     Ok(certs)
 }
 
-/// The CA file as the PEM text lapin takes, once every certificate in it is a usable trust
-/// anchor (rustls would skip the others without a word).
-fn read_ca(path: &Path) -> Result<String, AmqpSourceError> {
-    read_ca_file("tls.ca_file", path)
-}
-
-/// The PEM file of CA certificates that `field` names, once every certificate in it is a usable
-/// trust anchor; the error names `field`.
+/// The PEM file of CA certificates that `field` names, as the PEM text lapin (and reqwest) take,
+/// once every certificate in it is a usable trust anchor (rustls would skip the others without a
+/// word); the error names `field`.
 pub(crate) fn read_ca_file(field: &'static str, path: &Path) -> Result<String, AmqpSourceError> {
     let pem = read(field, path)?;
     let certs = certificates(field, path, &pem)?;
