@@ -26,7 +26,9 @@ pub enum WorkerEventKind {
     Heartbeat,
     /// `worker-online`: the worker started.
     Online,
-    /// `worker-offline`: the worker is shutting down (warm shutdown).
+    /// `worker-offline`: the worker is shutting down. Sent when a warm shutdown **begins**,
+    /// while its executing tasks still run (Celery 5 stops the consumer, heartbeat included,
+    /// before it waits for the pool).
     Offline,
 }
 

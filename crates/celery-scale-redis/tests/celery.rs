@@ -460,3 +460,64 @@ async fn live_worker_prefetch_heartbeats_and_warm_shutdown() {
     assert_eq!(obs.executing, Some(0));
     src.shutdown().await;
 }
+
+/// Celery sends `worker-offline` when its warm shutdown **begins**, not when its last task ends
+/// (Celery 5 stops the consumer, and its heartbeat, before waiting for the pool): a worker being
+/// stopped is gone from the heartbeat count while it finishes its tasks. The policy counts busy
+/// workers, and the simulator models warm shutdown, on this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_in_warm_shutdown_is_offline_while_its_tasks_finish() {
+    let Some((url, python)) = celery_env() else {
+        return;
+    };
+    let prefix = unique("warm");
+    let _cleanup = Cleanup::prefix(&url, &prefix);
+    let options = json!({"global_keyprefix": prefix});
+    let name = unique("warmw");
+    let src = source(
+        RedisSourceConfig::builder(url.as_str())
+            .queue("work")
+            .global_keyprefix(&prefix)
+            .worker_hostname(format!("{name}@*")),
+    );
+    // Two 30-second tasks: one for each of the worker's two processes.
+    celery_publish(
+        &python,
+        &url,
+        &options,
+        &["--queue", "work", "--count", "2", "--seconds", "30"],
+    )
+    .await;
+    let mut worker = CeleryWorker::start(&python, &url, &options, &json!({}), "work", &name);
+    poll(
+        "heartbeats with 2 executing tasks",
+        Duration::from_secs(40),
+        || async {
+            let obs = src.observe().await.unwrap();
+            (obs.executing == Some(2) && obs.live_workers == Some(1)).then_some(())
+        },
+    )
+    .await;
+    worker.terminate();
+    let obs = poll(
+        "the worker offline while its tasks still run",
+        Duration::from_secs(10),
+        || async {
+            let obs = src.observe().await.unwrap();
+            (obs.live_workers == Some(0)).then_some(obs)
+        },
+    )
+    .await;
+    assert_eq!(obs.executing, Some(0), "its tasks are no longer counted");
+    assert!(
+        !worker.wait(Duration::from_millis(100)).await,
+        "the warm shutdown is still finishing the 30-second tasks\n{}",
+        worker.log_tail()
+    );
+    assert!(
+        worker.wait(Duration::from_secs(45)).await,
+        "warm shutdown ends once the tasks finish\n{}",
+        worker.log_tail()
+    );
+    src.shutdown().await;
+}

@@ -7,8 +7,9 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers};
 ///
 /// Executing tasks count up to the workers the target keeps (the larger of its desired and
 /// running counts): tasks beyond that run on workers already being stopped (a warm shutdown
-/// finishes its tasks), and raising the count for them would start replacements instead of
-/// keeping them. Held messages always count: a worker must be up to hold or restore them.
+/// finishes its tasks; Celery reports the worker offline when it begins, but the event may not
+/// be read yet), and raising the count for them would start replacements instead of keeping
+/// them. Held messages always count: a worker must be up to hold or restore them.
 #[derive(Debug, Clone)]
 pub struct InFlightFloor<P> {
     inner: P,

@@ -10,9 +10,10 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers, tasks_pe
 /// Throughput (tasks per second one worker process completes) is taken from the observation
 /// when the source measured it (Celery worker heartbeats), and from the configured value
 /// otherwise. Busy workers are the executing tasks from heartbeats, at most the workers the
-/// target keeps (the larger of its desired and running counts): tasks beyond that run on workers
-/// already being stopped (a warm shutdown finishes its task), and counting them would ask for
-/// their replacements. Workers kept by scale-in protection still count as running, so their tasks
+/// target keeps (the larger of its desired and running counts). Celery reports a worker offline
+/// when its warm shutdown begins, so the tasks it is finishing leave the count at once; the cap
+/// covers the seconds before that event is read and a worker stopped without one, whose tasks
+/// would otherwise ask for their own replacements. Workers kept by scale-in protection still count as running, so their tasks
 /// count. Without heartbeats every outstanding message (ready and in flight) counts as waiting,
 /// which errs towards more capacity.
 #[derive(Debug, Clone, PartialEq)]

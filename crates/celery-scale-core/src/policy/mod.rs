@@ -138,8 +138,9 @@ pub fn decide_guarded(policy: &mut dyn ScalingPolicy, input: &PolicyInput<'_>) -
 }
 
 /// The workers the target keeps, for counting busy ones: the larger of its desired and running
-/// counts. Tasks executing beyond that run on workers being stopped (they finish, then leave);
-/// workers kept by scale-in protection count as running.
+/// counts. Tasks executing beyond that run on workers being stopped (they finish, then leave;
+/// Celery reports them offline when the warm shutdown begins, but the event may not be read
+/// yet); workers kept by scale-in protection count as running.
 pub(crate) fn kept_workers(input: &PolicyInput<'_>) -> u64 {
     u64::from(input.capacity.desired.max(input.capacity.running))
 }

@@ -4,7 +4,10 @@
 //! The broker is a [`MemoryQueue`]; simulated Celery worker nodes reserve messages with prefetch,
 //! execute one task per worker process, ack early (as Celery does by default), send heartbeats
 //! into a [`WorkerRegistry`] every 2 s, and stop with a warm shutdown (prefetched messages go
-//! back to the queue, executing tasks finish and are billed). New units start after a billed
+//! back to the queue, executing tasks finish and are billed). As Celery does, a node sends
+//! `worker-offline` when its warm shutdown begins, not when its last task ends: the tasks it is
+//! finishing are no longer in the heartbeat count (Celery 5 stops the consumer, and with it the
+//! heartbeat, before it waits for the pool). New units start after a billed
 //! start-up delay. Which unit a scale-in stops is random (seeded), as ECS and Auto Scaling do
 //! not choose by idleness. Time is tokio's paused clock, so a day of traffic runs in a second.
 //!
@@ -239,6 +242,8 @@ struct Unit {
     reserved: VecDeque<u64>,
     processed: u64,
     hostname: String,
+    /// `worker-offline` was sent: the node sends no more events.
+    offline_sent: bool,
 }
 
 impl Unit {
@@ -369,6 +374,7 @@ impl World {
             reserved: VecDeque::new(),
             processed: 0,
             hostname: format!("celery@sim-{}", self.next_host),
+            offline_sent: false,
         }
     }
 
@@ -494,20 +500,24 @@ impl World {
         now_s + duration
     }
 
-    fn beat(&self, fleet: &Fleet, now_s: f64, now: Instant) {
+    /// Every running node sends a heartbeat; a node that has begun its warm shutdown (or ended)
+    /// sends `worker-offline` once and then nothing.
+    fn beat(&self, fleet: &mut Fleet, now_s: f64, now: Instant) {
         let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        for u in fleet.units.iter().filter(|u| u.ready_s <= now_s) {
-            let kind = if u.ended_s.is_some() {
-                WorkerEventKind::Offline
-            } else {
-                WorkerEventKind::Heartbeat
-            };
-            if kind == WorkerEventKind::Offline && u.ended_s.is_some_and(|e| e < now_s - 2.0) {
-                continue;
-            }
+        for u in fleet
+            .units
+            .iter_mut()
+            .filter(|u| u.ready_s <= now_s && !u.offline_sent)
+        {
+            let leaving = u.stopping || u.ended_s.is_some();
+            u.offline_sent = leaving;
             reg.apply(
                 &WorkerEvent {
-                    kind,
+                    kind: if leaving {
+                        WorkerEventKind::Offline
+                    } else {
+                        WorkerEventKind::Heartbeat
+                    },
                     hostname: u.hostname.clone(),
                     active: u.busy() as u64,
                     processed: u.processed,
@@ -586,7 +596,7 @@ impl World {
                 f.now_s = now_s;
                 self.work(&mut f, now_s);
                 if n.is_multiple_of(beat_steps) {
-                    self.beat(&f, now_s, now);
+                    self.beat(&mut f, now_s, now);
                 }
             }
             if n.is_multiple_of(interval_steps) {
@@ -719,6 +729,29 @@ mod tests {
         assert!(
             (1..20).contains(&busy_stopped),
             "without protection the victim is random: busy one stopped {busy_stopped} of 20 times"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_in_warm_shutdown_is_offline_while_it_finishes_its_task() {
+        let (world, mut fleet) = world_with_one_busy_unit(false, 1);
+        let now = Instant::now();
+        world.beat(&mut fleet, 10.0, now);
+        let summary = world.registry.lock().unwrap().summary(now);
+        assert_eq!((summary.live_workers, summary.executing), (2, 1));
+        // The busy node begins its warm shutdown: Celery sends worker-offline at once, while
+        // its task still runs, and nothing after.
+        fleet.units[0].stopping = true;
+        world.beat(&mut fleet, 12.0, now);
+        assert!(fleet.units[0].offline_sent);
+        assert_eq!(fleet.units[0].busy(), 1, "still executing");
+        let summary = world.registry.lock().unwrap().summary(now);
+        assert_eq!((summary.live_workers, summary.executing), (1, 0));
+        world.beat(&mut fleet, 14.0, now);
+        let summary = world.registry.lock().unwrap().summary(now);
+        assert_eq!(
+            summary.live_workers, 1,
+            "no heartbeat after the offline event"
         );
     }
 
