@@ -18,9 +18,9 @@ struct Args {
     /// A trace file (CSV `at_s,count,duration_s[,queue]`); default: a built-in burst.
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Base policy: drain_time or target_backlog.
-    #[arg(long, default_value = "drain_time")]
-    policy: String,
+    /// Base policy: target_backlog or drain_time [default: the shipped default, target_backlog].
+    #[arg(long)]
+    policy: Option<String>,
     /// Fewest workers.
     #[arg(long)]
     min_workers: Option<u32>,
@@ -80,15 +80,17 @@ fn policy(args: &Args) -> Result<PolicyConfig, String> {
         max_workers: 50,
         ..PolicyConfig::default()
     };
-    p.kind = match args.policy.as_str() {
-        "drain_time" => PolicyKind::DrainTime,
-        "target_backlog" => PolicyKind::TargetBacklog,
-        other => {
-            return Err(format!(
-                "--policy {other:?}: expected drain_time or target_backlog"
-            ));
-        }
-    };
+    if let Some(kind) = &args.policy {
+        p.kind = match kind.as_str() {
+            "drain_time" => PolicyKind::DrainTime,
+            "target_backlog" => PolicyKind::TargetBacklog,
+            other => {
+                return Err(format!(
+                    "--policy {other:?}: expected target_backlog or drain_time"
+                ));
+            }
+        };
+    }
     if let Some(v) = args.min_workers {
         p.min_workers = v;
     }
@@ -229,12 +231,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!();
     let s = &result.summary;
+    let target = match policy_config.kind {
+        PolicyKind::TargetBacklog => {
+            format!("{} messages per worker", policy_config.messages_per_worker)
+        }
+        PolicyKind::DrainTime => format!("target wait {:?}", policy_config.target_wait),
+    };
     println!(
-        "policy            {:?} (min {}, max {}, target wait {:?})",
+        "policy            {:?} (min {}, max {}, {target}, scale-in window {:?})",
         policy_config.kind,
         policy_config.min_workers,
         policy_config.max_workers,
-        policy_config.target_wait
+        policy_config.stabilize_down
     );
     println!("tasks             {} ({} completed)", s.tasks, s.completed);
     println!(

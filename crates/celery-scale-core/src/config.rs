@@ -105,16 +105,16 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
-            kind: PolicyKind::DrainTime,
+            kind: PolicyKind::TargetBacklog,
             target_wait: Duration::from_secs(30),
             throughput_per_worker: 0.1,
             messages_per_worker: 5.0,
             min_workers: 0,
             max_workers: 10,
             activation_messages: 1,
-            scale_to_zero_after: Duration::from_secs(60),
+            scale_to_zero_after: Duration::from_secs(30),
             stabilize_up: Duration::ZERO,
-            stabilize_down: Duration::from_secs(60),
+            stabilize_down: Duration::from_secs(30),
             max_step_up: None,
             max_step_down: None,
             in_flight_floor: true,
