@@ -18,7 +18,7 @@ struct Args {
     /// A trace file (CSV `at_s,count,duration_s[,queue]`); default: a built-in burst.
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Base policy: target_backlog or drain_time [default: the shipped default, target_backlog].
+    /// Base policy: target_backlog or drain_time [default: the kind of `PolicyConfig::default()`].
     #[arg(long)]
     policy: Option<String>,
     /// Fewest workers.

@@ -13,9 +13,9 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers, tasks_pe
 /// target keeps (the larger of its desired and running counts). Celery reports a worker offline
 /// when its warm shutdown begins, so the tasks it is finishing leave the count at once; the cap
 /// covers the seconds before that event is read and a worker stopped without one, whose tasks
-/// would otherwise ask for their own replacements. Workers kept by scale-in protection still count as running, so their tasks
-/// count. Without heartbeats every outstanding message (ready and in flight) counts as waiting,
-/// which errs towards more capacity.
+/// would otherwise ask for their own replacements. Workers kept by scale-in protection still
+/// count as running, so their tasks count. Without heartbeats every outstanding message (ready
+/// and in flight) counts as waiting, which errs towards more capacity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainTime {
     target_wait: Duration,

@@ -405,6 +405,8 @@ impl World {
                 if !u.stopping && u.ended_s.is_none() && u.ready_s > now_s {
                     u.stopping = true;
                     u.ended_s = Some(now_s);
+                    // Never started, so never online: no worker-offline either.
+                    u.offline_sent = true;
                     excess -= 1;
                 }
             }
@@ -510,7 +512,9 @@ impl World {
             .filter(|u| u.ready_s <= now_s && !u.offline_sent)
         {
             let leaving = u.stopping || u.ended_s.is_some();
-            u.offline_sent = leaving;
+            if leaving {
+                u.offline_sent = true;
+            }
             reg.apply(
                 &WorkerEvent {
                     kind: if leaving {
