@@ -14,11 +14,15 @@
 //!   tasks, bursts of minute-long tasks, an hourly cron burst, ...), generated here, on which the
 //!   default policy and the previous default (`drain_time` 30 s, 60 s windows) meet the same
 //!   baselines: a check that the default was not fitted to the nine traces.
+//! - `worlds`: the suite (seed 1) in other simulated worlds: units of 4 worker processes
+//!   (Celery `--concurrency 4`), and `worker_prefetch_multiplier = 1` with the default policy
+//!   as shipped and as the README advises for that multiplier (`messages_per_worker` 2,
+//!   `held_per_worker` 1); the baselines target the same `messages_per_worker`.
 
 use std::time::Duration;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale::sim::baselines::{Fixed, Keda};
+use celery_scale::sim::baselines::{AwsTargetTracking, Fixed, Keda};
 use celery_scale::sim::{SimConfig, Simulator, Summary, Trace, report, suite};
 use clap::{Parser, ValueEnum};
 use rand::RngExt as _;
@@ -30,6 +34,7 @@ enum Experiment {
     KedaTargets,
     FixedFleets,
     Holdout,
+    Worlds,
 }
 
 #[derive(Debug, Parser)]
@@ -331,6 +336,79 @@ fn holdout(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn worlds() -> Result<(), Box<dyn std::error::Error>> {
+    println!("== worlds (seed 1): traces where the policy beats KEDA and AWS on both");
+    let seed = 1;
+    let shipped = default_policy();
+    let cases = [
+        (
+            "4 processes per unit",
+            SimConfig {
+                workers_per_unit: 4,
+                ..report::world(seed)
+            },
+            shipped.clone(),
+        ),
+        (
+            "prefetch 1, policy as shipped",
+            SimConfig {
+                prefetch_multiplier: 1,
+                ..report::world(seed)
+            },
+            shipped.clone(),
+        ),
+        (
+            "prefetch 1, policy adjusted",
+            SimConfig {
+                prefetch_multiplier: 1,
+                ..report::world(seed)
+            },
+            PolicyConfig {
+                messages_per_worker: 2.0,
+                held_per_worker: 1,
+                ..shipped.clone()
+            },
+        ),
+    ];
+    for (label, world, config) in cases {
+        let sim = Simulator::new(world);
+        let target = config.messages_per_worker;
+        let mut won = Vec::new();
+        let mut missed = Vec::new();
+        for (name, t) in suite::suite(seed) {
+            let baselines = [
+                sim.run(&t, Box::new(Keda::new(target, 0, report::MAX_WORKERS)))?
+                    .summary,
+                sim.run(
+                    &t,
+                    Box::new(AwsTargetTracking::new(target, 1, report::MAX_WORKERS)),
+                )?
+                .summary,
+            ];
+            let ours = sim.run(&t, config.build()?)?.summary;
+            if dominates(&ours, &baselines) {
+                won.push(name);
+            } else {
+                missed.push(format!(
+                    "{name} (ours {:.0} / {:.0} s, keda {:.0} / {:.0} s, aws {:.0} / {:.0} s)",
+                    ours.worker_seconds,
+                    ours.wait_p95_s,
+                    baselines[0].worker_seconds,
+                    baselines[0].wait_p95_s,
+                    baselines[1].worker_seconds,
+                    baselines[1].wait_p95_s
+                ));
+            }
+        }
+        println!(
+            "{label:<30} {} of 9; misses: {}",
+            won.len(),
+            missed.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let run = |e| args.only.is_empty() || args.only.contains(&e);
@@ -345,6 +423,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if run(Experiment::Holdout) {
         holdout(&args.seeds)?;
+    }
+    if run(Experiment::Worlds) {
+        worlds()?;
     }
     Ok(())
 }
