@@ -25,8 +25,6 @@ use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::sim::baselines::{AwsTargetTracking, Fixed, Keda};
 use celery_scale::sim::{SimConfig, Simulator, Summary, Trace, report, suite};
 use clap::{Parser, ValueEnum};
-use rand::RngExt as _;
-use rand::rngs::StdRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Experiment {
@@ -94,6 +92,20 @@ fn variants() -> Vec<(String, PolicyConfig)> {
     out
 }
 
+/// KEDA's and AWS target tracking's runs of `trace`, as the report configures them.
+fn baselines(
+    sim: &Simulator,
+    trace: &Trace,
+) -> Result<Vec<(&'static str, Summary)>, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for (name, p) in report::policies(trace)? {
+        if name == "keda" || name == "aws-target-tracking" {
+            out.push((name, sim.run(trace, p)?.summary));
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `ours` is at most every baseline on both cost and p95 wait.
 fn dominates(ours: &Summary, baselines: &[Summary]) -> bool {
     baselines
@@ -109,19 +121,14 @@ fn sweep_variants(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     for &seed in seeds {
         let sim = Simulator::new(report::world(seed));
         let traces = suite::suite(seed);
-        let mut baselines = Vec::new();
+        let mut per_trace = Vec::new();
         for (_, trace) in &traces {
-            let mut b = Vec::new();
-            for (name, p) in report::policies(trace)? {
-                if name == "keda" || name == "aws-target-tracking" {
-                    b.push(sim.run(trace, p)?.summary);
-                }
-            }
-            baselines.push(b);
+            let b = baselines(&sim, trace)?;
+            per_trace.push(b.into_iter().map(|(_, s)| s).collect::<Vec<_>>());
         }
         for (row, (_, config)) in rows.iter_mut().zip(&configs) {
             let (mut dominated, mut cost, mut p95, mut missed) = (0, 0.0, 0.0, Vec::new());
-            for ((name, trace), b) in traces.iter().zip(&baselines) {
+            for ((name, trace), b) in traces.iter().zip(&per_trace) {
                 let s = sim.run(trace, config.build()?)?.summary;
                 cost += s.worker_seconds;
                 p95 += s.wait_p95_s;
@@ -192,12 +199,9 @@ fn fixed_fleets() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn uniform(lo: f64, hi: f64) -> impl FnMut(&mut StdRng) -> Duration {
-    move |rng| Duration::from_secs_f64(rng.random_range(lo..hi))
-}
-
 /// The holdout traces: kinds of traffic the suite does not have.
 fn holdout_traces(seed: u64) -> Vec<(&'static str, Trace)> {
+    use suite::uniform;
     const H: u64 = 3600;
     let q = "celery";
     let hours = |h: u64| Duration::from_secs(h * H);
@@ -305,18 +309,15 @@ fn holdout(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     for &seed in seeds {
         let sim = Simulator::new(report::world(seed));
         for (name, t) in holdout_traces(seed) {
-            let mut baselines = Vec::new();
             let mut line = format!("seed {seed} {name:<18}");
-            for (policy, p) in report::policies(&t)? {
-                if policy == "keda" || policy == "aws-target-tracking" {
-                    let s = sim.run(&t, p)?.summary;
-                    line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
-                    baselines.push(s);
-                }
+            let mut theirs = Vec::new();
+            for (policy, s) in baselines(&sim, &t)? {
+                line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
+                theirs.push(s);
             }
             for (i, (label, config)) in candidates.iter().enumerate() {
                 let s = sim.run(&t, config.build()?)?.summary;
-                let won = dominates(&s, &baselines);
+                let won = dominates(&s, &theirs);
                 wins[i] += u32::from(won);
                 line += &format!(
                     " | {label} {:.0} / {:.0}{}",

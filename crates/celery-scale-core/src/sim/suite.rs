@@ -8,7 +8,8 @@ use rand::rngs::StdRng;
 
 use super::Trace;
 
-fn uniform(lo: f64, hi: f64) -> impl FnMut(&mut StdRng) -> Duration {
+/// Task durations drawn uniformly from `lo..hi` seconds, for [`Trace::from_rate`].
+pub fn uniform(lo: f64, hi: f64) -> impl FnMut(&mut StdRng) -> Duration {
     move |rng| Duration::from_secs_f64(rng.random_range(lo..hi))
 }
 
