@@ -30,7 +30,7 @@ fi
 
 # --- RabbitMQ (+ management plugin) ------------------------------------------------------------
 # The package also serves the throwaway nodes that the RabbitMQ restart and amqps:// tests start
-# on their own ports (crates/celery-scale-amqp/tests/common/scratch.rs); their certificates are
+# on their own ports (celery-scale-amqp/tests/common/scratch.rs); their certificates are
 # made in Rust, so nothing more is needed for them.
 if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
 if ! listening 5672; then

@@ -121,7 +121,7 @@ fn invalid_config_is_named() {
 
 #[test]
 fn shipped_traces_are_what_the_generator_makes() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../traces");
     let suite = celery_scale_core::sim::suite::suite(1);
     assert!(suite.len() >= 9);
     for (name, trace) in suite {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn repo_file(path: &str) -> String {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -48,7 +48,7 @@ fn the_iam_policy_allows_exactly_the_calls_made() {
     actions.sort();
     assert_eq!(actions, ["ecs:DescribeServices", "ecs:UpdateService"]);
     // ... and those are the only operations the crate's source sends.
-    let source = repo_file("crates/celery-scale-ecs/src/services.rs");
+    let source = repo_file("celery-scale-ecs/src/services.rs");
     let calls: Vec<&str> = source
         .split(".client\n")
         .skip(1)

@@ -275,7 +275,7 @@ impl QueueFixture for KombuFixture {
 
 /// Where the shared Celery test app lives.
 pub fn celery_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testing/celery")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testing/celery")
 }
 
 /// Runs the Celery test app's publisher against `broker` with transport `options` and returns

@@ -488,7 +488,7 @@ pub async fn delete_queues(amqp: &str, queues: &[&str]) {
 }
 
 pub fn celery_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testing/celery")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testing/celery")
 }
 
 /// Runs the shared publisher (`publish.py`) against `broker`; returns its JSON.
