@@ -1,5 +1,9 @@
 //! Configuration: serde structs (TOML and JSON), validated at construction with errors that name
 //! the field path and the rule, e.g. `bindings[0].policy.max_workers: 0 is below min_workers 1`.
+//! A value of the wrong type or an unknown key names its path the same way, from the root and
+//! through the backends' `source` and `scaler` sections, with its line:
+//! ``bindings[0].policy.max_workers: invalid value: integer `-1`, expected u32 (line 8)``.
+//! Every policy field has bounds that reject nonsense (see [`PolicyConfig`]).
 //!
 //! ```
 //! use celery_scale_core::config::Config;
@@ -39,13 +43,15 @@ pub enum PolicyKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepLimitConfig {
-    /// Workers that may be added/removed per period.
+    /// Workers that may be added/removed per period. At most 100 000 (the bound of
+    /// `max_workers`); `workers` and `percent` may not both be 0.
     #[serde(default)]
     pub workers: u32,
-    /// Percent of current capacity that may be added/removed per period.
+    /// Percent of current capacity that may be added/removed per period. At most 10 000
+    /// (100 times the current capacity).
     #[serde(default)]
     pub percent: u32,
-    /// The period.
+    /// The period. From 1 s to 24 h.
     #[serde(with = "humantime_serde")]
     pub period: Duration,
 }
@@ -54,49 +60,83 @@ pub struct StepLimitConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FallbackConfig {
-    /// Failed observations in a row before the fallback applies.
+    /// Failed observations in a row before the fallback applies. From 1 to 10 000.
     pub after_failures: u32,
-    /// Raise to at least this many workers; absent: hold.
+    /// Raise to at least this many workers; absent: hold. Within `min_workers..=max_workers`.
     #[serde(default)]
     pub capacity: Option<u32>,
 }
 
 /// A policy and its layers, as configured. [`PolicyConfig::build`] assembles
 /// `base -> in_flight_floor -> activation -> stabilize -> max_step -> bounds -> fallback`.
+///
+/// # Bounds
+///
+/// [`PolicyConfig::validate`] (and [`PolicyConfig::build`]) check every field against these
+/// bounds, whichever `kind` and layers are chosen: they are far beyond any real deployment and
+/// only reject nonsense (a 10^9-worker fleet, a timeout of centuries, 10^-300 messages per
+/// worker). A violation names the field, the value and the bound, e.g.
+/// `max_workers: 1000000000 is above the maximum 100000`. Floats must also be finite.
+///
+/// | field | bounds (inclusive) |
+/// |---|---|
+/// | `max_workers` | 1 ..= 100 000 |
+/// | `min_workers` | 0 ..= `max_workers` |
+/// | `messages_per_worker` | 0.01 ..= 1 000 000 |
+/// | `throughput_per_worker` (tasks/s) | 0.000001 ..= 1 000 000 |
+/// | `target_wait` | 1 s ..= 24 h |
+/// | `activation_messages` | 0 ..= 1 000 000 000 (0 acts as 1) |
+/// | `scale_to_zero_after`, `stabilize_up`, `stabilize_down` | 0 ..= 24 h |
+/// | `held_per_worker` | 1 ..= 10 000 |
+/// | `max_step_up` / `max_step_down`: `workers` | 0 ..= 100 000 (not both 0 with `percent`) |
+/// | `max_step_up` / `max_step_down`: `percent` | 0 ..= 10 000 |
+/// | `max_step_up` / `max_step_down`: `period` | 1 s ..= 24 h |
+/// | `fallback.after_failures` | 1 ..= 10 000 |
+/// | `fallback.capacity` | `min_workers` ..= `max_workers` |
+///
+/// ```
+/// use celery_scale_core::config::PolicyConfig;
+/// let e = PolicyConfig { max_workers: 1_000_000_000, ..PolicyConfig::default() }
+///     .validate()
+///     .unwrap_err();
+/// assert_eq!(e.to_string(), "max_workers: 1000000000 is above the maximum 100000");
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// The base policy.
     pub kind: PolicyKind,
-    /// `drain_time`: every waiting task should start within this.
+    /// `drain_time`: every waiting task should start within this. From 1 s to 24 h.
     #[serde(with = "humantime_serde")]
     pub target_wait: Duration,
     /// `drain_time`: tasks per second one worker completes, used until heartbeats measure it.
+    /// Finite, from 0.000001 to 1 000 000.
     pub throughput_per_worker: f64,
-    /// `target_backlog`: outstanding messages per worker.
+    /// `target_backlog`: outstanding messages per worker. Finite, from 0.01 to 1 000 000.
     pub messages_per_worker: f64,
-    /// Fewest workers.
+    /// Fewest workers. At most `max_workers`.
     pub min_workers: u32,
-    /// Most workers.
+    /// Most workers. From 1 to 100 000.
     pub max_workers: u32,
-    /// Scale from zero only at this many outstanding messages.
+    /// Scale from zero only at this many outstanding messages (0 acts as 1). At most 10^9.
     pub activation_messages: u64,
-    /// Scale to zero only after the queues were idle this long.
+    /// Scale to zero only after the queues were idle this long. At most 24 h.
     #[serde(with = "humantime_serde")]
     pub scale_to_zero_after: Duration,
-    /// Scale out to the lowest recommendation of this window (0: at once).
+    /// Scale out to the lowest recommendation of this window (0: at once). At most 24 h.
     #[serde(with = "humantime_serde")]
     pub stabilize_up: Duration,
-    /// Scale in to the highest recommendation of this window.
+    /// Scale in to the highest recommendation of this window. At most 24 h.
     #[serde(with = "humantime_serde")]
     pub stabilize_down: Duration,
-    /// Limit on growth per period.
+    /// Limit on growth per period (bounds on [`StepLimitConfig`]).
     pub max_step_up: Option<StepLimitConfig>,
-    /// Limit on shrinking per period.
+    /// Limit on shrinking per period (bounds on [`StepLimitConfig`]).
     pub max_step_down: Option<StepLimitConfig>,
     /// Never fewer workers than executing or holding tasks.
     pub in_flight_floor: bool,
     /// Messages a worker holds (Celery's `worker_prefetch_multiplier`), for the in-flight floor.
+    /// From 1 to 10 000 (checked even when `in_flight_floor` is off).
     pub held_per_worker: u32,
     /// What to do once observations keep failing.
     pub fallback: Option<FallbackConfig>,
@@ -124,7 +164,110 @@ impl Default for PolicyConfig {
     }
 }
 
+/// Most workers a binding may have (`max_workers`, a step's `workers`).
+const MAX_WORKERS: u32 = 100_000;
+/// Longest duration of any window, wait or period.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Shortest `target_wait` and step-limit `period`.
+const MIN_PERIOD: Duration = Duration::from_secs(1);
+/// Bounds of `messages_per_worker`.
+const MESSAGES_PER_WORKER: (f64, f64) = (0.01, 1e6);
+/// Bounds of `throughput_per_worker` (tasks per second).
+const THROUGHPUT_PER_WORKER: (f64, f64) = (1e-6, 1e6);
+/// Most `activation_messages`.
+const MAX_ACTIVATION_MESSAGES: u64 = 1_000_000_000;
+/// Bounds of `held_per_worker`.
+const HELD_PER_WORKER: (u32, u32) = (1, 10_000);
+/// Most step-limit `percent` (100 times the current capacity per period).
+const MAX_STEP_PERCENT: u32 = 10_000;
+/// Bounds of `fallback.after_failures`.
+const FALLBACK_AFTER_FAILURES: (u32, u32) = (1, 10_000);
+
+/// `value` within `min..=max`, or an error naming the field, the value and the bound.
+fn int_within<N: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: N,
+    min: N,
+    max: N,
+) -> Result<(), ConfigError> {
+    if value < min {
+        Err(ConfigError::new(
+            field,
+            format!("{value} is below the minimum {min}"),
+        ))
+    } else if value > max {
+        Err(ConfigError::new(
+            field,
+            format!("{value} is above the maximum {max}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A float for an error message: plain when readable, in exponent form when tiny or huge
+/// (`1e-300`, not 300 zeros).
+fn show_float(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e9).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A finite `value` within `bounds`, or an error naming the field, the value and the bound.
+fn float_within(field: &str, value: f64, (min, max): (f64, f64)) -> Result<(), ConfigError> {
+    // Written so that NaN fails too.
+    if value.is_finite() && value >= min && value <= max {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!(
+                "{} is not a finite number between {} and {}",
+                show_float(value),
+                show_float(min),
+                show_float(max)
+            ),
+        ))
+    }
+}
+
+/// `value` within `min..=max`, or an error naming the field, the value and the bound.
+fn duration_within(
+    field: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    let show = humantime::format_duration;
+    if value < min {
+        Err(ConfigError::new(
+            field,
+            format!("{} is below the minimum {}", show(value), show(min)),
+        ))
+    } else if value > max {
+        Err(ConfigError::new(
+            field,
+            format!("{} is above the maximum {}", show(value), show(max)),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+impl StepLimitConfig {
+    /// Checks the bounds of each field (see the table on [`PolicyConfig`]); the error names the
+    /// field relative to this struct.
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        int_within("workers", self.workers, 0, MAX_WORKERS)?;
+        int_within("percent", self.percent, 0, MAX_STEP_PERCENT)?;
+        duration_within("period", self.period, MIN_PERIOD, MAX_DURATION)
+    }
+}
+
 fn step_limit(c: &StepLimitConfig, field: &str) -> Result<StepLimit, ConfigError> {
+    c.check_bounds().map_err(|e| e.within(field))?;
     StepLimit::new(c.workers, c.percent, c.period).map_err(|e| e.within(field))
 }
 
@@ -132,6 +275,38 @@ impl PolicyConfig {
     /// Checks every field; the error names the field (relative to this struct).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.build().map(|_| ())
+    }
+
+    /// Checks the bounds of the scalar fields (the table above); step limits and the fallback
+    /// are checked where they are built.
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        int_within("max_workers", self.max_workers, 1, MAX_WORKERS)?;
+        float_within(
+            "messages_per_worker",
+            self.messages_per_worker,
+            MESSAGES_PER_WORKER,
+        )?;
+        float_within(
+            "throughput_per_worker",
+            self.throughput_per_worker,
+            THROUGHPUT_PER_WORKER,
+        )?;
+        duration_within("target_wait", self.target_wait, MIN_PERIOD, MAX_DURATION)?;
+        int_within(
+            "activation_messages",
+            self.activation_messages,
+            0,
+            MAX_ACTIVATION_MESSAGES,
+        )?;
+        for (field, value) in [
+            ("scale_to_zero_after", self.scale_to_zero_after),
+            ("stabilize_up", self.stabilize_up),
+            ("stabilize_down", self.stabilize_down),
+        ] {
+            duration_within(field, value, Duration::ZERO, MAX_DURATION)?;
+        }
+        let (min, max) = HELD_PER_WORKER;
+        int_within("held_per_worker", self.held_per_worker, min, max)
     }
 
     /// Builds the layered policy; fails on the first invalid field.
@@ -151,13 +326,10 @@ impl PolicyConfig {
                 "0 would never run a worker; must be at least 1",
             ));
         }
+        self.check_bounds()?;
         if let Some(f) = &self.fallback {
-            if f.after_failures == 0 {
-                return Err(ConfigError::new(
-                    "fallback.after_failures",
-                    "must be at least 1",
-                ));
-            }
+            let (min, max) = FALLBACK_AFTER_FAILURES;
+            int_within("fallback.after_failures", f.after_failures, min, max)?;
             if let Some(c) = f.capacity
                 && !(self.min_workers..=self.max_workers).contains(&c)
             {
@@ -267,6 +439,11 @@ impl<S, T> Config<S, T> {
 
 impl<S: serde::de::DeserializeOwned, T: serde::de::DeserializeOwned> Config<S, T> {
     /// Parses TOML and validates.
+    ///
+    /// A value of the wrong type, or an unknown key, names its path from the root, with the line
+    /// after the deserializer's message:
+    /// ``bindings[0].policy.max_workers: invalid value: integer `-1`, expected u32 (line 8)``.
+    /// A TOML syntax error, which has no path yet, names its line (`line 3: ...`).
     pub fn from_toml(
         text: &str,
         backends: impl Fn(&S, &T) -> Result<(), ConfigError>,
@@ -277,32 +454,92 @@ impl<S: serde::de::DeserializeOwned, T: serde::de::DeserializeOwned> Config<S, T
     }
 
     /// Parses JSON and validates.
+    ///
+    /// A value of the wrong type, or an unknown key, names its path from the root, with the line
+    /// and column after the deserializer's message: ``bindings[0].policy.max_workers: invalid
+    /// value: integer `-1`, expected u32 (line 1 column 42)``.
     pub fn from_json(
         text: &str,
         backends: impl Fn(&S, &T) -> Result<(), ConfigError>,
     ) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text).map_err(|e| {
-            ConfigError::new(
-                format!("line {} column {}", e.line(), e.column()),
-                e.to_string(),
-            )
-        })?;
+        let config: Self = json_parse(text)?;
         config.validate(&backends)?;
         Ok(config)
     }
 }
 
+/// The field path of a deserialization error: `bindings[0].policy.max_workers`, or `config` for
+/// the root (e.g. a missing top-level key). A trailing segment the tracker could not name (a
+/// JSON key that is not a string) is left off, so the path ends at the enclosing table.
+fn path_field(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut segments: Vec<&Segment> = path.iter().collect();
+    while matches!(segments.last(), Some(Segment::Unknown)) {
+        segments.pop();
+    }
+    let mut field = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            other => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(&other.to_string());
+            }
+        }
+    }
+    if field.is_empty() {
+        field.push_str("config");
+    }
+    field
+}
+
+/// The 1-based line of byte offset `at` in `text` (an offset past the end counts as the end).
+fn line_of(text: &str, at: usize) -> usize {
+    let upto = text.as_bytes().get(..at).unwrap_or(text.as_bytes());
+    upto.iter().filter(|&&b| b == b'\n').count() + 1
+}
+
 fn toml_parse<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let field = e
-            .span()
-            .map(|s| {
-                let line = text[..s.start.min(text.len())].lines().count().max(1);
-                format!("line {line}")
-            })
-            .unwrap_or_else(|| "config".to_string());
+    let line = |e: &toml::de::Error| e.span().map(|s| line_of(text, s.start));
+    // A syntax error comes before any value is deserialized: it has a line but no path.
+    let document = toml::Deserializer::parse(text).map_err(|e| {
+        let field = line(&e).map_or_else(|| "config".to_string(), |l| format!("line {l}"));
         ConfigError::new(field, e.message().to_string())
+    })?;
+    serde_path_to_error::deserialize(document).map_err(|e| {
+        let field = path_field(e.path());
+        let inner = e.inner();
+        let rule = match line(inner) {
+            Some(l) => format!("{} (line {l})", inner.message()),
+            None => inner.message().to_string(),
+        };
+        ConfigError::new(field, rule)
     })
+}
+
+fn json_parse<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let describe = |e: &serde_json::Error| {
+        // serde_json's Display ends with " at line L column C"; keep the message and say where.
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(at) => message[..at].to_string(),
+            None => message,
+        };
+        if e.line() == 0 {
+            message
+        } else {
+            format!("{message} (line {} column {})", e.line(), e.column())
+        }
+    };
+    let config = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| ConfigError::new(path_field(e.path()), describe(e.inner())))?;
+    // Trailing characters after the document (serde_json::from_str checks the same).
+    de.end()
+        .map_err(|e| ConfigError::new("config", describe(&e)))?;
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -475,6 +712,385 @@ fallback = { after_failures = 3, capacity = 2 }
         );
     }
 
+    fn toml_error(text: &str) -> ConfigError {
+        Config::<Src, Tgt>::from_toml(text, no_backend_rules).unwrap_err()
+    }
+
+    fn json_error(text: &str) -> ConfigError {
+        Config::<Src, Tgt>::from_json(text, no_backend_rules).unwrap_err()
+    }
+
+    /// GOOD as pretty JSON: one key per line, so a replaced line is easy to find.
+    fn good_json() -> String {
+        let c: Config<Src, Tgt> = Config::from_toml(GOOD, no_backend_rules).unwrap();
+        serde_json::to_string_pretty(&c).unwrap()
+    }
+
+    #[test]
+    fn toml_type_errors_name_the_path_and_line() {
+        // (edit of GOOD, field path, words the rule must hold, line)
+        let cases = [
+            (
+                GOOD.replace("max_workers = 30", "max_workers = -1"),
+                "bindings[0].policy.max_workers",
+                vec!["-1", "u32"],
+                11,
+            ),
+            (
+                GOOD.replace("capacity = 2 }", "capacity = 2.5 }"),
+                "bindings[0].policy.fallback.capacity",
+                vec!["2.5", "u32"],
+                14,
+            ),
+            (
+                GOOD.replace("\"15s\"", "\"15 parsecs\""),
+                "bindings[0].policy.max_step_up.period",
+                vec!["15 parsecs", "duration"],
+                13,
+            ),
+            (
+                GOOD.replace("kind = \"target_backlog\"", "kind = \"fastest\""),
+                "bindings[0].policy.kind",
+                vec!["fastest", "drain_time"],
+                8,
+            ),
+            (
+                GOOD.replace("dry_run = true", "dry_run = \"yes\""),
+                "bindings[0].loop.dry_run",
+                vec!["yes", "bool"],
+                3,
+            ),
+            // The backend sections (generic S and T) get paths too.
+            (
+                GOOD.replace("queue = \"emails\"", "queue = 3"),
+                "bindings[0].source.queue",
+                vec!["3", "string"],
+                4,
+            ),
+            (
+                format!("{GOOD}\n[[bindings]]\nsource = {{ queue = \"a\" }}\n")
+                    + "scaler = { service = 1 }\n",
+                "bindings[1].scaler.service",
+                vec!["1", "string"],
+                18,
+            ),
+            (
+                GOOD.replace("source = { queue = \"emails\" }\n", ""),
+                "bindings[0]",
+                vec!["missing field `source`"],
+                2,
+            ),
+            (
+                "bindings = 3".to_string(),
+                "bindings",
+                vec!["3", "sequence"],
+                1,
+            ),
+        ];
+        for (text, field, words, line) in cases {
+            let e = toml_error(&text);
+            assert_eq!(e.field, field, "{e}");
+            for w in words {
+                assert!(e.rule.contains(w), "{e} lacks {w:?}");
+            }
+            assert!(e.rule.ends_with(&format!("(line {line})")), "{e}");
+        }
+        let e = toml_error(&GOOD.replace("max_workers = 30", "max_workers = -1"));
+        assert_eq!(
+            e.to_string(),
+            "bindings[0].policy.max_workers: invalid value: integer `-1`, expected u32 (line 11)"
+        );
+    }
+
+    #[test]
+    fn toml_unknown_keys_name_their_path() {
+        let cases = [
+            (
+                GOOD.replace("max_workers = 30", "max_worker = 30"),
+                "bindings[0].policy.max_worker",
+            ),
+            (
+                GOOD.replace("interval = \"2s\"", "interval = \"2s\", intervl = 3"),
+                "bindings[0].loop.intervl",
+            ),
+            (
+                GOOD.replace("period = \"15s\" }", "period = \"15s\", burst = 2 }"),
+                "bindings[0].policy.max_step_up.burst",
+            ),
+            (
+                GOOD.replace(
+                    "scaler = { service = \"email-workers\" }",
+                    "scaler = { service = \"x\", region = \"eu\" }",
+                ),
+                "bindings[0].scaler.region",
+            ),
+            (format!("extra = 1\n{GOOD}"), "extra"),
+        ];
+        for (text, field) in cases {
+            let e = toml_error(&text);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.rule.starts_with("unknown field"), "{e}");
+            assert!(e.rule.contains("(line "), "{e}");
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_line() {
+        let e = toml_error(&GOOD.replace("min_workers = 1", "min_workers = = 1"));
+        assert_eq!(e.field, "line 10", "{e}");
+        let e = toml_error("");
+        assert_eq!(e.field, "config", "{e}");
+        assert!(e.rule.contains("missing field `bindings`"), "{e}");
+    }
+
+    #[test]
+    fn json_errors_name_the_path_and_position() {
+        let json = good_json();
+        let cases = [
+            (
+                json.replace("\"max_workers\": 30", "\"max_workers\": -1"),
+                "bindings[0].policy.max_workers",
+                "invalid value: integer `-1`, expected u32",
+            ),
+            (
+                json.replace("\"max_workers\": 30", "\"max_worker\": 30"),
+                "bindings[0].policy.max_worker",
+                "unknown field `max_worker`",
+            ),
+            (
+                json.replace("\"queue\": \"emails\"", "\"queue\": true"),
+                "bindings[0].source.queue",
+                "invalid type: boolean `true`, expected a string",
+            ),
+            // A syntax error inside a table names the table.
+            (
+                json.replace("\"max_workers\": 30", "\"max_workers\": 30,"),
+                "bindings[0].policy",
+                "key must be a string",
+            ),
+            (format!("{json} x"), "config", "trailing characters"),
+            ("{}".to_string(), "config", "missing field `bindings`"),
+        ];
+        for (text, field, rule) in cases {
+            let e = json_error(&text);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.rule.starts_with(rule), "{e}");
+            assert!(e.rule.contains("(line "), "{e}");
+            assert!(!e.rule.contains(" at line "), "position said twice: {e}");
+        }
+        let line = json
+            .lines()
+            .position(|l| l.contains("\"max_workers\""))
+            .unwrap()
+            + 1;
+        let e = json_error(&json.replace("\"max_workers\": 30", "\"max_workers\": -1"));
+        assert!(e.rule.contains(&format!("(line {line} column ")), "{e}");
+    }
+
+    #[test]
+    fn bounds_name_field_value_and_bound() {
+        let day = Duration::from_secs(86_400);
+        let step = |workers, percent, period| {
+            Some(StepLimitConfig {
+                workers,
+                percent,
+                period,
+            })
+        };
+        let cases: Vec<(Edit, &str, &str)> = vec![
+            (
+                Box::new(|c| c.bindings[0].policy.max_workers = 1_000_000_000),
+                "bindings[0].policy.max_workers",
+                "1000000000 is above the maximum 100000",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.min_workers = 31),
+                "bindings[0].policy.max_workers",
+                "30 is below min_workers 31",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.messages_per_worker = 1e-300),
+                "bindings[0].policy.messages_per_worker",
+                "1e-300 is not a finite number between 0.01 and 1000000",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.messages_per_worker = 1e7),
+                "bindings[0].policy.messages_per_worker",
+                "10000000 is not a finite number between 0.01 and 1000000",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.messages_per_worker = f64::NAN),
+                "bindings[0].policy.messages_per_worker",
+                "NaN is not a finite number",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.throughput_per_worker = f64::INFINITY),
+                "bindings[0].policy.throughput_per_worker",
+                "inf is not a finite number between 1e-6 and 1000000",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.throughput_per_worker = 1e-9),
+                "bindings[0].policy.throughput_per_worker",
+                "1e-9 is not a finite number between 1e-6 and 1000000",
+            ),
+            (
+                Box::new(|c| {
+                    c.bindings[0].policy.target_wait = Duration::from_secs(3_000_000 * 86_400)
+                }),
+                "bindings[0].policy.target_wait",
+                "is above the maximum 1day",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.target_wait = Duration::from_millis(500)),
+                "bindings[0].policy.target_wait",
+                "500ms is below the minimum 1s",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.activation_messages = 1_000_000_001),
+                "bindings[0].policy.activation_messages",
+                "1000000001 is above the maximum 1000000000",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.scale_to_zero_after = day * 2),
+                "bindings[0].policy.scale_to_zero_after",
+                "2days is above the maximum 1day",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.stabilize_up = day + Duration::from_secs(1)),
+                "bindings[0].policy.stabilize_up",
+                "1day 1s is above the maximum 1day",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.stabilize_down = Duration::MAX),
+                "bindings[0].policy.stabilize_down",
+                "is above the maximum 1day",
+            ),
+            (
+                Box::new(|c| c.bindings[0].policy.held_per_worker = 10_001),
+                "bindings[0].policy.held_per_worker",
+                "10001 is above the maximum 10000",
+            ),
+            (
+                Box::new(|c| {
+                    c.bindings[0].policy.in_flight_floor = false;
+                    c.bindings[0].policy.held_per_worker = 0;
+                }),
+                "bindings[0].policy.held_per_worker",
+                "0 is below the minimum 1",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.max_step_up = step(100_001, 0, day)),
+                "bindings[0].policy.max_step_up.workers",
+                "100001 is above the maximum 100000",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.max_step_down = step(1, 10_001, day)),
+                "bindings[0].policy.max_step_down.percent",
+                "10001 is above the maximum 10000",
+            ),
+            (
+                Box::new(move |c| c.bindings[0].policy.max_step_up = step(1, 0, day * 7)),
+                "bindings[0].policy.max_step_up.period",
+                "7days is above the maximum 1day",
+            ),
+            (
+                Box::new(move |c| {
+                    c.bindings[0].policy.max_step_down = step(1, 0, Duration::from_millis(10))
+                }),
+                "bindings[0].policy.max_step_down.period",
+                "10ms is below the minimum 1s",
+            ),
+            (
+                Box::new(|c| {
+                    c.bindings[0].policy.fallback = Some(FallbackConfig {
+                        after_failures: 10_001,
+                        capacity: None,
+                    })
+                }),
+                "bindings[0].policy.fallback.after_failures",
+                "10001 is above the maximum 10000",
+            ),
+        ];
+        for (edit, field, rule) in cases {
+            let e = error_for(edit);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.rule.contains(rule), "{e} lacks {rule:?}");
+        }
+    }
+
+    #[test]
+    fn values_at_the_bounds_are_accepted() {
+        let day = Duration::from_secs(86_400);
+        let at_max = PolicyConfig {
+            kind: PolicyKind::DrainTime,
+            target_wait: day,
+            throughput_per_worker: 1e6,
+            messages_per_worker: 1e6,
+            min_workers: 100_000,
+            max_workers: 100_000,
+            activation_messages: 1_000_000_000,
+            scale_to_zero_after: day,
+            stabilize_up: day,
+            stabilize_down: day,
+            max_step_up: Some(StepLimitConfig {
+                workers: 100_000,
+                percent: 10_000,
+                period: day,
+            }),
+            max_step_down: Some(StepLimitConfig {
+                workers: 0,
+                percent: 10_000,
+                period: day,
+            }),
+            in_flight_floor: true,
+            held_per_worker: 10_000,
+            fallback: Some(FallbackConfig {
+                after_failures: 10_000,
+                capacity: Some(100_000),
+            }),
+        };
+        at_max.validate().unwrap();
+        let at_min = PolicyConfig {
+            kind: PolicyKind::TargetBacklog,
+            target_wait: Duration::from_secs(1),
+            throughput_per_worker: 1e-6,
+            messages_per_worker: 0.01,
+            min_workers: 0,
+            max_workers: 1,
+            activation_messages: 0,
+            scale_to_zero_after: Duration::ZERO,
+            stabilize_up: Duration::ZERO,
+            stabilize_down: Duration::ZERO,
+            max_step_up: Some(StepLimitConfig {
+                workers: 1,
+                percent: 0,
+                period: Duration::from_secs(1),
+            }),
+            max_step_down: None,
+            in_flight_floor: true,
+            held_per_worker: 1,
+            fallback: Some(FallbackConfig {
+                after_failures: 1,
+                capacity: None,
+            }),
+        };
+        at_min.validate().unwrap();
+        PolicyConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_nan_and_huge_durations_are_rejected_by_bounds() {
+        let e = toml_error(&GOOD.replace("messages_per_worker = 10", "messages_per_worker = nan"));
+        assert_eq!(e.field, "bindings[0].policy.messages_per_worker", "{e}");
+        assert!(e.rule.starts_with("NaN is not a finite number"), "{e}");
+        let e = toml_error(&GOOD.replace(
+            "stabilize_down = \"5m\"",
+            "stabilize_down = \"300000000000y\"",
+        ));
+        assert_eq!(e.field, "bindings[0].policy.stabilize_down", "{e}");
+        assert!(e.rule.ends_with("is above the maximum 1day"), "{e}");
+    }
+
     #[test]
     fn backend_errors_are_prefixed_and_unknown_fields_rejected() {
         let e = Config::<Src, Tgt>::from_toml(GOOD, |s: &Src, _: &Tgt| {
@@ -488,6 +1104,7 @@ fallback = { after_failures = 3, capacity = 2 }
         assert_eq!(e.field, "bindings[0].source.queue");
         let typo = GOOD.replace("max_workers = 30", "max_worker = 30");
         let e = Config::<Src, Tgt>::from_toml(&typo, no_backend_rules).unwrap_err();
-        assert!(e.rule.contains("max_worker"), "{e}");
+        assert_eq!(e.field, "bindings[0].policy.max_worker", "{e}");
+        assert!(e.rule.starts_with("unknown field `max_worker`"), "{e}");
     }
 }
