@@ -158,7 +158,7 @@ impl Binding {
                 let record = ObservedRecord::new(&obs, age);
                 if age > self.settings.max_staleness {
                     let err = RecordedError {
-                        kind: crate::ErrorKind::Other,
+                        kind: crate::ErrorKind::Stale,
                         transient: true,
                         message: format!(
                             "observation is stale: {} old, limit {}",
@@ -277,6 +277,7 @@ impl Binding {
 
     /// Ticks every interval (or backoff) until `cancel` fires. The first tick is immediate.
     /// A tick in progress finishes (its calls are bounded by the timeout); no new one starts.
+    /// Then the source is closed.
     pub async fn run(mut self, cancel: CancellationToken) {
         loop {
             let delay = self.tick().await.next_tick_in;
@@ -285,6 +286,29 @@ impl Binding {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        self.close().await;
+    }
+
+    /// Whether the source has warmed up (see [`QueueSource::is_warmed_up`]).
+    pub fn is_warmed_up(&self) -> bool {
+        self.source.is_warmed_up()
+    }
+
+    /// Waits until the source has warmed up, or `limit` passed; returns whether it did.
+    pub async fn wait_warmed_up(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.source.is_warmed_up() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
+    /// Closes the source (its background tasks and connections).
+    pub async fn close(self) {
+        self.source.close().await;
     }
 }
 
@@ -294,12 +318,20 @@ fn emit(r: &DecisionRecord) {
     let ready = r.observation.as_ref().map(|o| o.ready);
     let in_flight = r.observation.as_ref().and_then(|o| o.in_flight);
     let desired_workers = r.decision.as_ref().map(|d| d.desired);
+    let executing = r.observation.as_ref().and_then(|o| o.executing);
+    let live_workers = r.observation.as_ref().and_then(|o| o.live_workers);
+    let running_units = r.capacity.as_ref().map(|c| c.units.running);
+    let workers_unknown = r
+        .observation
+        .as_ref()
+        .and_then(|o| o.workers_unknown.as_ref())
+        .map(|u| u.why.as_str());
     let reason = r.reason();
     let outcome = r.outcome.label();
     if r.observation_error.is_some() || r.capacity_error.is_some() || outcome == "set_failed" {
         tracing::warn!(
-            binding = %binding, outcome, ready, in_flight, desired_workers,
-            desired_units = r.desired_units,
+            binding = %binding, outcome, ready, in_flight, executing, live_workers,
+            running_units, desired_workers, desired_units = r.desired_units,
             observation_error = r.observation_error.as_ref().map(|e| e.message.as_str()),
             capacity_error = r.capacity_error.as_ref().map(|e| e.message.as_str()),
             consecutive_failures = r.consecutive_failures,
@@ -308,8 +340,9 @@ fn emit(r: &DecisionRecord) {
         );
     } else {
         tracing::info!(
-            binding = %binding, outcome, ready, in_flight, desired_workers,
-            desired_units = r.desired_units, dry_run = r.dry_run, reason = %reason,
+            binding = %binding, outcome, ready, in_flight, executing, live_workers,
+            running_units, desired_workers, desired_units = r.desired_units,
+            workers_unknown, dry_run = r.dry_run, reason = %reason,
             "celery-scale decision"
         );
     }
@@ -318,21 +351,38 @@ fn emit(r: &DecisionRecord) {
         .increment(1);
     metrics::histogram!("celery_scale_tick_duration_seconds", &labels)
         .record(r.duration.as_secs_f64());
-    if let Some(ready) = ready {
-        metrics::gauge!("celery_scale_ready_messages", &labels).set(ready as f64);
-    }
-    if let Some(in_flight) = in_flight {
-        metrics::gauge!("celery_scale_in_flight_messages", &labels).set(in_flight as f64);
-    }
-    if let Some(executing) = r.observation.as_ref().and_then(|o| o.executing) {
-        metrics::gauge!("celery_scale_executing_tasks", &labels).set(executing as f64);
-    }
-    if let Some(d) = desired_workers {
-        metrics::gauge!("celery_scale_desired_workers", &labels).set(f64::from(d));
-    }
-    if let Some(u) = r.desired_units {
-        metrics::gauge!("celery_scale_desired_units", &labels).set(f64::from(u));
-    }
+    // A figure we do not have this tick is NaN (Prometheus's "no value"), never the last value
+    // seen: a frozen gauge reads as a fact.
+    let known = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    let obs = r.observation.as_ref();
+    let units = r.capacity.as_ref().map(|c| c.units);
+    metrics::gauge!("celery_scale_ready_messages", &labels).set(known(ready.map(|v| v as f64)));
+    metrics::gauge!("celery_scale_in_flight_messages", &labels)
+        .set(known(in_flight.map(|v| v as f64)));
+    metrics::gauge!("celery_scale_executing_tasks", &labels)
+        .set(known(obs.and_then(|o| o.executing).map(|v| v as f64)));
+    metrics::gauge!("celery_scale_live_workers", &labels)
+        .set(known(obs.and_then(|o| o.live_workers).map(f64::from)));
+    metrics::gauge!("celery_scale_observation_fresh", &labels).set(
+        if r.observation.is_some() && r.observation_error.is_none() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    metrics::gauge!("celery_scale_worker_figures_known", &labels).set(
+        if obs.is_some_and(|o| o.executing.is_some()) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    metrics::gauge!("celery_scale_desired_workers", &labels)
+        .set(known(desired_workers.map(f64::from)));
+    metrics::gauge!("celery_scale_desired_units", &labels)
+        .set(known(r.desired_units.map(f64::from)));
+    metrics::gauge!("celery_scale_running_units", &labels)
+        .set(known(units.map(|u| f64::from(u.running))));
     for (stage, err) in [
         ("observe", &r.observation_error),
         ("capacity", &r.capacity_error),
@@ -348,10 +398,49 @@ fn emit(r: &DecisionRecord) {
     }
 }
 
-/// Many bindings, each ticking on its own interval.
+/// Builds a binding: called once at start and again, after a backoff, whenever the binding's
+/// task ends abnormally (a panic in a backend), so the binding comes back with fresh
+/// connections and a fresh policy (which assumes the most: no scale-in on its first ticks).
+pub type BindingFactory = Arc<dyn Fn() -> Result<Binding, Error> + Send + Sync>;
+
+/// How an [`Autoscaler::run`] went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Times a binding's task ended abnormally (each was restarted when it had a factory).
+    pub binding_failures: u32,
+    /// Bindings that ended abnormally and could not be restarted (no factory, or the factory
+    /// failed until cancellation), by name.
+    pub bindings_lost: Vec<String>,
+}
+
+impl RunReport {
+    /// Whether every binding ran without failing.
+    pub fn is_clean(&self) -> bool {
+        self.binding_failures == 0 && self.bindings_lost.is_empty()
+    }
+}
+
+struct Slot {
+    name: String,
+    first: Option<Binding>,
+    factory: Option<BindingFactory>,
+    max_backoff: Duration,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("name", &self.name)
+            .field("binding", &self.first)
+            .field("restartable", &self.factory.is_some())
+            .finish()
+    }
+}
+
+/// Many bindings, each ticking on its own interval on a task of its own.
 #[derive(Debug, Default)]
 pub struct Autoscaler {
-    bindings: Vec<Binding>,
+    slots: Vec<Slot>,
 }
 
 impl Autoscaler {
@@ -360,33 +449,125 @@ impl Autoscaler {
         Autoscaler::default()
     }
 
-    /// Adds a binding.
+    /// Adds a binding that is not restarted if its task ends abnormally (the run reports it).
     pub fn with_binding(mut self, binding: Binding) -> Self {
-        self.bindings.push(binding);
+        self.slots.push(Slot {
+            name: binding.settings.name.clone(),
+            max_backoff: binding.settings.max_backoff,
+            first: Some(binding),
+            factory: None,
+        });
         self
     }
 
-    /// The bindings.
-    pub fn bindings(&self) -> &[Binding] {
-        &self.bindings
+    /// Adds a binding built by `factory` now, and rebuilt by it (after a backoff that doubles
+    /// from 1 s up to the binding's `max_backoff`) whenever its task ends abnormally.
+    pub fn with_restartable_binding(mut self, factory: BindingFactory) -> Result<Self, Error> {
+        let binding = factory()?;
+        self.slots.push(Slot {
+            name: binding.settings.name.clone(),
+            max_backoff: binding.settings.max_backoff,
+            first: Some(binding),
+            factory: Some(factory),
+        });
+        Ok(self)
+    }
+
+    /// The bindings not yet running.
+    pub fn bindings(&self) -> impl Iterator<Item = &Binding> {
+        self.slots.iter().filter_map(|s| s.first.as_ref())
+    }
+
+    /// How many bindings there are.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no bindings.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
     /// One tick of every binding, concurrently; the records in binding order.
     pub async fn tick_all(&mut self) -> Vec<DecisionRecord> {
-        let ticks = self.bindings.iter_mut().map(|b| b.tick());
+        let ticks = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.first.as_mut())
+            .map(|b| b.tick());
         futures::future::join_all(ticks).await
     }
 
     /// Runs every binding on its own task until `cancel` fires, then waits for them to finish
-    /// their current tick.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// their current tick. A binding whose task ends abnormally is logged, counted
+    /// (`celery_scale_binding_failures_total`) and rebuilt by its factory after a backoff; the
+    /// report says how many failures there were, so a daemon never exits as if all went well.
+    pub async fn run(self, cancel: CancellationToken) -> RunReport {
         let mut tasks = JoinSet::new();
-        for binding in self.bindings {
-            tasks.spawn(binding.run(cancel.clone()));
+        for slot in self.slots {
+            tasks.spawn(supervise(slot, cancel.clone()));
         }
+        let mut report = RunReport::default();
         while let Some(res) = tasks.join_next().await {
-            if let Err(e) = res {
-                tracing::error!(error = %e, "a binding's task ended abnormally");
+            match res {
+                Ok((failures, lost)) => {
+                    report.binding_failures += failures;
+                    report.bindings_lost.extend(lost);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a binding's supervisor ended abnormally");
+                    report.binding_failures += 1;
+                }
+            }
+        }
+        report
+    }
+}
+
+/// Runs one binding until `cancel`, rebuilding it after each abnormal end; returns the failures
+/// and, when it could not be brought back, the binding's name.
+async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<String>) {
+    const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+    let mut failures = 0u32;
+    let mut backoff = FIRST_BACKOFF;
+    let mut next = slot.first.take();
+    loop {
+        let Some(binding) = next.take() else {
+            return (failures, Some(slot.name));
+        };
+        let started = Instant::now();
+        let outcome = tokio::spawn(binding.run(cancel.clone())).await;
+        let Err(e) = outcome else {
+            return (failures, None); // cancelled: a clean end
+        };
+        failures += 1;
+        metrics::counter!("celery_scale_binding_failures_total", "binding" => slot.name.clone())
+            .increment(1);
+        let Some(factory) = slot.factory.clone() else {
+            tracing::error!(binding = %slot.name, error = %e, "a binding's task ended abnormally and cannot be rebuilt");
+            return (failures, Some(slot.name));
+        };
+        // A binding that ran a while before failing starts its backoff afresh.
+        if started.elapsed() > slot.max_backoff.saturating_mul(2) {
+            backoff = FIRST_BACKOFF;
+        }
+        loop {
+            tracing::error!(binding = %slot.name, error = %e, retry_in = ?backoff, "a binding's task ended abnormally; rebuilding it");
+            tokio::select! {
+                _ = cancel.cancelled() => return (failures, None),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(slot.max_backoff.max(FIRST_BACKOFF));
+            match factory() {
+                Ok(b) => {
+                    metrics::counter!("celery_scale_binding_restarts_total", "binding" => slot.name.clone())
+                        .increment(1);
+                    next = Some(b);
+                    break;
+                }
+                Err(build) => {
+                    tracing::error!(binding = %slot.name, error = %build, "rebuilding a binding failed");
+                }
             }
         }
     }

@@ -15,6 +15,18 @@ use crate::{Capacity, CapacityUnit, Observation, Result, SetOutcome, WorkersPerU
 pub trait QueueSource: Send + Sync + Debug + 'static {
     /// Reads the backlog now.
     async fn observe(&self) -> Result<Observation>;
+
+    /// Whether what the source watches in the background (Celery's worker events) has been up
+    /// long enough to have heard every worker: before that its observations say the worker
+    /// figures are unknown. A one-shot check waits for this before it observes. `true` for a
+    /// source with nothing to warm up (the default).
+    fn is_warmed_up(&self) -> bool {
+        true
+    }
+
+    /// Stops what the source runs in the background and closes its connections. The source
+    /// may not be observed afterwards. Does nothing by default.
+    async fn close(&self) {}
 }
 
 /// Reads and sets the capacity of one compute target (an ECS service, an Auto Scaling Group, ...).
@@ -38,12 +50,24 @@ impl<T: QueueSource + ?Sized> QueueSource for Box<T> {
     async fn observe(&self) -> Result<Observation> {
         (**self).observe().await
     }
+    fn is_warmed_up(&self) -> bool {
+        (**self).is_warmed_up()
+    }
+    async fn close(&self) {
+        (**self).close().await
+    }
 }
 
 #[async_trait]
 impl<T: QueueSource + ?Sized> QueueSource for std::sync::Arc<T> {
     async fn observe(&self) -> Result<Observation> {
         (**self).observe().await
+    }
+    fn is_warmed_up(&self) -> bool {
+        (**self).is_warmed_up()
+    }
+    async fn close(&self) {
+        (**self).close().await
     }
 }
 

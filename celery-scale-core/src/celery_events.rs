@@ -15,6 +15,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::WorkersUnknown;
+
 mod feed;
 
 pub use feed::{FeedSettings, FeedSink, WorkerFeed};
@@ -44,7 +46,8 @@ pub struct WorkerEvent {
     /// Tasks the worker has received so far (Celery's `all_total_count`: counted when a task is
     /// reserved, so a prefetch shows up before the tasks run).
     pub processed: u64,
-    /// Seconds between heartbeats.
+    /// Seconds between heartbeats: finite, above 0 and at most [`MAX_HEARTBEAT_FREQ`] in every
+    /// decoded event.
     pub freq: f64,
     /// The worker's own clock, seconds since the Unix epoch.
     pub timestamp: f64,
@@ -62,7 +65,33 @@ pub enum EventDecodeError {
     /// The event is not a worker event (e.g. a task event).
     #[error("not a worker event: type {0:?}")]
     NotWorkerEvent(String),
+    /// A number in the event is outside what a Celery worker sends.
+    #[error("worker event field {field} = {value} is out of range ({rule})")]
+    OutOfRange {
+        /// The event field.
+        field: &'static str,
+        /// The value as received.
+        value: f64,
+        /// The accepted range.
+        rule: &'static str,
+    },
 }
+
+/// The longest heartbeat interval accepted (`freq`): Celery's default is 2 s; anything above an
+/// hour is not a heartbeat.
+pub const MAX_HEARTBEAT_FREQ: Duration = Duration::from_secs(3600);
+
+/// Celery's own rule (`celery/events/state.py`, `HEARTBEAT_EXPIRE_WINDOW` = 200): a worker
+/// whose last beat is older than `freq x 2` is no longer beating.
+const EXPIRE_WINDOW: f64 = 2.0;
+
+/// Added to Celery's window for the event's delivery (the registry times beats by arrival).
+const DELIVERY_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long a silent worker counts before it is taken as gone, unless a source says otherwise:
+/// kombu's default `visibility_timeout` (1 h), after which Redis gives a dead worker's held
+/// messages back.
+pub const DEFAULT_SILENT_LIMIT: Duration = Duration::from_secs(3600);
 
 #[derive(Deserialize)]
 struct RawEvent {
@@ -116,16 +145,27 @@ impl WorkerEvent {
             "worker-offline" => WorkerEventKind::Offline,
             other => return Err(EventDecodeError::NotWorkerEvent(other.to_string())),
         };
+        if !(raw.freq.is_finite() && raw.freq > 0.0 && raw.freq <= MAX_HEARTBEAT_FREQ.as_secs_f64())
+        {
+            return Err(EventDecodeError::OutOfRange {
+                field: "freq",
+                value: raw.freq,
+                rule: "a positive number of seconds, at most 3600",
+            });
+        }
+        if !raw.timestamp.is_finite() {
+            return Err(EventDecodeError::OutOfRange {
+                field: "timestamp",
+                value: raw.timestamp,
+                rule: "a finite number of seconds since the epoch",
+            });
+        }
         Ok(WorkerEvent {
             kind,
             hostname: raw.hostname,
             active: raw.active,
             processed: raw.processed,
-            freq: if raw.freq > 0.0 {
-                raw.freq
-            } else {
-                default_freq()
-            },
+            freq: raw.freq,
             timestamp: raw.timestamp,
         })
     }
@@ -154,21 +194,39 @@ pub struct WorkerSummary {
 #[derive(Debug)]
 struct WorkerState {
     active: u64,
+    /// Seconds between beats, as the worker said (validated when decoded).
     freq: f64,
     last_beat: Instant,
     /// (when, processed, active) samples within the window.
     samples: VecDeque<(Instant, u64, u64)>,
 }
 
+impl WorkerState {
+    /// How long after its last beat the worker still counts as beating: Celery's window plus
+    /// the delivery margin.
+    fn beating_for(&self) -> Duration {
+        Duration::try_from_secs_f64(self.freq * EXPIRE_WINDOW)
+            .unwrap_or(MAX_HEARTBEAT_FREQ * 2)
+            .saturating_add(DELIVERY_MARGIN)
+    }
+}
+
 /// Live workers by hostname (ordered, so sums are reproducible), fed with [`WorkerEvent`]s, read
-/// as a [`WorkerSummary`].
+/// as a [`WorkerSummary`] while every worker it knows is beating.
 ///
-/// A worker is forgotten when it sends `worker-offline` or when no heartbeat has arrived for
-/// `3 x freq` (Celery's own `worker-lost` rule uses a similar multiple).
+/// A worker leaves the registry when it sends `worker-offline`. A worker whose beats stop
+/// without it is **silent, not gone**: a busy `-P solo` worker, or any task that blocks the
+/// worker's event loop, sends no heartbeat while it runs, and its tasks are still executing.
+/// While a worker is silent (no beat for Celery's own `freq x 2`, plus a second for delivery)
+/// [`WorkerRegistry::reading`] says the figures are unknown, with the tasks last heard as a
+/// floor. A worker silent for longer than the silent limit (by default
+/// [`DEFAULT_SILENT_LIMIT`], when the broker would have given its held messages back) is taken
+/// as gone and forgotten.
 #[derive(Debug)]
 pub struct WorkerRegistry {
     workers: BTreeMap<String, WorkerState>,
     window: Duration,
+    silent_limit: Duration,
 }
 
 impl Default for WorkerRegistry {
@@ -183,7 +241,15 @@ impl WorkerRegistry {
         WorkerRegistry {
             workers: BTreeMap::new(),
             window,
+            silent_limit: DEFAULT_SILENT_LIMIT,
         }
+    }
+
+    /// The same registry, forgetting silent workers after `limit` instead of
+    /// [`DEFAULT_SILENT_LIMIT`].
+    pub fn with_silent_limit(mut self, limit: Duration) -> Self {
+        self.silent_limit = limit;
+        self
     }
 
     /// Records an event received at `now`.
@@ -218,16 +284,59 @@ impl WorkerRegistry {
         }
     }
 
-    /// Forgets every worker (e.g. after a reconnect, when beats may have been missed).
+    /// Forgets every worker.
     pub fn clear(&mut self) {
         self.workers.clear();
     }
 
-    /// Drops workers whose beats stopped and sums the rest.
-    pub fn summary(&mut self, now: Instant) -> WorkerSummary {
-        self.workers.retain(|_, w| {
-            now.saturating_duration_since(w.last_beat) <= Duration::from_secs_f64(3.0 * w.freq)
+    /// The figures of the workers heard, when every one of them is beating; otherwise why not,
+    /// with the tasks they last reported as a floor. Forgets workers silent for longer than the
+    /// silent limit.
+    pub fn reading(&mut self, now: Instant) -> Result<WorkerSummary, WorkersUnknown> {
+        let limit = self.silent_limit;
+        self.workers.retain(|hostname, w| {
+            let quiet = now.saturating_duration_since(w.last_beat);
+            let keep = quiet <= limit.max(w.beating_for());
+            if !keep {
+                tracing::warn!(
+                    worker = %hostname,
+                    silent_for = %humantime::format_duration(round_to_s(quiet)),
+                    "forgetting a worker silent for longer than the silent limit without worker-offline"
+                );
+            }
+            keep
         });
+        let executing = self
+            .workers
+            .values()
+            .fold(0u64, |acc, w| acc.saturating_add(w.active));
+        let silent: Vec<String> = self
+            .workers
+            .iter()
+            .filter_map(|(hostname, w)| {
+                let quiet = now.saturating_duration_since(w.last_beat);
+                (quiet > w.beating_for()).then(|| {
+                    format!(
+                        "{hostname} ({}, {} executing at its last beat)",
+                        humantime::format_duration(round_to_s(quiet)),
+                        w.active
+                    )
+                })
+            })
+            .collect();
+        if !silent.is_empty() {
+            return Err(WorkersUnknown {
+                why: format!(
+                    "{} worker(s) silent without worker-offline: {}; a busy solo pool or a \
+                     blocked event loop sends no heartbeat, so they count as running until they \
+                     beat, go offline or stay silent for {}",
+                    silent.len(),
+                    silent.join(", "),
+                    humantime::format_duration(limit)
+                ),
+                executing_at_least: executing,
+            });
+        }
         let mut completed_per_s = 0.0;
         let mut mean_active = 0.0;
         let mut measured = false;
@@ -242,13 +351,22 @@ impl WorkerRegistry {
                 }
             }
         }
-        WorkerSummary {
-            executing: self.workers.values().map(|w| w.active).sum(),
-            live_workers: self.workers.len() as u32,
-            throughput_per_worker: (measured && mean_active > 0.0 && completed_per_s > 0.0)
-                .then(|| completed_per_s / mean_active),
-        }
+        let throughput = completed_per_s / mean_active;
+        Ok(WorkerSummary {
+            executing,
+            live_workers: u32::try_from(self.workers.len()).unwrap_or(u32::MAX),
+            throughput_per_worker: (measured
+                && mean_active > 0.0
+                && completed_per_s > 0.0
+                && throughput.is_finite())
+            .then_some(throughput),
+        })
     }
+}
+
+/// `d` rounded to whole seconds, for messages.
+fn round_to_s(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any run of characters (none included)
@@ -331,26 +449,90 @@ mod tests {
         let t0 = Instant::now();
         reg.apply(&beat("a", 2, 0), t0);
         reg.apply(&beat("b", 1, 0), t0);
-        let s = reg.summary(t0);
+        let s = reg.reading(t0).unwrap();
         assert_eq!((s.executing, s.live_workers), (3, 2));
         assert_eq!(s.throughput_per_worker, None);
         // a: 2 busy processes complete 10 tasks in 10 s -> 0.5 tasks/s per busy process.
         reg.apply(&beat("a", 2, 10), t0 + Duration::from_secs(10));
         reg.apply(&beat("b", 1, 0), t0 + Duration::from_secs(10));
-        let s = reg.summary(t0 + Duration::from_secs(10));
+        let s = reg.reading(t0 + Duration::from_secs(10)).unwrap();
         let tp = s.throughput_per_worker.unwrap();
         assert!((tp - 1.0 / 3.0).abs() < 1e-9, "{tp}");
-        // b stops beating; after 3 x freq it is gone. a says offline.
-        reg.apply(&beat("a", 0, 12), t0 + Duration::from_secs(15));
-        let s = reg.summary(t0 + Duration::from_secs(17));
-        assert_eq!(s.live_workers, 1);
+        // a goes offline; b keeps beating.
         reg.apply(
             &WorkerEvent {
                 kind: WorkerEventKind::Offline,
                 ..beat("a", 0, 12)
             },
-            t0 + Duration::from_secs(17),
+            t0 + Duration::from_secs(12),
         );
-        assert_eq!(reg.summary(t0 + Duration::from_secs(17)).live_workers, 0);
+        reg.apply(&beat("b", 1, 0), t0 + Duration::from_secs(12));
+        let s = reg.reading(t0 + Duration::from_secs(13)).unwrap();
+        assert_eq!((s.executing, s.live_workers), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_stops_beating_is_silent_not_gone() {
+        let mut reg = WorkerRegistry::default().with_silent_limit(Duration::from_secs(600));
+        let t0 = Instant::now();
+        reg.apply(&beat("solo", 1, 0), t0);
+        reg.apply(&beat("b", 0, 0), t0);
+        // Within Celery's window (2 x freq) plus the delivery margin: still beating.
+        reg.apply(&beat("b", 0, 0), t0 + Duration::from_secs(4));
+        assert!(reg.reading(t0 + Duration::from_secs(5)).is_ok());
+        // solo's event loop is blocked by its task: no beat for 10 s. Unknown, not 0.
+        reg.apply(&beat("b", 0, 0), t0 + Duration::from_secs(10));
+        let unknown = reg.reading(t0 + Duration::from_secs(10)).unwrap_err();
+        assert_eq!(unknown.executing_at_least, 1, "{unknown:?}");
+        assert!(unknown.why.contains("solo"), "{}", unknown.why);
+        // It beats again once its task ended: known again.
+        reg.apply(&beat("solo", 0, 1), t0 + Duration::from_secs(30));
+        reg.apply(&beat("b", 0, 0), t0 + Duration::from_secs(30));
+        let s = reg.reading(t0 + Duration::from_secs(30)).unwrap();
+        assert_eq!((s.executing, s.live_workers), (0, 2));
+        // Silent past the limit (a SIGKILLed worker, a lost host): taken as gone.
+        reg.apply(&beat("b", 0, 0), t0 + Duration::from_secs(640));
+        let s = reg.reading(t0 + Duration::from_secs(640)).unwrap();
+        assert_eq!(s.live_workers, 1);
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_rejected_not_panicked_on() {
+        for freq in ["1e19", "-2", "0", "3601", "1e308"] {
+            let json =
+                format!(r#"{{"type": "worker-heartbeat", "hostname": "x", "freq": {freq}}}"#);
+            assert!(
+                matches!(
+                    WorkerEvent::from_json(json.as_bytes()),
+                    Err(EventDecodeError::OutOfRange { field: "freq", .. })
+                ),
+                "freq {freq}"
+            );
+        }
+        for bad in [
+            r#"{"type": "worker-heartbeat", "hostname": "x", "active": -1}"#,
+            r#"{"type": "worker-heartbeat", "hostname": "x", "active": 1e30}"#,
+            r#"{"type": "worker-heartbeat", "hostname": "x", "processed": 18446744073709551616}"#,
+            r#"{"type": "worker-heartbeat", "hostname": "x", "timestamp": 1e999}"#,
+            r#"{"type": "worker-heartbeat", "hostname": 7}"#,
+        ] {
+            assert!(WorkerEvent::from_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let max = format!(
+            r#"{{"type": "worker-heartbeat", "hostname": "x", "active": {}, "freq": 3600}}"#,
+            u64::MAX
+        );
+        let e = WorkerEvent::from_json(max.as_bytes()).unwrap();
+        let mut reg = WorkerRegistry::default();
+        let now = Instant::now();
+        reg.apply(&e, now);
+        reg.apply(
+            &WorkerEvent {
+                hostname: "y".into(),
+                ..e.clone()
+            },
+            now,
+        );
+        assert_eq!(reg.reading(now).unwrap().executing, u64::MAX, "saturates");
     }
 }

@@ -129,6 +129,9 @@ pub enum ErrorKind {
     Rejected,
     /// See [`Error::Config`].
     Config,
+    /// The observation arrived but was older than the loop's `max_staleness`: a record-only
+    /// kind (no [`Error`] has it), never a reason to scale in.
+    Stale,
     /// See [`Error::Other`].
     Other,
 }
@@ -145,6 +148,7 @@ impl ErrorKind {
             ErrorKind::InvalidData => "invalid_data",
             ErrorKind::Rejected => "rejected",
             ErrorKind::Config => "config",
+            ErrorKind::Stale => "stale",
             ErrorKind::Other => "other",
         }
     }

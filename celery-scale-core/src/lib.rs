@@ -16,13 +16,13 @@ pub mod record;
 mod redact;
 pub mod sim;
 
-pub use autoscaler::{Autoscaler, Binding, LoopSettings};
+pub use autoscaler::{Autoscaler, Binding, BindingFactory, LoopSettings, RunReport};
 pub use backend::{QueueSource, Scaler};
 pub use capacity::{Capacity, CapacityUnit, SetOutcome, WorkersPerUnit};
 pub use celery_events::wildcard_match;
 pub use error::{BoxError, ConfigError, Error, ErrorKind, Result};
 pub use memory::{MemoryMessage, MemoryQueue, MemoryScaler};
-pub use observation::{Observation, QueueDepth};
+pub use observation::{Observation, QueueDepth, WorkersUnknown};
 pub use redact::{SecretUrl, redact_url};
 
 pub use async_trait::async_trait;

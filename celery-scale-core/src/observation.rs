@@ -28,10 +28,37 @@ pub struct Observation {
     pub oldest_age: Option<Duration>,
     /// Consumers attached to the queues, when the broker says so.
     pub consumers: Option<u32>,
+    /// Set when the source watches Celery's worker events but cannot tell the worker figures
+    /// now (the feed is down or warming up, or a worker went silent): `executing`,
+    /// `live_workers` and `throughput_per_worker` are then `None`, and no layer may read that
+    /// as idle. `None` when the figures are known, or when the source does not watch worker
+    /// events at all (turned off by configuration).
+    pub workers_unknown: Option<WorkersUnknown>,
     /// The same numbers per queue.
     pub queues: Vec<QueueDepth>,
     /// When the observation was taken (the loop's clock).
     pub at: Instant,
+}
+
+/// Why the worker figures of an observation are unknown, and the little that is known anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersUnknown {
+    /// Why, in words (e.g. `worker-event feed warming up (1s of 6s)`, `1 worker silent without
+    /// worker-offline: celery@a (12s)`).
+    pub why: String,
+    /// Tasks the workers heard last reported executing, silent ones included: a floor for the
+    /// executing count, never the count itself (0 when nothing was heard).
+    pub executing_at_least: u64,
+}
+
+impl WorkersUnknown {
+    /// Unknown for `why`, with nothing known of the executing tasks.
+    pub fn new(why: impl Into<String>) -> Self {
+        WorkersUnknown {
+            why: why.into(),
+            executing_at_least: 0,
+        }
+    }
 }
 
 impl Observation {
@@ -45,6 +72,7 @@ impl Observation {
             throughput_per_worker: None,
             oldest_age: None,
             consumers: None,
+            workers_unknown: None,
             queues: Vec::new(),
             at,
         }
@@ -53,16 +81,18 @@ impl Observation {
     /// Builds an observation from per-queue depths: sums ready and in-flight (in-flight is known
     /// only if every queue knows it), takes the oldest age and sums consumers where known.
     pub fn from_queues(queues: Vec<QueueDepth>, at: Instant) -> Self {
-        let ready = queues.iter().map(|q| q.ready).sum();
+        let ready = queues
+            .iter()
+            .fold(0u64, |acc, q| acc.saturating_add(q.ready));
         let in_flight = queues
             .iter()
             .map(|q| q.in_flight)
-            .try_fold(0u64, |acc, v| v.map(|v| acc + v));
+            .try_fold(0u64, |acc, v| v.map(|v| acc.saturating_add(v)));
         let oldest_age = queues.iter().filter_map(|q| q.oldest_age).max();
         let consumers = queues
             .iter()
             .filter_map(|q| q.consumers)
-            .reduce(|a, b| a + b);
+            .reduce(|a, b| a.saturating_add(b));
         Observation {
             ready,
             in_flight: if queues.is_empty() { None } else { in_flight },
@@ -79,8 +109,28 @@ impl Observation {
     /// set, and with `acks_late` it is in both `in_flight` and `executing`; taking the larger of
     /// the two never double counts and never misses the executing tasks by more than the
     /// prefetched buffer.
+    ///
+    /// While the worker figures are unknown the executing tasks count at their known floor
+    /// ([`WorkersUnknown::executing_at_least`]).
     pub fn outstanding(&self) -> u64 {
-        self.ready + self.in_flight.unwrap_or(0).max(self.executing.unwrap_or(0))
+        self.ready
+            .saturating_add(self.in_flight.unwrap_or(0).max(self.executing_at_least()))
+    }
+
+    /// The executing tasks: the count when known, else the floor known while the worker figures
+    /// are unknown, else 0 (the source does not watch worker events).
+    pub fn executing_at_least(&self) -> u64 {
+        self.executing.unwrap_or_else(|| {
+            self.workers_unknown
+                .as_ref()
+                .map_or(0, |u| u.executing_at_least)
+        })
+    }
+
+    /// Whether the source watches worker events but cannot tell the figures now: no scale-in
+    /// may then rest on the executing count.
+    pub fn workers_are_unknown(&self) -> bool {
+        self.workers_unknown.is_some()
     }
 
     /// How old the observation is at `now`.
@@ -93,7 +143,27 @@ impl Observation {
         self.executing = Some(workers.executing);
         self.live_workers = Some(workers.live_workers);
         self.throughput_per_worker = workers.throughput_per_worker;
+        self.workers_unknown = None;
         self
+    }
+
+    /// Adds what a worker-event feed says now (see
+    /// [`WorkerFeed::reading`](crate::celery_events::WorkerFeed::reading)): the figures when
+    /// known, else why they are not (and the figures stay `None`).
+    pub fn with_worker_reading(
+        mut self,
+        reading: Result<crate::celery_events::WorkerSummary, WorkersUnknown>,
+    ) -> Self {
+        match reading {
+            Ok(summary) => self.with_workers(&summary),
+            Err(unknown) => {
+                self.executing = None;
+                self.live_workers = None;
+                self.throughput_per_worker = None;
+                self.workers_unknown = Some(unknown);
+                self
+            }
+        }
     }
 }
 

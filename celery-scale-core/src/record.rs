@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Capacity, CapacityUnit, Error, ErrorKind, Observation, policy::Decision};
+use crate::{
+    Capacity, CapacityUnit, Error, ErrorKind, Observation, WorkersUnknown, policy::Decision,
+};
 
 /// An error as recorded: its kind, whether it is transient, and its message (no credentials:
 /// backends never put them in messages).
@@ -58,6 +60,9 @@ pub struct ObservedRecord {
     pub oldest_age: Option<Duration>,
     /// Consumers, when known.
     pub consumers: Option<u32>,
+    /// Why the worker figures are unknown, when the source watches them and cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_unknown: Option<WorkersUnknown>,
     /// How old the observation was when the decision was made.
     #[serde(with = "humantime_serde")]
     pub age: Duration,
@@ -76,6 +81,7 @@ impl ObservedRecord {
             throughput_per_worker: obs.throughput_per_worker,
             oldest_age: obs.oldest_age,
             consumers: obs.consumers,
+            workers_unknown: obs.workers_unknown.clone(),
             age,
             queues: obs
                 .queues

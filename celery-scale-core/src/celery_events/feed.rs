@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{WorkerEvent, WorkerRegistry, WorkerSummary, wildcard_match};
+use crate::WorkersUnknown;
 
 /// The first wait before a transport is set up again; it doubles after each failed attempt up
 /// to [`MAX_BACKOFF`], and is back to this once a transport came up.
@@ -23,9 +24,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct FeedSettings {
     /// The throughput window of the [`WorkerRegistry`].
     pub window: Duration,
-    /// How long the transport must have been up before [`WorkerFeed::summary`] answers, so that
-    /// every worker has been heard at least once.
+    /// How long the transport must have been up before [`WorkerFeed::reading`] answers, so that
+    /// every worker has been heard at least once: at least one full heartbeat period (Celery's
+    /// default is 2 s) plus a margin.
     pub warmup: Duration,
+    /// How long a worker that stopped beating without `worker-offline` counts as silent (its
+    /// tasks possibly running, the figures unknown) before it is taken as gone: the time after
+    /// which the broker gives a dead worker's held messages back (kombu's Redis
+    /// `visibility_timeout`, 1 h by default; RabbitMQ's `consumer_timeout`, 30 min by default).
+    /// See [`WorkerRegistry`].
+    pub silent_limit: Duration,
     /// Patterns (`*` matches any run of characters, see [`wildcard_match`]) of the hostnames of
     /// the workers that count; empty: every worker counts.
     pub hostnames: Vec<String>,
@@ -65,12 +73,11 @@ pub struct FeedSink {
 }
 
 impl FeedSink {
-    /// Marks the transport as up from now: forgets the workers heard before (beats may have been
-    /// missed meanwhile) and starts the warm-up.
+    /// Marks the transport as up from now and starts the warm-up. The workers heard before are
+    /// kept: one that beats again within the warm-up is current, and one that does not is
+    /// silent (its tasks may still run), never forgotten as if it had gone offline.
     pub fn up(&self) {
-        let mut state = self.shared.lock();
-        state.registry.clear();
-        state.up_since = Some(Instant::now());
+        self.shared.lock().up_since = Some(Instant::now());
     }
 
     /// Whether events from `hostname` count (it matches one of the configured patterns, or
@@ -91,14 +98,9 @@ impl FeedSink {
         }
     }
 
-    /// Marks the transport as down, forgetting the workers if it was up; returns whether it was.
+    /// Marks the transport as down; returns whether it was up.
     fn down(&self) -> bool {
-        let mut state = self.shared.lock();
-        let was_up = state.up_since.take().is_some();
-        if was_up {
-            state.registry.clear();
-        }
-        was_up
+        self.shared.lock().up_since.take().is_some()
     }
 }
 
@@ -132,7 +134,8 @@ impl WorkerFeed {
         let sink = FeedSink {
             shared: Arc::new(FeedShared {
                 state: Mutex::new(FeedState {
-                    registry: WorkerRegistry::new(settings.window),
+                    registry: WorkerRegistry::new(settings.window)
+                        .with_silent_limit(settings.silent_limit),
                     up_since: None,
                 }),
                 hostnames: settings.hostnames.clone(),
@@ -149,20 +152,66 @@ impl WorkerFeed {
         }
     }
 
-    /// The live workers' figures, or `None` while the transport is down or too recent (within
-    /// the warm-up) to have heard every worker.
-    pub fn summary(&self, now: Instant) -> Option<WorkerSummary> {
+    /// The live workers' figures when they are known: the transport is up, warmed up, and
+    /// every worker heard is beating. Otherwise why not, with the executing tasks last heard as
+    /// a floor (see [`WorkersUnknown`]).
+    pub fn reading(&self, now: Instant) -> Result<WorkerSummary, WorkersUnknown> {
         let mut state = self.sink.shared.lock();
-        let since = state.up_since?;
-        if now.saturating_duration_since(since) < self.warmup {
-            return None;
+        let Some(since) = state.up_since else {
+            return Err(WorkersUnknown {
+                why: "the worker-event feed is down".into(),
+                executing_at_least: state.registry.reading(now).map_or_else(
+                    |unknown| unknown.executing_at_least,
+                    |summary| summary.executing,
+                ),
+            });
+        };
+        let up_for = now.saturating_duration_since(since);
+        if up_for < self.warmup {
+            return Err(WorkersUnknown {
+                why: format!(
+                    "the worker-event feed is warming up ({} of {})",
+                    humantime::format_duration(Duration::from_millis(
+                        u64::try_from(up_for.as_millis()).unwrap_or(u64::MAX)
+                    )),
+                    humantime::format_duration(self.warmup)
+                ),
+                executing_at_least: state.registry.reading(now).map_or_else(
+                    |unknown| unknown.executing_at_least,
+                    |summary| summary.executing,
+                ),
+            });
         }
-        Some(state.registry.summary(now))
+        state.registry.reading(now)
+    }
+
+    /// The live workers' figures, or `None` whenever [`WorkerFeed::reading`] says they are
+    /// unknown.
+    pub fn summary(&self, now: Instant) -> Option<WorkerSummary> {
+        self.reading(now).ok()
+    }
+
+    /// Whether the feed is up and past its warm-up at `now` (its figures may still be unknown
+    /// while a worker is silent).
+    pub fn is_warm(&self, now: Instant) -> bool {
+        self.sink
+            .shared
+            .lock()
+            .up_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.warmup)
     }
 
     /// Whether the transport is up now.
     pub fn is_up(&self) -> bool {
         self.sink.shared.lock().up_since.is_some()
+    }
+
+    /// Stops the task without waiting for it (for a source closed through a shared reference).
+    pub fn stop(&self) {
+        self.cancel.cancel();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 
     /// Stops the task and waits for it to end.
@@ -255,6 +304,7 @@ mod tests {
             window: Duration::from_secs(60),
             warmup,
             hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            silent_limit: Duration::from_secs(3600),
             transport: "test transport",
             url: "test://".into(),
         }
@@ -276,6 +326,9 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(feed.summary(Instant::now()), None, "within the warm-up");
+        assert!(!feed.is_warm(Instant::now()));
+        let unknown = feed.reading(Instant::now()).unwrap_err();
+        assert!(unknown.why.contains("warming up"), "{}", unknown.why);
         let later = Instant::now() + Duration::from_secs(1);
         let summary = feed.summary(later);
         assert_eq!(
@@ -287,7 +340,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn forgets_workers_while_down_and_retries() {
+    async fn keeps_workers_across_a_reconnect_and_retries() {
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = Arc::clone(&attempts);
         let feed = WorkerFeed::start(
@@ -310,10 +363,12 @@ mod tests {
         assert!(feed.is_up());
         assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
         let summary = feed.summary(Instant::now()).unwrap();
-        assert_eq!(
-            summary.live_workers, 0,
-            "the beat before the reconnect is forgotten"
-        );
+        assert_eq!(summary.live_workers, 1, "heard before the reconnect");
+        // It never beats again (its beats may have been lost with the transport): silent, so
+        // the figures are unknown, never 0.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let unknown = feed.reading(Instant::now()).unwrap_err();
+        assert_eq!(unknown.executing_at_least, 1, "{unknown:?}");
         drop(feed);
     }
 
@@ -342,10 +397,14 @@ mod tests {
             },
         );
         assert_eq!(rx.recv().await, Some(true));
-        // Between the panic and the retry (200 ms later) the feed is down: no figures.
+        // Between the panic and the retry (200 ms later) the feed is down: no figures, but the
+        // task heard before still counts as a floor.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!feed.is_up(), "down after the panic");
         assert_eq!(feed.summary(Instant::now()), None);
+        let unknown = feed.reading(Instant::now()).unwrap_err();
+        assert_eq!(unknown.executing_at_least, 1);
+        assert!(unknown.why.contains("down"), "{}", unknown.why);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(feed.is_up(), "set up again");
         assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);

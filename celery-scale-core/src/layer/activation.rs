@@ -6,7 +6,9 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 
 /// Scale to and from zero deliberately: from zero only when at least `activate_at` messages are
 /// outstanding, and to zero only once nothing has been outstanding or executing for `idle_for`
-/// (until then at least one worker stays).
+/// (until then at least one worker stays). The idle time counts from the first observation
+/// that shows the queues idle with the worker figures known (or not watched): a fresh layer
+/// (a start, a restart) waits the whole `idle_for` before it goes to zero.
 #[derive(Debug, Clone)]
 pub struct Activation<P> {
     inner: P,
@@ -34,7 +36,8 @@ impl<P: ScalingPolicy> ScalingPolicy for Activation<P> {
             return d;
         };
         let outstanding = obs.outstanding();
-        let idle = outstanding == 0 && obs.executing.unwrap_or(0) == 0;
+        // Unknown worker figures are never idle: a silent worker may be running a task.
+        let idle = outstanding == 0 && obs.executing_at_least() == 0 && !obs.workers_are_unknown();
         if idle {
             self.idle_since.get_or_insert(input.now);
         } else {

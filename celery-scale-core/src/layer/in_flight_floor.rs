@@ -35,13 +35,15 @@ impl<P: ScalingPolicy> ScalingPolicy for InFlightFloor<P> {
         let Some(obs) = input.observation else {
             return d;
         };
-        let executing = obs.executing.unwrap_or(0);
+        // While the worker figures are unknown, the tasks last heard count (the loop's guard
+        // also keeps every running worker then, see `decide_guarded`).
+        let executing = obs.executing_at_least();
         let holding = obs
             .in_flight
             .unwrap_or(0)
             .div_ceil(u64::from(self.held_per_worker));
         let kept = kept_workers(input);
-        let floor = executing.min(kept).max(holding).min(u64::from(u32::MAX)) as u32;
+        let floor = u32::try_from(executing.min(kept).max(holding)).unwrap_or(u32::MAX);
         if d.desired < floor {
             d.push(
                 "in_flight_floor",

@@ -1,17 +1,27 @@
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::history::History;
 use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 
 /// The Kubernetes HPA's stabilization windows: scale in only to the *highest* recommendation
 /// seen over the last `down` window, scale out only to the *lowest* over the last `up` window.
 /// With `up` = 0 scale-out is immediate; with `down` = 300 s this is the HPA's default.
+///
+/// A fresh layer remembers nothing, so it assumes the most: its first decision counts as if the
+/// target's desired count then had been recommended throughout the `down` window, and the
+/// first scale-in comes no sooner than `down` after it (a start, a restart or a rebuilt binding
+/// never scales in on its first ticks).
 #[derive(Debug, Clone)]
 pub struct Stabilize<P> {
     inner: P,
     up: Duration,
     down: Duration,
     history: History,
+    /// The desired count at the first decision, and when: it counts in the `down` window as
+    /// a recommendation made at that time.
+    started_at: Option<(Instant, u32)>,
 }
 
 impl<P> Stabilize<P> {
@@ -22,6 +32,7 @@ impl<P> Stabilize<P> {
             up,
             down,
             history: History::default(),
+            started_at: None,
         }
     }
 }
@@ -29,19 +40,30 @@ impl<P> Stabilize<P> {
 impl<P: ScalingPolicy> ScalingPolicy for Stabilize<P> {
     fn decide(&mut self, input: &PolicyInput<'_>) -> Decision {
         let mut d = self.inner.decide(input);
+        let now = input.now;
+        let (started, at_start) = *self.started_at.get_or_insert((now, input.capacity.desired));
         if input.observation.is_none() {
             return d;
         }
-        let now = input.now;
         let recommendation = d.desired;
         let keep = self.up.max(self.down);
         self.history.record(now, recommendation, keep);
         let within = |w: Duration| self.history.within(now, w);
         let up_rec = within(self.up).min().unwrap_or(recommendation);
-        let down_rec = within(self.down).max().unwrap_or(recommendation);
+        let fresh = !self.down.is_zero() && now.saturating_duration_since(started) <= self.down;
+        let down_rec = within(self.down)
+            .chain(fresh.then_some(at_start))
+            .max()
+            .unwrap_or(recommendation);
         let current = input.capacity.desired;
         let stabilized = current.max(up_rec).min(down_rec);
-        let note = if stabilized > recommendation {
+        let note = if stabilized > recommendation && fresh && down_rec == at_start {
+            format!(
+                "scale-in held at {stabilized}: a fresh loop counts the desired {at_start} at its \
+                 start as recommended for the last {:?}",
+                self.down
+            )
+        } else if stabilized > recommendation {
             format!(
                 "scale-in held at {stabilized}: highest recommendation in the last {:?}",
                 self.down
@@ -64,7 +86,6 @@ mod tests {
     use super::*;
     use crate::Observation;
     use crate::layer::testing::{Scripted, input};
-    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn scale_in_waits_for_the_window_scale_out_is_immediate() {
@@ -76,6 +97,7 @@ mod tests {
             Duration::from_secs(300),
         );
         assert_eq!(p.decide(&input(&obs, 2, t0)).desired, 10, "out at once");
+        // (Started at 2, below what it asks for: the start changes nothing here.)
         p.inner.next = 1;
         for s in [10u64, 100, 299, 300] {
             let d = p.decide(&input(&obs, 10, t0 + Duration::from_secs(s)));
@@ -100,5 +122,51 @@ mod tests {
         assert_eq!(d.desired, 3, "3 is still the lowest in the up window");
         let d = p.decide(&input(&obs, 3, t0 + Duration::from_secs(61)));
         assert_eq!(d.desired, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_layer_waits_the_whole_down_window_before_scaling_in() {
+        let t0 = Instant::now();
+        let obs = Observation::new(0, t0);
+        let mut p = Stabilize::new(
+            Scripted { next: 1 },
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        // Starts with the target at 8 and a recommendation of 1: held at 8 for 30 s.
+        let d = p.decide(&input(&obs, 8, t0));
+        assert_eq!(d.desired, 8);
+        assert!(d.reason().contains("fresh loop"), "{}", d.reason());
+        assert_eq!(
+            p.decide(&input(&obs, 8, t0 + Duration::from_secs(30)))
+                .desired,
+            8
+        );
+        assert_eq!(
+            p.decide(&input(&obs, 8, t0 + Duration::from_secs(31)))
+                .desired,
+            1
+        );
+        // A failed first tick starts the window too (and holds).
+        let mut p = Stabilize::new(
+            Scripted { next: 1 },
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let failed = crate::policy::PolicyInput {
+            observation: None,
+            ..input(&obs, 8, t0)
+        };
+        assert_eq!(p.decide(&failed).desired, 8);
+        assert_eq!(
+            p.decide(&input(&obs, 8, t0 + Duration::from_secs(10)))
+                .desired,
+            8
+        );
+        assert_eq!(
+            p.decide(&input(&obs, 8, t0 + Duration::from_secs(31)))
+                .desired,
+            1
+        );
     }
 }

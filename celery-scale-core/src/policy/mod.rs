@@ -122,17 +122,45 @@ impl<P: ScalingPolicy + ?Sized> ScalingPolicy for Box<P> {
     }
 }
 
-/// Runs `policy` and enforces the rule no policy may break: **a fault never becomes a
-/// scale-in**. Without a fresh observation the result is never below the current desired value.
+/// Runs `policy` and enforces the rules no policy or layer may break: **a fault never becomes
+/// a scale-in, and unknown is never zero**.
+///
+/// - Without a fresh observation the result is never below the current desired value.
+/// - While the source watches worker events but cannot tell the figures
+///   ([`Observation::workers_unknown`]: the feed is down or warming up, a worker is silent),
+///   every running worker may be executing a task: the result is never below the running
+///   workers (nor below the tasks last heard executing, up to the workers the target keeps),
+///   unless the target's desired count is already lower. Scale-out on the backlog is untouched.
 pub fn decide_guarded(policy: &mut dyn ScalingPolicy, input: &PolicyInput<'_>) -> Decision {
     let mut decision = policy.decide(input);
     let current = input.capacity.desired;
-    if input.observation.is_none() && decision.desired < current {
-        decision.push(
+    match input.observation {
+        None if decision.desired < current => decision.push(
             "fault_guard",
             current,
             format!("no fresh observation: keep {current}, never scale in on missing data"),
-        );
+        ),
+        Some(obs) => {
+            if let Some(unknown) = &obs.workers_unknown {
+                let running = u64::from(input.capacity.running);
+                let heard = unknown.executing_at_least.min(kept_workers(input));
+                let floor = u32::try_from(running.max(heard))
+                    .unwrap_or(u32::MAX)
+                    .min(current);
+                if decision.desired < floor {
+                    decision.push(
+                        "unknown_workers_guard",
+                        floor,
+                        format!(
+                            "scale-in held at {floor}: worker figures unknown ({}), so every \
+                             running worker may be busy",
+                            unknown.why
+                        ),
+                    );
+                }
+            }
+        }
+        None => {}
     }
     decision
 }

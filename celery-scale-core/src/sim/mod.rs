@@ -317,8 +317,8 @@ impl QueueSource for SimSource {
             .registry
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .summary(obs.at);
-        Ok(obs.with_workers(&workers))
+            .reading(obs.at);
+        Ok(obs.with_worker_reading(workers))
     }
 }
 
@@ -741,7 +741,7 @@ mod tests {
         let (world, mut fleet) = world_with_one_busy_unit(false, 1);
         let now = Instant::now();
         world.beat(&mut fleet, 10.0, now);
-        let summary = world.registry.lock().unwrap().summary(now);
+        let summary = world.registry.lock().unwrap().reading(now).unwrap();
         assert_eq!((summary.live_workers, summary.executing), (2, 1));
         // The busy node begins its warm shutdown: Celery sends worker-offline at once, while
         // its task still runs, and nothing after.
@@ -749,10 +749,10 @@ mod tests {
         world.beat(&mut fleet, 12.0, now);
         assert!(fleet.units[0].offline_sent);
         assert_eq!(fleet.units[0].busy(), 1, "still executing");
-        let summary = world.registry.lock().unwrap().summary(now);
+        let summary = world.registry.lock().unwrap().reading(now).unwrap();
         assert_eq!((summary.live_workers, summary.executing), (1, 0));
         world.beat(&mut fleet, 14.0, now);
-        let summary = world.registry.lock().unwrap().summary(now);
+        let summary = world.registry.lock().unwrap().reading(now).unwrap();
         assert_eq!(
             summary.live_workers, 1,
             "no heartbeat after the offline event"
