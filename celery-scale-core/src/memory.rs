@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::{
     Capacity, CapacityUnit, Error, Observation, QueueDepth, QueueSource, Result, Scaler,
-    SetOutcome, WorkersPerUnit,
+    SetOutcome, WorkersPerUnit, WorkersUnknown,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -34,6 +34,7 @@ struct QueueState {
     queues: BTreeMap<String, VecDeque<MemoryMessage>>,
     in_flight: HashMap<u64, MemoryMessage>,
     executing: Option<u64>,
+    workers_unknown: Option<WorkersUnknown>,
     next_id: u64,
     down: bool,
 }
@@ -135,7 +136,22 @@ impl MemoryQueue {
 
     /// Sets the executing-task count the observation reports (as worker heartbeats would).
     pub fn set_executing(&self, executing: Option<u64>) {
-        lock(&self.state).executing = executing;
+        let mut s = lock(&self.state);
+        s.executing = executing;
+        if executing.is_some() {
+            s.workers_unknown = None;
+        }
+    }
+
+    /// Makes observations say the worker figures are unknown (as a worker-event feed that is
+    /// down, warming up or hearing a silent worker does), or known again with `None`.
+    /// Unknown clears the executing count.
+    pub fn set_workers_unknown(&self, unknown: Option<WorkersUnknown>) {
+        let mut s = lock(&self.state);
+        if unknown.is_some() {
+            s.executing = None;
+        }
+        s.workers_unknown = unknown;
     }
 
     /// Makes every observation fail with [`Error::Unavailable`] (`true`) or succeed again.
@@ -202,6 +218,7 @@ impl QueueSource for MemoryQueue {
         let mut obs = Observation::from_queues(queues, now);
         obs.in_flight = Some(s.in_flight.len() as u64);
         obs.executing = s.executing;
+        obs.workers_unknown = s.workers_unknown.clone();
         Ok(obs)
     }
 }

@@ -10,7 +10,7 @@ use celery_scale_core::config::{FallbackConfig, PolicyConfig, PolicyKind};
 use celery_scale_core::record::{Outcome, RecordLog};
 use celery_scale_core::{
     Binding, CancellationToken, Error, ErrorKind, LoopSettings, MemoryQueue, MemoryScaler,
-    Observation, QueueSource, Result, Scaler,
+    Observation, QueueSource, Result, Scaler, WorkersUnknown,
 };
 use tokio::time::Instant;
 
@@ -376,4 +376,184 @@ async fn autoscaler_ticks_every_binding() {
         scalers.iter().map(|s| s.desired()).collect::<Vec<_>>(),
         [1, 2, 3]
     );
+}
+
+/// The shipped default policy (target_backlog 5, 30 s windows, in-flight floor).
+fn default_binding(queue: &MemoryQueue, scaler: &MemoryScaler) -> Binding {
+    binding(queue, scaler, settings(5), PolicyConfig::default())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_loop_never_scales_in_under_busy_workers_during_the_warm_up() {
+    // Two units busy on 8 tasks, an empty queue; the worker-event feed is warming up.
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(2);
+    queue.set_workers_unknown(Some(WorkersUnknown::new(
+        "the worker-event feed is warming up (0s of 6s)",
+    )));
+    let mut b = default_binding(&queue, &scaler);
+    let r = b.tick().await;
+    assert_eq!(
+        r.outcome,
+        Outcome::Unchanged { units: 2 },
+        "{:?}",
+        r.decision
+    );
+    let reason = r.reason();
+    assert!(reason.contains("worker figures unknown"), "{reason}");
+    // Warmed up: the heartbeats show the 8 tasks. Still 2 (ceil(8 / 5)).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    queue.set_executing(Some(8));
+    for _ in 0..20 {
+        let r = b.tick().await;
+        assert_eq!(scaler.desired(), 2, "{:?}", r.decision);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    // The tasks end: only now, after the 30 s windows, it scales in.
+    queue.set_executing(Some(0));
+    let mut scaled_in_after = None;
+    for i in 0..20u64 {
+        b.tick().await;
+        if scaler.desired() == 0 {
+            scaled_in_after = Some(i * 5);
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(
+        scaled_in_after.is_some_and(|s| s >= 30),
+        "{scaled_in_after:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_loop_waits_its_scale_in_window_even_with_known_idle_workers() {
+    let queue = MemoryQueue::new();
+    queue.set_executing(Some(0));
+    let scaler = MemoryScaler::new(4);
+    let mut b = default_binding(&queue, &scaler);
+    let start = Instant::now();
+    loop {
+        b.tick().await;
+        if scaler.desired() < 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(
+        start.elapsed() > Duration::from_secs(30),
+        "the first scale-in came {:?} after start",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_feed_outage_or_a_silent_worker_never_scales_in() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(4);
+    queue.set_executing(Some(4));
+    let mut b = default_binding(&queue, &scaler);
+    for _ in 0..10 {
+        b.tick().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(scaler.desired(), 4);
+    // The feed drops for 2 minutes, then a solo worker stays silent for 2 more: 4 held.
+    for why in ["the worker-event feed is down", "1 worker(s) silent"] {
+        queue.set_workers_unknown(Some(WorkersUnknown {
+            why: why.into(),
+            executing_at_least: 1,
+        }));
+        for _ in 0..24 {
+            let r = b.tick().await;
+            assert_eq!(scaler.desired(), 4, "{why}: {:?}", r.decision);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+    // A backlog still scales out while the figures are unknown.
+    queue.publish_n("celery", 40);
+    b.tick().await;
+    assert_eq!(
+        scaler.desired(),
+        9,
+        "ceil((40 ready + 1 heard executing) / 5)"
+    );
+}
+
+/// A source that panics on its first `panics` observations (a bug in a backend).
+#[derive(Debug)]
+struct Panicking {
+    panics: Arc<AtomicU32>,
+    inner: MemoryQueue,
+}
+
+#[async_trait]
+impl QueueSource for Panicking {
+    async fn observe(&self) -> Result<Observation> {
+        if self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("a bug in a backend");
+        }
+        self.inner.observe().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_binding_whose_task_panics_is_rebuilt_and_the_run_reports_it() {
+    let queue = MemoryQueue::new();
+    queue.publish_n("celery", 10);
+    let scaler = MemoryScaler::new(0);
+    let panics = Arc::new(AtomicU32::new(2));
+    let built = Arc::new(AtomicU32::new(0));
+    let factory: celery_scale_core::BindingFactory = {
+        let (queue, scaler, panics, built) =
+            (queue.clone(), scaler.clone(), panics.clone(), built.clone());
+        Arc::new(move || {
+            built.fetch_add(1, Ordering::SeqCst);
+            Ok(Binding::new(
+                settings(5),
+                Box::new(Panicking {
+                    panics: panics.clone(),
+                    inner: queue.clone(),
+                }),
+                Box::new(scaler.clone()),
+                backlog_policy().build().unwrap(),
+            )
+            .unwrap())
+        })
+    };
+    let auto = celery_scale_core::Autoscaler::new()
+        .with_restartable_binding(factory)
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(auto.run(cancel.clone()));
+    // Panics at 0 s and again after the 1 s backoff; the third build runs (after 2 s more).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(built.load(Ordering::SeqCst), 3);
+    assert_eq!(scaler.desired(), 2, "the rebuilt binding scales");
+    cancel.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(report.binding_failures, 2);
+    assert!(!report.is_clean());
+
+    // Without a factory the binding is reported lost, and the run still ends.
+    let panics = Arc::new(AtomicU32::new(1));
+    let b = Binding::new(
+        settings(5),
+        Box::new(Panicking {
+            panics,
+            inner: queue.clone(),
+        }),
+        Box::new(scaler.clone()),
+        backlog_policy().build().unwrap(),
+    )
+    .unwrap();
+    let report = celery_scale_core::Autoscaler::new()
+        .with_binding(b)
+        .run(CancellationToken::new())
+        .await;
+    assert_eq!(report.bindings_lost, ["test"]);
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use celery_scale_core::config::{PolicyConfig, PolicyKind, StepLimitConfig};
 use celery_scale_core::layer::PolicyExt;
 use celery_scale_core::policy::{PolicyInput, ScalingPolicy, TargetBacklog, decide_guarded};
-use celery_scale_core::{Capacity, Observation};
+use celery_scale_core::{Capacity, Observation, WorkersUnknown};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -178,5 +178,58 @@ proptest! {
         let mut b = cfg.build().unwrap();
         // Same relative inputs from the same start instant give the same answers.
         prop_assert_eq!(run(a.as_mut(), cfg.min_workers, &ticks), run(b.as_mut(), cfg.min_workers, &ticks));
+    }
+
+    /// Unknown is never zero: the same busy workers seen through a feed that is sometimes
+    /// unknown (down, warming up, a worker silent) never give a lower desired count than when
+    /// every tick shows them, except where the known loop scales out further (scale-out on
+    /// unknown data rests on the backlog alone).
+    #[test]
+    fn unknown_worker_figures_never_lower_below_the_known_loop(
+        cfg in policy_config(),
+        start in 0u32..40,
+        ticks in prop::collection::vec((1u64..60, 0u64..400, prop::option::of(0u64..200), 0u64..60, prop::bool::weighted(0.4), 0u64..=100), 1..80),
+    ) {
+        let start = start.clamp(cfg.min_workers, cfg.max_workers);
+        let mut known = cfg.build().unwrap();
+        let mut partly = cfg.build().unwrap();
+        let mut now = Instant::now();
+        let (mut current_known, mut current_partly) = (start, start);
+        for (i, &(gap_s, ready, in_flight, executing, unknown, heard_pct)) in ticks.iter().enumerate() {
+            now += Duration::from_secs(gap_s);
+            let mut seen = Observation::new(ready, now);
+            seen.in_flight = in_flight;
+            seen.executing = Some(executing);
+            seen.live_workers = Some(1);
+            let mut blind = seen.clone();
+            if unknown {
+                blind.executing = None;
+                blind.live_workers = None;
+                // What was heard before the feed went quiet: some of the tasks, never more.
+                blind.workers_unknown = Some(WorkersUnknown {
+                    why: "test".into(),
+                    executing_at_least: executing * heard_pct / 100,
+                });
+            }
+            fn input(obs: &Observation, current: u32, now: Instant) -> PolicyInput<'_> {
+                PolicyInput {
+                    observation: Some(obs),
+                    consecutive_failures: 0,
+                    capacity: Capacity { desired: current, running: current, pending: 0 },
+                    now,
+                }
+            }
+            let a = decide_guarded(known.as_mut(), &input(&seen, current_known, now)).desired;
+            let b = decide_guarded(partly.as_mut(), &input(&blind, current_partly, now)).desired;
+            prop_assert!(
+                b >= a.min(current_partly),
+                "tick {i}: {b} with unknown ticks, {a} when known (from {current_partly} and {current_known})"
+            );
+            if unknown {
+                prop_assert!(b >= current_partly, "tick {i}: scaled in from {current_partly} to {b} on unknown worker figures");
+            }
+            current_known = a;
+            current_partly = b;
+        }
     }
 }

@@ -1,5 +1,5 @@
 use crate::ConfigError;
-use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers};
+use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers, unknown_workers_floor};
 
 /// Never fewer workers than the tasks executing now, nor than the workers needed to hold the
 /// in-flight (prefetched, ETA) messages at `held_per_worker` each: scaling below that would stop
@@ -10,6 +10,11 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers};
 /// finishes its tasks; Celery reports the worker offline when it begins, but the event may not
 /// be read yet), and raising the count for them would start replacements instead of keeping
 /// them. Held messages always count: a worker must be up to hold or restore them.
+///
+/// While the worker figures are unknown (the feed is down or warming up, a worker is silent)
+/// every running worker may be busy: the floor is then at least the running workers, up to the
+/// current desired count (the same floor the loop's guard enforces, applied here so that the
+/// layers outside, such as stabilization, remember it).
 #[derive(Debug, Clone)]
 pub struct InFlightFloor<P> {
     inner: P,
@@ -43,7 +48,21 @@ impl<P: ScalingPolicy> ScalingPolicy for InFlightFloor<P> {
             .unwrap_or(0)
             .div_ceil(u64::from(self.held_per_worker));
         let kept = kept_workers(input);
-        let floor = u32::try_from(executing.min(kept).max(holding)).unwrap_or(u32::MAX);
+        let known_floor = u32::try_from(executing.min(kept).max(holding)).unwrap_or(u32::MAX);
+        if let Some((floor, why)) = unknown_workers_floor(obs, input)
+            && d.desired < floor
+            && known_floor <= floor
+        {
+            d.push(
+                "in_flight_floor",
+                floor,
+                format!(
+                    "keep {floor}: worker figures unknown ({why}), every running worker may be busy"
+                ),
+            );
+            return d;
+        }
+        let floor = known_floor;
         if d.desired < floor {
             d.push(
                 "in_flight_floor",

@@ -12,7 +12,8 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 /// A fresh layer remembers nothing, so it assumes the most: its first decision counts as if the
 /// target's desired count then had been recommended throughout the `down` window, and the
 /// first scale-in comes no sooner than `down` after it (a start, a restart or a rebuilt binding
-/// never scales in on its first ticks).
+/// never scales in on its first ticks). Likewise a tick whose worker figures are unknown counts
+/// in the window as a recommendation of at least the desired count it had.
 #[derive(Debug, Clone)]
 pub struct Stabilize<P> {
     inner: P,
@@ -42,12 +43,19 @@ impl<P: ScalingPolicy> ScalingPolicy for Stabilize<P> {
         let mut d = self.inner.decide(input);
         let now = input.now;
         let (started, at_start) = *self.started_at.get_or_insert((now, input.capacity.desired));
-        if input.observation.is_none() {
+        let Some(obs) = input.observation else {
             return d;
-        }
+        };
         let recommendation = d.desired;
         let keep = self.up.max(self.down);
-        self.history.record(now, recommendation, keep);
+        // A tick whose worker figures are unknown recommends at least what the target has: the
+        // window must not forget busy workers it could not see.
+        let remembered = if obs.workers_are_unknown() {
+            recommendation.max(input.capacity.desired)
+        } else {
+            recommendation
+        };
+        self.history.record(now, remembered, keep);
         let within = |w: Duration| self.history.within(now, w);
         let up_rec = within(self.up).min().unwrap_or(recommendation);
         let fresh = !self.down.is_zero() && now.saturating_duration_since(started) <= self.down;

@@ -141,28 +141,40 @@ pub fn decide_guarded(policy: &mut dyn ScalingPolicy, input: &PolicyInput<'_>) -
             format!("no fresh observation: keep {current}, never scale in on missing data"),
         ),
         Some(obs) => {
-            if let Some(unknown) = &obs.workers_unknown {
-                let running = u64::from(input.capacity.running);
-                let heard = unknown.executing_at_least.min(kept_workers(input));
-                let floor = u32::try_from(running.max(heard))
-                    .unwrap_or(u32::MAX)
-                    .min(current);
-                if decision.desired < floor {
-                    decision.push(
-                        "unknown_workers_guard",
-                        floor,
-                        format!(
-                            "scale-in held at {floor}: worker figures unknown ({}), so every \
-                             running worker may be busy",
-                            unknown.why
-                        ),
-                    );
-                }
+            if let Some((floor, why)) = unknown_workers_floor(obs, input)
+                && decision.desired < floor
+            {
+                decision.push(
+                    "unknown_workers_guard",
+                    floor,
+                    format!(
+                        "scale-in held at {floor}: worker figures unknown ({why}), so every \
+                         running worker may be busy"
+                    ),
+                );
             }
         }
         None => {}
     }
     decision
+}
+
+/// While `obs` says the worker figures are unknown: the fewest workers that may run, with why
+/// they are unknown. Every running worker may be executing (and the tasks last heard execute,
+/// up to the workers the target keeps), but never more than the target's desired count already
+/// is: this floor holds a scale-in, it never raises capacity. `None` when the figures are known
+/// or not watched.
+pub(crate) fn unknown_workers_floor<'o>(
+    obs: &'o Observation,
+    input: &PolicyInput<'_>,
+) -> Option<(u32, &'o str)> {
+    let unknown = obs.workers_unknown.as_ref()?;
+    let running = u64::from(input.capacity.running);
+    let heard = unknown.executing_at_least.min(kept_workers(input));
+    let floor = u32::try_from(running.max(heard))
+        .unwrap_or(u32::MAX)
+        .min(input.capacity.desired);
+    Some((floor, unknown.why.as_str()))
 }
 
 /// The workers the target keeps, for counting busy ones: the larger of its desired and running
