@@ -178,7 +178,7 @@ impl RedisSourceError {
 
 /// Whether a rustls certificate error is somewhere in the chain (a configuration problem, unlike
 /// a handshake cut short by a restarting server).
-fn tls_config_error(e: &RedisError) -> bool {
+pub(crate) fn tls_config_error(e: &RedisError) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {
         // The client library keeps its cause as an `Arc<dyn Error>`; tokio-rustls wraps rustls'

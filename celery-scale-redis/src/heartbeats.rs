@@ -38,6 +38,9 @@ pub(crate) fn start(settings: SubscriberSettings, runtime: &tokio::runtime::Hand
         window,
         warmup,
         hostnames,
+        // kombu's Redis transport gives a dead worker's held messages back after
+        // visibility_timeout (1 h by default).
+        silent_limit: celery_scale_core::celery_events::DEFAULT_SILENT_LIMIT,
         transport: "worker-event subscription",
         url: url.clone(),
     };

@@ -19,6 +19,8 @@ use crate::layout::{Layout, is_internal_queue, message_age, unacked_route};
 
 /// Entries asked for per `HSCAN` page.
 const HSCAN_COUNT: u32 = 1000;
+/// Keys asked for per `SCAN` step of discovery.
+const SCAN_COUNT: u32 = 1000;
 
 /// The commands of one observation, built once per set of queues and reused.
 struct Plan {
@@ -277,17 +279,36 @@ impl RedisQueueSource {
         }
     }
 
+    /// Runs `op` on the managed connection. When it fails because the connection is gone
+    /// (refused, reset, dropped: an I/O error), runs it once more at once: the
+    /// [`ConnectionManager`] answers the first command after an outage with the error of the
+    /// reconnect attempt it made while the server was down, and starts a new attempt, which the
+    /// second run waits for. Every command we send only reads, so a second run is harmless.
+    async fn query<T, F, Fut>(&self, op: F) -> Result<T, RedisSourceError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match op(self.conn.clone()).await {
+            Err(e) if connection_lost(&e) => {
+                tracing::debug!(url = %self.url, error = %e, "connection lost; trying once more on a new connection");
+                op(self.conn.clone()).await.map_err(|e| self.redis_err(e))
+            }
+            result => result.map_err(|e| self.redis_err(e)),
+        }
+    }
+
     async fn observe_inner(&self) -> Result<Observation, RedisSourceError> {
-        let mut conn = self.conn.clone();
         if self.config.discovery.is_some() {
-            self.maybe_discover(&mut conn).await?;
+            self.maybe_discover().await?;
         }
         let plan = self.current_plan();
-        let replies: Vec<Value> = plan
-            .pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
+        let replies: Vec<Value> = self
+            .query(|mut conn| {
+                let plan = Arc::clone(&plan);
+                async move { plan.pipe.query_async(&mut conn).await }
+            })
+            .await?;
         let at = Instant::now();
         let wall = SystemTime::now();
         if replies.len() != plan.pipe.len() {
@@ -322,7 +343,7 @@ impl RedisQueueSource {
             InFlightMode::Off => None,
             InFlightMode::Global => Some(self.int_reply(&last[0], "HLEN", &unacked, "hash")?),
             InFlightMode::PerQueue => {
-                let counts = self.per_queue_in_flight(&mut conn, &plan, &last[0]).await?;
+                let counts = self.per_queue_in_flight(&plan, &last[0]).await?;
                 for (depth, n) in depths.iter_mut().zip(counts) {
                     depth.in_flight = Some(n);
                 }
@@ -333,8 +354,8 @@ impl RedisQueueSource {
         if global_in_flight.is_some() {
             obs.in_flight = global_in_flight;
         }
-        if let Some(workers) = self.heartbeats.as_ref().and_then(|h| h.summary(at)) {
-            obs = obs.with_workers(&workers);
+        if let Some(feed) = &self.heartbeats {
+            obs = obs.with_worker_reading(feed.reading(at));
         }
         Ok(obs)
     }
@@ -380,7 +401,6 @@ impl RedisQueueSource {
     /// queue's name are looked up in their exchange's binding table.
     async fn per_queue_in_flight(
         &self,
-        conn: &mut ConnectionManager,
         plan: &Plan,
         first: &Value,
     ) -> Result<Vec<u64>, RedisSourceError> {
@@ -428,20 +448,23 @@ impl RedisQueueSource {
             if cursor == "0" {
                 break;
             }
-            page = redis::cmd("HSCAN")
-                .arg(&unacked)
+            let mut next = redis::cmd("HSCAN");
+            next.arg(&unacked)
                 .arg(&cursor)
                 .arg("COUNT")
-                .arg(HSCAN_COUNT)
-                .query_async(conn)
-                .await
-                .map_err(|e| self.redis_err(e))?;
+                .arg(HSCAN_COUNT);
+            page = self
+                .query(|mut conn| {
+                    let next = &next;
+                    async move { next.query_async(&mut conn).await }
+                })
+                .await?;
         }
         if malformed > 0 {
             tracing::warn!(key = ?unacked, malformed, "unacked entries that are not [message, exchange, routing_key]");
         }
         if !unresolved.is_empty() {
-            self.resolve_by_bindings(conn, plan, unresolved, &mut counts)
+            self.resolve_by_bindings(plan, unresolved, &mut counts)
                 .await?;
         }
         Ok(counts)
@@ -449,7 +472,6 @@ impl RedisQueueSource {
 
     async fn resolve_by_bindings(
         &self,
-        conn: &mut ConnectionManager,
         plan: &Plan,
         unresolved: HashMap<(String, String), u64>,
         counts: &mut [u64],
@@ -469,10 +491,12 @@ impl RedisQueueSource {
         for ex in &exchanges {
             pipe.cmd("SMEMBERS").arg(self.layout.binding(ex));
         }
-        let tables: Vec<Value> = pipe
-            .query_async(conn)
-            .await
-            .map_err(|e| self.redis_err(e))?;
+        let tables: Vec<Value> = self
+            .query(|mut conn| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await?;
         for (ex, table) in exchanges.iter().zip(tables) {
             let members = match table {
                 Value::Array(m) | Value::Set(m) => m,
@@ -504,7 +528,7 @@ impl RedisQueueSource {
         Ok(())
     }
 
-    async fn maybe_discover(&self, conn: &mut ConnectionManager) -> Result<(), RedisSourceError> {
+    async fn maybe_discover(&self) -> Result<(), RedisSourceError> {
         let Some(discovery) = &self.config.discovery else {
             return Ok(());
         };
@@ -515,7 +539,7 @@ impl RedisQueueSource {
         {
             return Ok(());
         }
-        let found = self.discover(conn).await?;
+        let found = self.discover().await?;
         let mut queues = self.config.queues.clone();
         for q in found {
             if !queues.contains(&q) && !discovery.exclude.iter().any(|p| wildcard_match(p, &q)) {
@@ -539,27 +563,32 @@ impl RedisQueueSource {
 
     /// Lists Celery queues from kombu's binding tables, sorted, internal queues left out.
     pub async fn discover_queues(&self) -> Result<Vec<String>, RedisSourceError> {
-        let mut conn = self.conn.clone();
-        self.discover(&mut conn).await
+        match tokio::time::timeout(self.config.timeout, self.discover()).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisSourceError::Timeout {
+                url: self.url.clone(),
+                after: self.config.timeout,
+            }),
+        }
     }
 
-    async fn discover(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<Vec<String>, RedisSourceError> {
+    async fn discover(&self) -> Result<Vec<String>, RedisSourceError> {
         let pattern = self.layout.binding_pattern();
         let mut tables: Vec<Vec<u8>> = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await
-                .map_err(|e| self.redis_err(e))?;
+                .arg(SCAN_COUNT);
+            let (next, batch): (u64, Vec<Vec<u8>>) = self
+                .query(|mut conn| {
+                    let scan = &scan;
+                    async move { scan.query_async(&mut conn).await }
+                })
+                .await?;
             tables.extend(batch);
             if next == 0 {
                 break;
@@ -576,9 +605,11 @@ impl RedisQueueSource {
         let replies: Vec<Value> = if tables.is_empty() {
             Vec::new()
         } else {
-            pipe.query_async(conn)
-                .await
-                .map_err(|e| self.redis_err(e))?
+            self.query(|mut conn| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await?
         };
         let mut queues = Vec::new();
         for (table, reply) in tables.iter().zip(replies) {
@@ -605,6 +636,12 @@ impl RedisQueueSource {
         queues.dedup();
         Ok(queues)
     }
+}
+
+/// Whether `e` says the connection itself failed (an I/O error that is not a certificate
+/// problem): the [`ConnectionManager`] then sets a new connection up.
+fn connection_lost(e: &RedisError) -> bool {
+    e.is_io_error() && !crate::error::tls_config_error(e)
 }
 
 fn install_crypto_provider() {

@@ -400,3 +400,91 @@ async fn tls_with_a_test_certificate() {
     assert!(!format!("{e} {e:?}").contains("tls-pw"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// After an outage the very first observation uses the new connection: it does not fail with
+/// the error of a reconnect attempt made while Redis was down. The heartbeat subscriber comes
+/// back on its own within its backoff (at most 5 s after Redis does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_observation_after_redis_returns_succeeds() {
+    if !have_redis_server() {
+        return;
+    }
+    let mut server = RedisServer::start(0, &[]);
+    let url = format!("redis://127.0.0.1:{}/0", server.port);
+    let source = RedisQueueSource::new(
+        RedisSourceConfig::builder(url.as_str())
+            .queue("celery")
+            .heartbeat_warmup(Duration::from_millis(200))
+            .timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let fixture = KombuFixture::connect(&client, "").await;
+    fixture.publish("celery", 2).await.unwrap();
+    assert_eq!(source.observe_redis().await.unwrap().ready, 2);
+    poll(
+        "the heartbeat subscription",
+        Duration::from_secs(5),
+        || async { source.heartbeats_subscribed().then_some(()) },
+    )
+    .await;
+
+    server.kill();
+    // Several observations while Redis is down, with time between them for the connection
+    // manager's own reconnect attempts to fail and be kept.
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let err = source.observe_redis().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RedisSourceError::ConnectionRefused { .. } | RedisSourceError::Unavailable { .. }
+            ),
+            "{err:?}"
+        );
+        // A refused connection fails fast, retry included.
+        eprintln!(
+            "observation during the outage failed in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    server.restart();
+    let back = std::time::Instant::now();
+    let obs = source
+        .observe_redis()
+        .await
+        .expect("the first observation after Redis is back succeeds");
+    assert_eq!(obs.ready, 0, "the restarted server is empty");
+    eprintln!(
+        "first observation after Redis came back took {:?}",
+        back.elapsed()
+    );
+    assert!(
+        back.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        back.elapsed()
+    );
+    // The fixture's own connection died with the server: a new one.
+    let fixture = KombuFixture::connect(&client, "").await;
+    fixture.publish("celery", 1).await.unwrap();
+    assert_eq!(source.observe_redis().await.unwrap().ready, 1);
+    // The subscriber sets a fresh connection up on each attempt (no stale error to replay); it
+    // is back within its longest backoff (5 s) plus one connection.
+    poll(
+        "the subscriber to resubscribe",
+        Duration::from_secs(6),
+        || async { source.heartbeats_subscribed().then_some(()) },
+    )
+    .await;
+    eprintln!("resubscribed {:?} after Redis came back", back.elapsed());
+}
