@@ -50,10 +50,54 @@ impl Default for LoopSettings {
 }
 
 impl LoopSettings {
+    /// The longest accepted `interval`.
+    pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+    /// The longest accepted `timeout`.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+    /// The longest accepted `max_staleness` and `max_backoff`.
+    pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+    /// The longest accepted binding name, in bytes (it is a metrics label).
+    pub const MAX_NAME_LEN: usize = 128;
+
     /// Checks every field; the error names the field (relative to these settings).
+    ///
+    /// | field | accepted |
+    /// |---|---|
+    /// | `name` | not blank, at most 128 bytes |
+    /// | `interval` | above 0, at most 1 h |
+    /// | `timeout` | above 0, at most 10 min |
+    /// | `max_staleness` | at least `interval`, at most 24 h |
+    /// | `max_backoff` | at least `interval`, at most 24 h |
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(ConfigError::new("name", "must not be empty"));
+        }
+        if self.name.len() > Self::MAX_NAME_LEN {
+            return Err(ConfigError::new(
+                "name",
+                format!(
+                    "{} bytes is longer than {}",
+                    self.name.len(),
+                    Self::MAX_NAME_LEN
+                ),
+            ));
+        }
+        for (field, value, max) in [
+            ("interval", self.interval, Self::MAX_INTERVAL),
+            ("timeout", self.timeout, Self::MAX_TIMEOUT),
+            ("max_staleness", self.max_staleness, Self::MAX_WAIT),
+            ("max_backoff", self.max_backoff, Self::MAX_WAIT),
+        ] {
+            if value > max {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} is longer than {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
         }
         if self.interval.is_zero() {
             return Err(ConfigError::new("interval", "must be greater than 0s"));
@@ -570,5 +614,28 @@ async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<St
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_loop_settings_are_rejected_naming_the_field() {
+        let years = Duration::from_secs(3_000_000_000);
+        let cases: [(&str, Box<dyn Fn(&mut LoopSettings)>); 5] = [
+            ("interval", Box::new(|s| s.interval = years)),
+            ("timeout", Box::new(|s| s.timeout = years)),
+            ("max_staleness", Box::new(|s| s.max_staleness = years)),
+            ("max_backoff", Box::new(|s| s.max_backoff = years)),
+            ("name", Box::new(|s| s.name = "x".repeat(129))),
+        ];
+        for (field, edit) in cases {
+            let mut s = LoopSettings::default();
+            edit(&mut s);
+            assert_eq!(s.validate().unwrap_err().field, field);
+        }
+        assert!(LoopSettings::default().validate().is_ok());
     }
 }
