@@ -179,49 +179,131 @@ impl<'de> Visitor<'de> for EnvelopeTimes<'_> {
                 }
             }
         }
-        Ok((in_properties.or(in_headers), eta))
+        // A `null` property (a stamp not set) leaves the header to say it.
+        Ok((in_properties.filter(|v| !v.is_null()).or(in_headers), eta))
+    }
+}
+
+/// The earliest publish time or `eta` taken as a Unix time: 2000-01-01T00:00:00Z. An earlier
+/// stamp is not a clock reading (e.g. `time.monotonic()`, or a relative countdown).
+pub(crate) const EARLIEST_STAMP: Duration = Duration::from_secs(946_684_800);
+
+/// How far in the future a publish time may be and still read as "just published" (clock skew
+/// between the publisher and this host). Further ahead it is not Unix seconds (milliseconds, say).
+pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Why the oldest message's time stamp was ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {why}")]
+pub(crate) struct BadStamp {
+    /// Which value: the message, the publish-time field or `eta`.
+    pub what: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+impl BadStamp {
+    fn new(what: impl Into<String>, why: impl Into<String>) -> Self {
+        BadStamp {
+            what: what.into(),
+            why: why.into(),
+        }
     }
 }
 
 /// How long the oldest message has been waiting: from its publish time (`field`, looked up in
 /// the properties then the headers), else from a past `eta` header (how long it has been due).
-/// `None` when the message says neither; never a guess.
-pub(crate) fn message_age(raw: &[u8], field: Option<&str>, now: SystemTime) -> Option<Duration> {
+/// `Ok(None)` when the message says neither (no stamp, `null`, or an `eta` still to come):
+/// never a guess. `Err` when a stamp is there but is no time we can use (not a number or ISO
+/// 8601, before [`EARLIEST_STAMP`], a publish time more than [`MAX_CLOCK_SKEW`] ahead) or the
+/// message is not a JSON object: the caller logs it and takes the age as unknown.
+pub(crate) fn message_age(
+    raw: &[u8],
+    field: Option<&str>,
+    now: SystemTime,
+) -> Result<Option<Duration>, BadStamp> {
     let mut de = serde_json::Deserializer::from_slice(raw);
-    let (published, eta) = de.deserialize_map(EnvelopeTimes { field }).ok()?;
-    if let Some(published) = published.as_ref().and_then(parse_time) {
-        return Some(now.duration_since(published).unwrap_or_default());
+    let (published, eta) = de
+        .deserialize_map(EnvelopeTimes { field })
+        .map_err(|e| BadStamp::new("message", format!("not a kombu JSON envelope ({e})")))?;
+    if let (Some(name), Some(value)) = (field, published.as_ref().filter(|v| !v.is_null())) {
+        let what = || format!("{name} {}", shown(Some(value)));
+        let at = parse_time(value).map_err(|why| BadStamp::new(what(), why))?;
+        return match now.duration_since(at) {
+            Ok(age) => Ok(Some(age)),
+            Err(ahead) if ahead.duration() <= MAX_CLOCK_SKEW => Ok(Some(Duration::ZERO)),
+            Err(ahead) => Err(BadStamp::new(
+                what(),
+                format!(
+                    "is {:?} in the future (more than the {MAX_CLOCK_SKEW:?} of clock skew \
+                     allowed): not Unix seconds?",
+                    ahead.duration()
+                ),
+            )),
+        };
     }
-    let eta = eta.as_ref().and_then(parse_time)?;
-    now.duration_since(eta).ok()
+    let Some(eta) = eta.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let what = format!("eta {}", shown(Some(eta)));
+    let due = parse_time(eta).map_err(|why| BadStamp::new(what, why))?;
+    Ok(now.duration_since(due).ok())
 }
 
-/// A time as Unix seconds (number or numeric string) or ISO 8601 (naive means UTC).
-fn parse_time(v: &Value) -> Option<SystemTime> {
+/// A JSON value for a log line, cut to 80 characters.
+fn shown(v: Option<&Value>) -> String {
+    let s = v.map(Value::to_string).unwrap_or_default();
+    match s.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
+    }
+}
+
+/// A time as Unix seconds (number or numeric string) or ISO 8601 (naive means UTC), not before
+/// [`EARLIEST_STAMP`]; why not otherwise.
+fn parse_time(v: &Value) -> Result<SystemTime, String> {
     let secs = match v {
-        Value::Number(n) => n.as_f64()?,
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| "is not a number of seconds".to_string())?,
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(secs) => secs,
             Err(_) => return parse_iso(s.trim()),
         },
-        _ => return None,
+        _ => return Err("is neither Unix seconds nor an ISO 8601 string".into()),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return None;
+    if !secs.is_finite() {
+        return Err("is not a finite number of seconds".into());
     }
-    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?)
+    if secs < EARLIEST_STAMP.as_secs_f64() {
+        return Err("is before 2000-01-01: not a Unix time in seconds".into());
+    }
+    let since_epoch =
+        Duration::try_from_secs_f64(secs).map_err(|_| "is too far in the future".to_string())?;
+    UNIX_EPOCH
+        .checked_add(since_epoch)
+        .ok_or_else(|| "is too far in the future".into())
 }
 
-fn parse_iso(s: &str) -> Option<SystemTime> {
+fn parse_iso(s: &str) -> Result<SystemTime, String> {
     let utc = match chrono::DateTime::parse_from_rfc3339(s) {
         Ok(t) => t.with_timezone(&chrono::Utc),
         Err(_) => chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
             .or_else(|_| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
-            .ok()?
+            .map_err(|_| "is neither Unix seconds nor an ISO 8601 time".to_string())?
             .and_utc(),
     };
-    let nanos = utc.timestamp_nanos_opt()?;
-    UNIX_EPOCH.checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))
+    // Nanoseconds since the epoch fit an i64 from 1677 to 2262; both bounds are outside what a
+    // clock says now.
+    let nanos = utc
+        .timestamp_nanos_opt()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| "is outside the years 1970 to 2262".to_string())?;
+    let at = UNIX_EPOCH + Duration::from_nanos(nanos);
+    if at < UNIX_EPOCH + EARLIEST_STAMP {
+        return Err("is before 2000-01-01".into());
+    }
+    Ok(at)
 }
 
 /// The exchange and routing key of an `unacked` entry (`[message, exchange, routing_key]`).
@@ -287,16 +369,19 @@ mod tests {
         assert!(!is_internal_queue("celery"));
     }
 
+    fn msg(headers: &str, props: &str) -> String {
+        format!(r#"{{"body": "e30=", "headers": {{{headers}}}, "properties": {{{props}}}}}"#)
+    }
+
+    const NOW: Duration = Duration::from_secs(1_800_000_000);
+
     #[test]
     fn ages_from_publish_time_or_past_eta_only() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let msg = |headers: &str, props: &str| {
-            format!(r#"{{"body": "e30=", "headers": {{{headers}}}, "properties": {{{props}}}}}"#)
-        };
+        let now = UNIX_EPOCH + NOW;
         let m = msg(r#""eta": null"#, r#""published_at": 1799999990.5"#);
         assert_eq!(
             message_age(m.as_bytes(), Some("published_at"), now),
-            Some(Duration::from_millis(9500))
+            Ok(Some(Duration::from_millis(9500)))
         );
         let m = msg(r#""published_at": "2027-01-15T08:00:00+00:00""#, "");
         let published = parse_iso("2027-01-15T08:00:00Z").unwrap();
@@ -306,18 +391,18 @@ mod tests {
                 Some("published_at"),
                 published + Duration::from_secs(10)
             ),
-            Some(Duration::from_secs(10))
+            Ok(Some(Duration::from_secs(10)))
         );
         // A past eta gives how long the task has been due; a future one, nothing.
         let m = msg(r#""eta": "2027-01-15T08:00:00.250000+00:00""#, "");
         let eta = parse_iso("2027-01-15T08:00:00.250000+00:00").unwrap();
         assert_eq!(
             message_age(m.as_bytes(), None, eta + Duration::from_secs(3)),
-            Some(Duration::from_secs(3))
+            Ok(Some(Duration::from_secs(3)))
         );
         assert_eq!(
             message_age(m.as_bytes(), None, eta - Duration::from_secs(3)),
-            None
+            Ok(None)
         );
         // The property wins over a header of the same name; escaped keys still match.
         let m = msg(
@@ -326,24 +411,199 @@ mod tests {
         );
         assert_eq!(
             message_age(m.as_bytes(), Some("published_at"), now),
-            Some(Duration::from_secs(10))
+            Ok(Some(Duration::from_secs(10)))
+        );
+        // A null property leaves the header to say it.
+        let m = msg(r#""published_at": 1799999000"#, r#""published_at": null"#);
+        assert_eq!(
+            message_age(m.as_bytes(), Some("published_at"), now),
+            Ok(Some(Duration::from_secs(1000)))
         );
         // Nothing to go on: no age.
         assert_eq!(
             message_age(msg("", "").as_bytes(), Some("published_at"), now),
-            None
+            Ok(None)
         );
-        assert_eq!(message_age(b"not json", None, now), None);
-        // A publish time in the future (clock skew) reads zero, not negative.
+        let m = msg(r#""published_at": null, "eta": null"#, "");
+        assert_eq!(
+            message_age(m.as_bytes(), Some("published_at"), now),
+            Ok(None)
+        );
+        // A publish time a little in the future (clock skew) reads zero, not negative.
         let m = msg("", r#""published_at": 1800000100"#);
         assert_eq!(
             message_age(m.as_bytes(), Some("published_at"), now),
-            Some(Duration::ZERO)
+            Ok(Some(Duration::ZERO))
         );
         assert_eq!(
             parse_iso("2027-01-15T08:00:00"),
             parse_iso("2027-01-15T08:00:00Z")
         );
+    }
+
+    #[test]
+    fn bad_stamps_are_unknown_with_a_reason() {
+        let now = UNIX_EPOCH + NOW;
+        let age =
+            |headers: &str| message_age(msg(headers, "").as_bytes(), Some("published_at"), now);
+        let why = |headers: &str| age(headers).unwrap_err().to_string();
+        // Milliseconds, not seconds: years ahead, not "just published".
+        assert!(why(r#""published_at": 1800000000000"#).contains("in the future"));
+        // Far beyond what a Duration or a SystemTime holds.
+        assert!(
+            why(r#""published_at": 1e300"#).contains("future"),
+            "{}",
+            why(r#""published_at": 1e300"#)
+        );
+        assert!(why(r#""published_at": "1e400""#).contains("finite"));
+        assert!(why(r#""published_at": "NaN""#).contains("finite"));
+        assert!(why(r#""published_at": "-inf""#).contains("finite"));
+        // time.monotonic() or a countdown: not a Unix time.
+        assert!(why(r#""published_at": 12345.6"#).contains("2000"));
+        assert!(why(r#""published_at": -5"#).contains("2000"));
+        assert!(why(r#""published_at": "1969-12-31T23:59:59Z""#).contains("1970"));
+        assert!(why(r#""published_at": "1999-12-31T23:59:59Z""#).contains("2000"));
+        assert!(why(r#""published_at": "9999-12-31T23:59:59Z""#).contains("2262"));
+        assert!(why(r#""published_at": "yesterday""#).contains("ISO 8601"));
+        assert!(why(r#""published_at": true"#).contains("neither"));
+        assert!(why(r#""published_at": [1799999990]"#).contains("neither"));
+        assert!(why(r#""published_at": 18446744073709551616"#).contains("future"));
+        // The same rules for eta, except that a future eta is normal (not due yet).
+        let eta = |v: &str| message_age(msg(&format!(r#""eta": {v}"#), "").as_bytes(), None, now);
+        assert_eq!(eta(r#""2100-01-01T00:00:00Z""#), Ok(None));
+        assert!(eta(r#""soon""#).unwrap_err().to_string().starts_with("eta"));
+        assert!(eta("12").is_err());
+        // Not a kombu envelope at all.
+        assert!(message_age(b"not json", None, now).is_err());
+        assert!(message_age(b"[1, 2]", Some("published_at"), now).is_err());
+        assert!(message_age(b"", None, now).is_err());
+        // The reason shows the value, cut short.
+        let long = format!(r#""published_at": "{}""#, "x".repeat(10_000));
+        assert!(why(&long).len() < 200, "{}", why(&long));
+    }
+
+    #[test]
+    fn deep_nesting_is_no_stack_overflow() {
+        let now = UNIX_EPOCH + NOW;
+        for depth in [200, 100_000] {
+            let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            // The stamp is built as a value: serde_json's recursion limit (128) stops it.
+            let m = msg(&format!(r#""published_at": {deep}"#), "");
+            assert!(message_age(m.as_bytes(), Some("published_at"), now).is_err());
+            // A field we skip is skipped without recursion, however deep.
+            let m = msg(
+                &format!(r#""other": {deep}"#),
+                r#""published_at": 1799999999"#,
+            );
+            assert_eq!(
+                message_age(m.as_bytes(), Some("published_at"), now),
+                Ok(Some(Duration::from_secs(1)))
+            );
+            assert_eq!(unacked_route(deep.as_bytes()), None);
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A stamp in any form a publisher might write, and some no publisher should.
+        fn stamp() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<f64>().prop_map(|f| serde_json::to_string(&f).unwrap()),
+                any::<f64>().prop_map(|f| format!("\"{f}\"")),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                (-1e20f64..1e20).prop_map(|f| format!("{f:e}")),
+                prop_oneof![
+                    Just("1e400"),
+                    Just("-1e400"),
+                    Just("\"inf\""),
+                    Just("\"NaN\""),
+                    Just("null"),
+                    Just("{}"),
+                    Just("[]"),
+                    Just("\"\"")
+                ]
+                .prop_map(String::from),
+                // ISO 8601 shaped, years and fields out of range included.
+                (
+                    -300_000i32..300_000,
+                    0u32..14,
+                    0u32..33,
+                    0u32..25,
+                    0u32..61,
+                    0u32..62,
+                    0u64..2_000_000_000,
+                    prop_oneof![
+                        Just(""),
+                        Just("Z"),
+                        Just("+00:00"),
+                        Just("-23:59"),
+                        Just("+99:99")
+                    ]
+                )
+                    .prop_map(|(y, mo, d, h, mi, s, frac, tz)| format!(
+                        "\"{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{frac}{tz}\""
+                    )),
+                any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..512), field in proptest::option::of("[a-z_]{1,12}")) {
+                let now = UNIX_EPOCH + NOW;
+                let _ = message_age(&raw, field.as_deref(), now);
+                let _ = unacked_route(&raw);
+            }
+
+            #[test]
+            fn json_shaped_bytes_never_panic(raw in r#"[\[\]{}":,0-9a-z_. eE+-]{0,200}"#) {
+                let now = UNIX_EPOCH + NOW;
+                let _ = message_age(raw.as_bytes(), Some("published_at"), now);
+                let m = msg(&raw, &raw);
+                let _ = message_age(m.as_bytes(), Some("published_at"), now);
+                let _ = unacked_route(raw.as_bytes());
+            }
+
+            /// Whatever the stamp, an age comes out only for a time between 2000 and a little
+            /// ahead of now, and is then exactly how long ago that was.
+            #[test]
+            fn an_age_only_from_a_plausible_stamp(published in stamp(), eta in stamp(), now_secs in 946_684_800u64..4_000_000_000) {
+                let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+                let m = msg(&format!(r#""published_at": {published}, "eta": {eta}"#), "");
+                let oldest = now.duration_since(UNIX_EPOCH + EARLIEST_STAMP).unwrap();
+                if let Ok(Some(age)) = message_age(m.as_bytes(), Some("published_at"), now) {
+                    prop_assert!(age <= oldest, "{age:?} from {published} / {eta}");
+                }
+                // Without the field only a past eta gives an age.
+                if let Ok(Some(age)) = message_age(m.as_bytes(), None, now) {
+                    prop_assert!(age <= oldest);
+                    let due = parse_time(&serde_json::from_str(&eta).unwrap()).unwrap();
+                    prop_assert_eq!(now.duration_since(due).unwrap(), age);
+                }
+            }
+
+            /// A valid stamp in seconds reads back as its age, to the microsecond.
+            #[test]
+            fn a_valid_stamp_reads_back(ago_us in 0u64..(20 * 365 * 86_400 * 1_000_000), now_secs in 1_700_000_000u64..2_000_000_000, iso in any::<bool>()) {
+                let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+                let at = now - Duration::from_micros(ago_us);
+                let stamp = if iso {
+                    let t: chrono::DateTime<chrono::Utc> = at.into();
+                    format!("\"{}\"", t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                } else {
+                    serde_json::to_string(&at.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()).unwrap()
+                };
+                let m = msg("", &format!(r#""published_at": {stamp}"#));
+                let age = message_age(m.as_bytes(), Some("published_at"), now).unwrap().unwrap();
+                let err = age.abs_diff(Duration::from_micros(ago_us));
+                prop_assert!(err <= Duration::from_micros(1), "{stamp}: {age:?} vs {ago_us} us");
+            }
+        }
     }
 
     #[test]

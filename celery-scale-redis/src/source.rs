@@ -15,10 +15,14 @@ use tokio::time::Instant;
 use crate::config::{InFlightMode, RedisSourceConfig};
 use crate::error::RedisSourceError;
 use crate::heartbeats::SubscriberSettings;
-use crate::layout::{Layout, is_internal_queue, message_age, unacked_route};
+use crate::layout::{BadStamp, Layout, is_internal_queue, message_age, unacked_route};
 
 /// Entries asked for per `HSCAN` page.
 const HSCAN_COUNT: u32 = 1000;
+/// The largest list or hash length believed: 2^40 (about 1.1 x 10^12) entries would take
+/// terabytes; a larger count is no Redis reply we trust. It also keeps every sum over an
+/// observation far from overflowing.
+const MAX_COUNT: u64 = 1 << 40;
 /// Keys asked for per `SCAN` step of discovery.
 const SCAN_COUNT: u32 = 1000;
 
@@ -108,6 +112,9 @@ pub struct RedisQueueSource {
     plan: Mutex<Arc<Plan>>,
     discovered: tokio::sync::Mutex<Option<Discovered>>,
     heartbeats: Option<WorkerFeed>,
+    /// Keys whose oldest message has an unusable time stamp, with the reason last logged: a
+    /// warning once per key and reason, not once per observation.
+    bad_stamps: Mutex<HashMap<String, String>>,
 }
 
 impl fmt::Debug for RedisQueueSource {
@@ -223,6 +230,7 @@ impl RedisQueueSource {
             plan: Mutex::new(Arc::new(plan)),
             discovered: tokio::sync::Mutex::new(None),
             heartbeats,
+            bad_stamps: Mutex::new(HashMap::new()),
         })
     }
 
@@ -262,6 +270,27 @@ impl RedisQueueSource {
 
     fn current_plan(&self) -> Arc<Plan> {
         Arc::clone(&self.plan.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Logs (once per key and reason) that the oldest message of `key` has an unusable time
+    /// stamp, or forgets it once the key's oldest message is fine again.
+    fn bad_stamp(seen: &mut HashMap<String, String>, key: &str, bad: Option<&BadStamp>) {
+        match bad {
+            None => {
+                if !seen.is_empty() {
+                    seen.remove(key);
+                }
+            }
+            Some(bad) => {
+                let reason = bad.to_string();
+                if seen.get(key) != Some(&reason) {
+                    tracing::warn!(key = ?key, reason = %reason, "the age of the oldest message is unknown: its time stamp is ignored");
+                    seen.insert(key.to_string(), reason);
+                } else {
+                    tracing::debug!(key = ?key, reason = %reason, "oldest message's time stamp ignored");
+                }
+            }
+        }
     }
 
     fn redis_err(&self, e: RedisError) -> RedisSourceError {
@@ -321,27 +350,56 @@ impl RedisQueueSource {
         let per_key = 1 + usize::from(plan.tails);
         let field = self.config.publish_time_field.as_deref();
         let mut depths = Vec::with_capacity(plan.queues.len());
-        for (queue, range) in plan.queues.iter().zip(&plan.ranges) {
-            let mut depth = QueueDepth::new(queue.clone(), 0);
-            for k in range.clone() {
-                let key = &plan.keys[k];
-                depth.ready += self.int_reply(&replies[k * per_key], "LLEN", key, "list")?;
-                if plan.tails {
-                    let age = match &replies[k * per_key + 1] {
-                        Value::BulkString(raw) => message_age(raw, field, wall),
-                        Value::Nil => None,
-                        other => return Err(self.reply_error(other, "LINDEX", key, "list")),
-                    };
-                    depth.oldest_age = depth.oldest_age.max(age);
+        // Checked here so that no sum over the observation can overflow later.
+        let mut total: u64 = 0;
+        {
+            let mut bad_stamps = self.bad_stamps.lock().unwrap_or_else(|p| p.into_inner());
+            for (queue, range) in plan.queues.iter().zip(&plan.ranges) {
+                let mut depth = QueueDepth::new(queue.clone(), 0);
+                for k in range.clone() {
+                    let key = &plan.keys[k];
+                    let len = self.count_reply(&replies[k * per_key], "LLEN", key, "list")?;
+                    depth.ready = depth.ready.checked_add(len).ok_or_else(|| too_many(key))?;
+                    if plan.tails {
+                        let age = match &replies[k * per_key + 1] {
+                            Value::BulkString(raw) => match message_age(raw, field, wall) {
+                                Ok(age) => {
+                                    Self::bad_stamp(&mut bad_stamps, key, None);
+                                    age
+                                }
+                                Err(bad) => {
+                                    Self::bad_stamp(&mut bad_stamps, key, Some(&bad));
+                                    None
+                                }
+                            },
+                            Value::Nil => {
+                                Self::bad_stamp(&mut bad_stamps, key, None);
+                                None
+                            }
+                            other => return Err(self.reply_error(other, "LINDEX", key, "list")),
+                        };
+                        depth.oldest_age = depth.oldest_age.max(age);
+                    }
                 }
+                total = total
+                    .checked_add(depth.ready)
+                    .ok_or_else(|| too_many(queue))?;
+                depths.push(depth);
             }
-            depths.push(depth);
         }
         let last = &replies[plan.keys.len() * per_key..];
         let unacked = self.layout.unacked();
         let global_in_flight = match self.config.in_flight {
             InFlightMode::Off => None,
-            InFlightMode::Global => Some(self.int_reply(&last[0], "HLEN", &unacked, "hash")?),
+            InFlightMode::Global => match self.count_reply(&last[0], "HLEN", &unacked, "hash") {
+                Ok(n) => Some(n),
+                // A count that is no count: in flight unknown, not zero.
+                Err(RedisSourceError::UnexpectedReply { detail, .. }) => {
+                    tracing::warn!(key = ?unacked, reply = %detail, "in-flight count unknown: HLEN answered no hash length");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             InFlightMode::PerQueue => {
                 let counts = self.per_queue_in_flight(&plan, &last[0]).await?;
                 for (depth, n) in depths.iter_mut().zip(counts) {
@@ -383,7 +441,9 @@ impl RedisQueueSource {
         }
     }
 
-    fn int_reply(
+    /// A length (`LLEN`, `HLEN`): an integer from 0 to [`MAX_COUNT`]; anything else is an
+    /// unexpected reply (never read as 0).
+    fn count_reply(
         &self,
         reply: &Value,
         command: &'static str,
@@ -391,7 +451,14 @@ impl RedisQueueSource {
         expected: &'static str,
     ) -> Result<u64, RedisSourceError> {
         match reply {
-            Value::Int(n) => Ok(u64::try_from(*n).unwrap_or(0)),
+            Value::Int(n) => u64::try_from(*n)
+                .ok()
+                .filter(|&n| n <= MAX_COUNT)
+                .ok_or_else(|| RedisSourceError::UnexpectedReply {
+                    command,
+                    key: key.to_string(),
+                    detail: format!("{n} is not a length (0 to {MAX_COUNT})"),
+                }),
             other => Err(self.reply_error(other, command, key, expected)),
         }
     }
@@ -635,6 +702,15 @@ impl RedisQueueSource {
         queues.sort();
         queues.dedup();
         Ok(queues)
+    }
+}
+
+/// The error for a sum of lengths that does not fit a `u64` (only a forged reply can do that).
+fn too_many(what: &str) -> RedisSourceError {
+    RedisSourceError::UnexpectedReply {
+        command: "LLEN",
+        key: what.to_string(),
+        detail: "the lengths add up to more than 2^64".into(),
     }
 }
 
