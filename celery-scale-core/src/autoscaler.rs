@@ -50,6 +50,10 @@ impl Default for LoopSettings {
 }
 
 impl LoopSettings {
+    /// The shortest accepted `interval` (a shorter one would spin).
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+    /// The shortest accepted `timeout`.
+    pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
     /// The longest accepted `interval`.
     pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
     /// The longest accepted `timeout`.
@@ -64,8 +68,8 @@ impl LoopSettings {
     /// | field | accepted |
     /// |---|---|
     /// | `name` | not blank, at most 128 bytes |
-    /// | `interval` | above 0, at most 1 h |
-    /// | `timeout` | above 0, at most 10 min |
+    /// | `interval` | 100 ms to 1 h |
+    /// | `timeout` | 10 ms to 10 min |
     /// | `max_staleness` | at least `interval`, at most 24 h |
     /// | `max_backoff` | at least `interval`, at most 24 h |
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -92,18 +96,30 @@ impl LoopSettings {
                 return Err(ConfigError::new(
                     field,
                     format!(
-                        "{} is longer than {}",
+                        "{} is above the maximum {}",
                         humantime::format_duration(value),
                         humantime::format_duration(max)
                     ),
                 ));
             }
         }
-        if self.interval.is_zero() {
-            return Err(ConfigError::new("interval", "must be greater than 0s"));
+        if self.interval < Self::MIN_INTERVAL {
+            return Err(ConfigError::new(
+                "interval",
+                format!(
+                    "{} is below the minimum 100ms",
+                    humantime::format_duration(self.interval)
+                ),
+            ));
         }
-        if self.timeout.is_zero() {
-            return Err(ConfigError::new("timeout", "must be greater than 0s"));
+        if self.timeout < Self::MIN_TIMEOUT {
+            return Err(ConfigError::new(
+                "timeout",
+                format!(
+                    "{} is below the minimum 10ms",
+                    humantime::format_duration(self.timeout)
+                ),
+            ));
         }
         if self.max_staleness < self.interval {
             return Err(ConfigError::new(
@@ -623,12 +639,15 @@ mod tests {
 
     #[test]
     fn absurd_loop_settings_are_rejected_naming_the_field() {
-        let years = Duration::from_secs(3_000_000_000);
-        let cases: [(&str, Box<dyn Fn(&mut LoopSettings)>); 5] = [
-            ("interval", Box::new(|s| s.interval = years)),
-            ("timeout", Box::new(|s| s.timeout = years)),
-            ("max_staleness", Box::new(|s| s.max_staleness = years)),
-            ("max_backoff", Box::new(|s| s.max_backoff = years)),
+        const YEARS: Duration = Duration::from_secs(3_000_000_000);
+        type Edit = Box<dyn Fn(&mut LoopSettings)>;
+        let cases: [(&str, Edit); 7] = [
+            ("interval", Box::new(|s| s.interval = Duration::from_nanos(1))),
+            ("timeout", Box::new(|s| s.timeout = Duration::from_nanos(1))),
+            ("interval", Box::new(|s| s.interval = YEARS)),
+            ("timeout", Box::new(|s| s.timeout = YEARS)),
+            ("max_staleness", Box::new(|s| s.max_staleness = YEARS)),
+            ("max_backoff", Box::new(|s| s.max_backoff = YEARS)),
             ("name", Box::new(|s| s.name = "x".repeat(129))),
         ];
         for (field, edit) in cases {

@@ -501,6 +501,18 @@ fn line_of(text: &str, at: usize) -> usize {
     upto.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
+/// Parses TOML into any configuration type, with errors that name the field path from the root
+/// (`bindings[0].policy.max_workers: ...`), as [`Config::from_toml`] does; for programs whose
+/// file holds more than the bindings. Validates nothing.
+pub fn parse_toml<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigError> {
+    toml_parse(text)
+}
+
+/// Parses JSON like [`parse_toml`] parses TOML.
+pub fn parse_json<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigError> {
+    json_parse(text)
+}
+
 fn toml_parse<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigError> {
     let line = |e: &toml::de::Error| e.span().map(|s| line_of(text, s.start));
     // A syntax error comes before any value is deserialized: it has a line but no path.
