@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, SecretUrl};
+
+use crate::error::RedisSourceError;
 use serde::{Deserialize, Serialize};
 
 /// kombu's default priority steps (`PRIORITY_STEPS`).
@@ -256,9 +258,20 @@ impl RedisSourceConfig {
         }
     }
 
-    /// Checks every field; the error names the field. The URL itself is parsed by
+    /// Checks every field against the bounds in the crate docs, and reads and parses the TLS
+    /// files (each must hold PEM certificates, or a PEM key that is the client certificate's);
+    /// the error names the field. The URL itself is parsed by
     /// [`RedisQueueSource::new`](crate::RedisQueueSource::new).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_fields()?;
+        if let Some(tls) = &self.tls {
+            crate::tls::load(tls).map_err(|e| tls_config_error(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Every check of [`validate`](Self::validate) but the TLS files' contents.
+    pub(crate) fn check_fields(&self) -> Result<(), ConfigError> {
         if self.url.expose().trim().is_empty() {
             return Err(ConfigError::new("url", "must not be empty"));
         }
@@ -266,6 +279,15 @@ impl RedisSourceConfig {
             return Err(ConfigError::new(
                 "queues",
                 "is empty: name at least one queue or enable discovery",
+            ));
+        }
+        if self.queues.len() > MAX_QUEUES {
+            return Err(ConfigError::new(
+                "queues",
+                format!(
+                    "names {} queues, more than {MAX_QUEUES} (one observation reads every priority key of each)",
+                    self.queues.len()
+                ),
             ));
         }
         for (i, q) in self.queues.iter().enumerate() {
@@ -294,6 +316,14 @@ impl RedisSourceConfig {
                 ),
             ));
         }
+        if let Some(&top) = self.priority_steps.last()
+            && top > MAX_PRIORITY_STEP
+        {
+            return Err(ConfigError::new(
+                "priority_steps",
+                format!("{top} is above {MAX_PRIORITY_STEP}, the highest message priority"),
+            ));
+        }
         if self.sep.is_empty() {
             return Err(ConfigError::new(
                 "sep",
@@ -305,24 +335,55 @@ impl RedisSourceConfig {
         {
             return Err(ConfigError::new("publish_time_field", "must not be empty"));
         }
-        if let Some(d) = &self.discovery
-            && d.refresh.is_zero()
-        {
-            return Err(ConfigError::new(
+        if let Some(d) = &self.discovery {
+            within(
                 "discovery.refresh",
-                "must be above zero (discovery scans the keyspace)",
-            ));
+                d.refresh,
+                Duration::from_millis(100),
+                Duration::from_secs(24 * 3600),
+                "discovery scans the keyspace",
+            )?;
+            patterns("discovery.exclude", &d.exclude)?;
         }
-        if self.heartbeat_window.is_zero() {
-            return Err(ConfigError::new("heartbeat_window", "must be above zero"));
-        }
-        if self.timeout.is_zero() {
-            return Err(ConfigError::new("timeout", "must be above zero"));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(ConfigError::new("connect_timeout", "must be above zero"));
-        }
+        patterns("worker_hostnames", &self.worker_hostnames)?;
+        within(
+            "heartbeat_window",
+            self.heartbeat_window,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            "the registry keeps every beat of the window",
+        )?;
+        within(
+            "heartbeat_warmup",
+            self.heartbeat_warmup,
+            Duration::ZERO,
+            Duration::from_secs(600),
+            "worker figures are unknown for that long after every reconnect",
+        )?;
+        within(
+            "timeout",
+            self.timeout,
+            MIN_TIMEOUT,
+            MAX_TIMEOUT,
+            "the deadline of one observation",
+        )?;
+        within(
+            "connect_timeout",
+            self.connect_timeout,
+            MIN_TIMEOUT,
+            MAX_TIMEOUT,
+            "the deadline of one connection attempt",
+        )?;
         if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("tls.ca_file", &tls.ca_file),
+                ("tls.client_cert_file", &tls.client_cert_file),
+                ("tls.client_key_file", &tls.client_key_file),
+            ] {
+                if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                    return Err(ConfigError::new(field, "must not be empty"));
+                }
+            }
             if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
                 return Err(ConfigError::new(
                     "tls.client_key_file",
@@ -339,6 +400,71 @@ impl RedisSourceConfig {
         }
         Ok(())
     }
+}
+
+/// The most queues one source reads (each costs one `LLEN` per priority step per observation).
+pub const MAX_QUEUES: usize = 100_000;
+/// The highest priority step: AMQP's and kombu's priorities go up to 255.
+pub const MAX_PRIORITY_STEP: u32 = 255;
+/// The shortest `timeout` and `connect_timeout`.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// The longest `timeout`: an observation slower than this is of no use to a control loop.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `value` of `field` within `min..=max`, or an error naming the field, the value and the bound.
+fn within(
+    field: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+    why: &str,
+) -> Result<(), ConfigError> {
+    let show = |d: Duration| humantime_serde::re::humantime::format_duration(d).to_string();
+    if value < min || (value.is_zero() && !min.is_zero()) {
+        return Err(ConfigError::new(
+            field,
+            format!("{} is below {} ({why})", show(value), show(min)),
+        ));
+    }
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("{} is above {} ({why})", show(value), show(max)),
+        ));
+    }
+    Ok(())
+}
+
+/// No empty pattern (it would match only an empty name).
+fn patterns(field: &str, patterns: &[String]) -> Result<(), ConfigError> {
+    match patterns.iter().position(String::is_empty) {
+        Some(i) => Err(ConfigError::new(
+            format!("{field}[{i}]"),
+            "must not be empty (use \"*\" for every name)",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A TLS file error as a configuration error naming its field, with every reason in the chain.
+fn tls_config_error(e: &RedisSourceError) -> ConfigError {
+    let field = match e {
+        RedisSourceError::TlsFile { field, .. } | RedisSourceError::TlsContent { field, .. } => {
+            *field
+        }
+        _ => "tls",
+    };
+    let mut rule = e.to_string();
+    // The message starts with the field: keep the rest.
+    if let Some(rest) = rule.strip_prefix(&format!("{field}: ")) {
+        rule = rest.to_string();
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        rule.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    ConfigError::new(field, rule)
 }
 
 /// Builds a [`RedisSourceConfig`]; [`RedisSourceConfigBuilder::build`] validates it.
@@ -542,6 +668,102 @@ mod tests {
         let back: RedisSourceConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         assert!(!format!("{c:?}").contains("pw"));
+    }
+
+    #[test]
+    fn absurd_values_are_rejected_naming_the_field() {
+        let field = |c: RedisSourceConfigBuilder| c.build().unwrap_err().field;
+        let b = || RedisSourceConfig::builder("redis://h").queue("a");
+        let year = Duration::from_secs(365 * 86_400);
+        assert_eq!(field(b().timeout(year)), "timeout");
+        assert_eq!(field(b().timeout(Duration::from_millis(1))), "timeout");
+        assert_eq!(field(b().connect_timeout(year)), "connect_timeout");
+        assert_eq!(
+            field(b().connect_timeout(Duration::ZERO)),
+            "connect_timeout"
+        );
+        assert_eq!(
+            field(b().heartbeat_window(Duration::ZERO)),
+            "heartbeat_window"
+        );
+        assert_eq!(field(b().heartbeat_window(year)), "heartbeat_window");
+        assert_eq!(field(b().heartbeat_warmup(year)), "heartbeat_warmup");
+        let discovery = |refresh| DiscoveryConfig {
+            refresh,
+            exclude: Vec::new(),
+        };
+        assert_eq!(
+            field(b().discovery(discovery(Duration::ZERO))),
+            "discovery.refresh"
+        );
+        assert_eq!(field(b().discovery(discovery(year))), "discovery.refresh");
+        assert_eq!(
+            field(b().discovery(DiscoveryConfig {
+                exclude: vec!["tmp-*".into(), String::new()],
+                ..DiscoveryConfig::default()
+            })),
+            "discovery.exclude[1]"
+        );
+        assert_eq!(field(b().worker_hostname("")), "worker_hostnames[0]");
+        assert_eq!(field(b().priority_steps([0, 3, 256])), "priority_steps");
+        assert_eq!(field(b().priority_steps([0, u32::MAX])), "priority_steps");
+        let many = RedisSourceConfig::builder("redis://h")
+            .queues((0..=MAX_QUEUES).map(|i| format!("q{i}")));
+        assert_eq!(field(many), "queues");
+        let e = b().timeout(year).build().unwrap_err();
+        assert!(e.rule.contains("is above 5m"), "{e}");
+        // From TOML too, with the bound in the message.
+        let c: RedisSourceConfig =
+            toml::from_str("url = \"redis://h\"\nqueues = [\"a\"]\ntimeout = \"30years\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "timeout");
+        // The bounds themselves are accepted.
+        let ok = b()
+            .timeout(MAX_TIMEOUT)
+            .connect_timeout(MIN_TIMEOUT)
+            .heartbeat_window(Duration::from_secs(3600))
+            .heartbeat_warmup(Duration::ZERO)
+            .priority_steps([0, MAX_PRIORITY_STEP])
+            .discovery(discovery(Duration::from_secs(1)))
+            .build();
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = RedisSourceConfig::builder("rediss://h")
+            .queue("a")
+            .tls(TlsConfig {
+                ca_file: Some("".into()),
+                ..TlsConfig::default()
+            })
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field, "tls.ca_file");
+    }
+
+    #[test]
+    fn passwords_with_url_metacharacters_never_show() {
+        // Percent-encoded, as a URL should carry them, and raw, as users paste them.
+        let mut passwords: Vec<String> = ["#", "/", "?", "@", ";", "%23", "%2F", "%3F", "%40"]
+            .iter()
+            .map(|c| format!("zqk{c}xwv"))
+            .collect();
+        passwords.push("zqk@xwv#jjy/uuo?ppl".into());
+        passwords.push("zqk;redis://xwv".into());
+        for password in &passwords {
+            for url in [
+                format!("redis://:{password}@cache:6379/1"),
+                format!("rediss://user:{password}@cache:6380/0"),
+                format!("redis://user:{password}@cache"),
+                format!("redis+unix:///run/redis.sock?db=2&pass={password}"),
+            ] {
+                let c = RedisSourceConfig::builder(url.as_str()).queue("q");
+                let shown = match c.build() {
+                    Ok(c) => format!("{c:?} {}", redact(&c.url)),
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                // No piece of the password either side of a metacharacter.
+                for piece in ["zqk", "xwv", "jjy", "uuo", "ppl"] {
+                    assert!(!shown.contains(piece), "{url}: {shown}");
+                }
+            }
+        }
     }
 
     #[test]

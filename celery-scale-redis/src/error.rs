@@ -40,6 +40,21 @@ pub enum RedisSourceError {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS certificate or key file was read but is not what the field needs: no PEM
+    /// certificate (or key) in it, a certificate rustls rejects, or a key that is not the
+    /// client certificate's.
+    #[error("{field}: {path:?} {detail}")]
+    TlsContent {
+        /// The configuration field, e.g. `tls.client_key_file`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+        /// The parser's reason, when it gave one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The source was created outside a Tokio runtime.
     #[error("RedisQueueSource::new must be called within a Tokio runtime")]
     NoRuntime(#[source] tokio::runtime::TryCurrentError),
@@ -167,6 +182,7 @@ impl RedisSourceError {
             RedisSourceError::Config(_)
             | RedisSourceError::BadUrl { .. }
             | RedisSourceError::TlsFile { .. }
+            | RedisSourceError::TlsContent { .. }
             | RedisSourceError::NoRuntime(_)
             | RedisSourceError::Auth { .. }
             | RedisSourceError::Tls { .. }
@@ -220,6 +236,7 @@ impl From<RedisSourceError> for Error {
             RedisSourceError::Config(c) => Error::Config(c),
             RedisSourceError::BadUrl { .. }
             | RedisSourceError::TlsFile { .. }
+            | RedisSourceError::TlsContent { .. }
             | RedisSourceError::NoRuntime(_) => Error::Other {
                 backend: BACKEND,
                 message,

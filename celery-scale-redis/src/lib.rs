@@ -6,10 +6,11 @@ mod error;
 mod heartbeats;
 mod layout;
 mod source;
+mod tls;
 
 pub use config::{
-    DEFAULT_PRIORITY_STEPS, DEFAULT_SEP, DiscoveryConfig, InFlightMode, RedisSourceConfig,
-    RedisSourceConfigBuilder, TlsConfig,
+    DEFAULT_PRIORITY_STEPS, DEFAULT_SEP, DiscoveryConfig, InFlightMode, MAX_PRIORITY_STEP,
+    MAX_QUEUES, MAX_TIMEOUT, MIN_TIMEOUT, RedisSourceConfig, RedisSourceConfigBuilder, TlsConfig,
 };
 pub use error::RedisSourceError;
 pub use source::RedisQueueSource;

@@ -131,28 +131,13 @@ impl fmt::Debug for RedisQueueSource {
     }
 }
 
-fn read_pem(
-    field: &'static str,
-    path: &Option<std::path::PathBuf>,
-) -> Result<Option<Vec<u8>>, RedisSourceError> {
-    path.as_ref()
-        .map(|p| {
-            std::fs::read(p).map_err(|source| RedisSourceError::TlsFile {
-                field,
-                path: p.clone(),
-                source,
-            })
-        })
-        .transpose()
-}
-
 impl RedisQueueSource {
     /// Validates `config` and prepares the connection, without connecting: the first
     /// [`observe`](QueueSource::observe) connects, so a source made while Redis is down works
     /// once it is up. With heartbeats on, starts the subscriber task; must be called within a
     /// Tokio runtime.
     pub fn new(config: RedisSourceConfig) -> Result<Self, RedisSourceError> {
-        config.validate()?;
+        config.check_fields()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(RedisSourceError::NoRuntime)?;
         let url = crate::config::redact(&config.url);
         let bad_url = |source| RedisSourceError::BadUrl {
@@ -161,24 +146,9 @@ impl RedisQueueSource {
         };
         let client = match &config.tls {
             Some(tls) => {
-                let root_cert = read_pem("tls.ca_file", &tls.ca_file)?;
-                let cert = read_pem("tls.client_cert_file", &tls.client_cert_file)?;
-                let key = read_pem("tls.client_key_file", &tls.client_key_file)?;
-                let client_tls =
-                    cert.zip(key)
-                        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                            client_cert,
-                            client_key,
-                        });
+                let certificates = crate::tls::load(tls)?;
                 install_crypto_provider();
-                Client::build_with_tls(
-                    config.url.expose(),
-                    redis::TlsCertificates {
-                        client_tls,
-                        root_cert,
-                    },
-                )
-                .map_err(bad_url)?
+                Client::build_with_tls(config.url.expose(), certificates).map_err(bad_url)?
             }
             None => Client::open(config.url.expose()).map_err(bad_url)?,
         };

@@ -488,3 +488,151 @@ async fn first_observation_after_redis_returns_succeeds() {
     .await;
     eprintln!("resubscribed {:?} after Redis came back", back.elapsed());
 }
+
+/// TLS files are read and parsed when the configuration is validated and when the source is
+/// made, before any connection: each bad file is an error naming its field.
+#[tokio::test]
+async fn tls_files_are_checked_before_connecting() {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        assert!(!ci, "the openssl CLI is needed and CI=true");
+        eprintln!("skipping: no openssl CLI to make test certificates");
+        return;
+    }
+    let dir = temp_dir("tls-files");
+    make_certificates(&dir);
+    std::fs::write(dir.join("empty.pem"), "").unwrap();
+    std::fs::write(
+        dir.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad-der.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let p = |f: &str| Some(dir.join(f));
+    let cases: Vec<(TlsConfig, &str, &str)> = vec![
+        (
+            TlsConfig {
+                ca_file: p("missing.pem"),
+                ..TlsConfig::default()
+            },
+            "tls.ca_file",
+            "cannot read",
+        ),
+        (
+            TlsConfig {
+                ca_file: p("empty.pem"),
+                ..TlsConfig::default()
+            },
+            "tls.ca_file",
+            "no PEM certificate",
+        ),
+        (
+            TlsConfig {
+                ca_file: p("garbage.pem"),
+                ..TlsConfig::default()
+            },
+            "tls.ca_file",
+            "PEM",
+        ),
+        (
+            TlsConfig {
+                ca_file: p("bad-der.pem"),
+                ..TlsConfig::default()
+            },
+            "tls.ca_file",
+            "not a usable CA certificate",
+        ),
+        (
+            TlsConfig {
+                ca_file: p("ca.key"),
+                ..TlsConfig::default()
+            },
+            "tls.ca_file",
+            "no PEM certificate",
+        ),
+        (
+            TlsConfig {
+                client_cert_file: p("server.crt"),
+                client_key_file: p("ca.key"),
+                ..TlsConfig::default()
+            },
+            "tls.client_key_file",
+            "is not the key of",
+        ),
+        (
+            TlsConfig {
+                client_cert_file: p("server.crt"),
+                client_key_file: p("server.crt"),
+                ..TlsConfig::default()
+            },
+            "tls.client_key_file",
+            "no PEM private key",
+        ),
+        (
+            TlsConfig {
+                client_cert_file: p("server.key"),
+                client_key_file: p("server.key"),
+                ..TlsConfig::default()
+            },
+            "tls.client_cert_file",
+            "no PEM certificate",
+        ),
+        (
+            TlsConfig {
+                client_cert_file: p("server.crt"),
+                client_key_file: p("missing.key"),
+                ..TlsConfig::default()
+            },
+            "tls.client_key_file",
+            "cannot read",
+        ),
+    ];
+    for (tls, field, says) in cases {
+        let config = RedisSourceConfig::builder("rediss://:hunter2@127.0.0.1:6380/0")
+            .queue("celery")
+            .heartbeats(false)
+            .tls(tls.clone());
+        let e = config.clone().build().unwrap_err();
+        assert_eq!(e.field, field, "{tls:?}: {e}");
+        assert!(e.rule.contains(says), "{tls:?}: {e}");
+        assert!(!e.to_string().contains("hunter2"));
+        // The source made without validate() first checks the files the same way, typed.
+        let mut unvalidated = RedisSourceConfig::new("rediss://:hunter2@127.0.0.1:6380/0");
+        unvalidated.queues = vec!["celery".into()];
+        unvalidated.heartbeats = false;
+        unvalidated.tls = Some(tls.clone());
+        let e = RedisQueueSource::new(unvalidated).unwrap_err();
+        match &e {
+            RedisSourceError::TlsFile { field: f, .. }
+            | RedisSourceError::TlsContent { field: f, .. } => {
+                assert_eq!(*f, field, "{e:?}")
+            }
+            other => panic!("{tls:?}: {other:?}"),
+        }
+        let core: celery_scale_core::Error = e.into();
+        assert!(!core.is_transient());
+        assert!(!format!("{core} {core:?}").contains("hunter2"));
+    }
+    // The good files pass, mutual TLS included.
+    let good = TlsConfig {
+        ca_file: p("ca.crt"),
+        client_cert_file: p("server.crt"),
+        client_key_file: p("server.key"),
+    };
+    let config = RedisSourceConfig::builder("rediss://127.0.0.1:6380/0")
+        .queue("celery")
+        .heartbeats(false)
+        .tls(good)
+        .build()
+        .unwrap();
+    RedisQueueSource::new(config).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -314,3 +314,41 @@ async fn hostile_worker_events_do_not_panic_or_wrap() {
     assert_eq!(obs.outstanding(), u64::MAX);
     source.shutdown().await;
 }
+
+/// A URL the client library cannot parse (a raw `#`, `/`, `?` or `@` in the password is common
+/// when it is pasted unencoded) is rejected without showing the password anywhere.
+#[tokio::test]
+async fn unparseable_urls_never_show_the_password() {
+    for c in ["#", "/", "?", "@", ";", "%zz", " "] {
+        for url in [
+            format!("redis://:zqk{c}xwv@cache:6379/1"),
+            format!("rediss://user:zqk{c}xwv@cache:notaport/0"),
+            format!("redis://user:zqk{c}xwv@[::1/0"),
+            format!("redis+unix:///run/r.sock?db=x&pass=zqk{c}xwv"),
+        ] {
+            let config = RedisSourceConfig::builder(url.as_str())
+                .queue("q")
+                .heartbeats(false);
+            let shown = match config.build() {
+                Err(e) => format!("{e} {e:?}"),
+                Ok(config) => match RedisQueueSource::new(config) {
+                    Ok(source) => format!("{source:?}"),
+                    Err(e) => {
+                        let mut all = format!("{e} {e:?}");
+                        let mut next = std::error::Error::source(&e);
+                        while let Some(s) = next {
+                            all.push_str(&format!(" {s} {s:?}"));
+                            next = s.source();
+                        }
+                        let core: celery_scale_core::Error = e.into();
+                        all.push_str(&format!(" {core} {core:?}"));
+                        all
+                    }
+                },
+            };
+            for piece in ["zqk", "xwv"] {
+                assert!(!shown.contains(piece), "{url}: {shown}");
+            }
+        }
+    }
+}
