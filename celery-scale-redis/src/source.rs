@@ -702,4 +702,18 @@ impl QueueSource for RedisQueueSource {
     async fn observe(&self) -> celery_scale_core::Result<Observation> {
         self.observe_redis().await.map_err(Into::into)
     }
+
+    /// With heartbeats on: the subscription is up and past `heartbeat_warmup`.
+    fn is_warmed_up(&self) -> bool {
+        self.heartbeats
+            .as_ref()
+            .is_none_or(|h| h.is_warm(Instant::now()))
+    }
+
+    /// Stops the heartbeat subscriber (its connection closes with its task).
+    async fn close(&self) {
+        if let Some(h) = &self.heartbeats {
+            h.stop();
+        }
+    }
 }

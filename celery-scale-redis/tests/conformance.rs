@@ -520,3 +520,60 @@ async fn heartbeat_subscriber_tracks_workers_and_filters_hostnames() {
     assert_eq!(obs.executing, Some(1));
     source.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_is_reported_and_close_stops_the_subscriber() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique("warm");
+    let source = RedisQueueSource::new(
+        RedisSourceConfig::builder(with_db(&url, 3).as_str())
+            .queue("celery")
+            .global_keyprefix(&prefix)
+            .heartbeat_warmup(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !source.is_warmed_up(),
+        "not before the subscription and its warm-up"
+    );
+    poll("the warm-up", Duration::from_secs(5), || async {
+        source.is_warmed_up().then_some(())
+    })
+    .await;
+    assert!(source.heartbeats_subscribed());
+    // The server sees the subscriber, then sees it go.
+    let conn = client(&url)
+        .await
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let channel = format!("{prefix}/3.celeryev/worker.heartbeat");
+    let subscribers = |mut conn: redis::aio::MultiplexedConnection, channel: String| async move {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    };
+    assert_eq!(subscribers(conn.clone(), channel.clone()).await, 1);
+    source.close().await;
+    poll("the subscriber to stop", Duration::from_secs(5), || {
+        let (conn, channel) = (conn.clone(), channel.clone());
+        async move { (subscribers(conn, channel).await == 0).then_some(()) }
+    })
+    .await;
+    // Without heartbeats there is nothing to warm up.
+    let plain = RedisQueueSource::new(
+        RedisSourceConfig::builder(with_db(&url, 3).as_str())
+            .queue("celery")
+            .heartbeats(false)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(plain.is_warmed_up());
+}
