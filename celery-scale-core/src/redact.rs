@@ -165,24 +165,126 @@ fn redact_one(url: &str) -> String {
 
 /// A URL that may hold credentials: `Debug` and `Display` show it redacted; [`SecretUrl::expose`]
 /// gives the real one to the client library that needs it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
+///
+/// In a configuration file it is either the URL itself or, to keep the secret out of the file,
+/// the name of the environment variable that holds it (ECS injects a task's secrets that way),
+/// read when the file is loaded:
+///
+/// ```
+/// # use celery_scale_core::SecretUrl;
+/// #[derive(serde::Deserialize)]
+/// struct Source { url: SecretUrl }
+/// # unsafe { std::env::set_var("DOC_BROKER_URL", "redis://:s3cret@cache:6379/0") };
+/// let inline: Source = toml::from_str(r#"url = "redis://cache:6379/0""#).unwrap();
+/// let from_env: Source = toml::from_str(r#"url = { env = "DOC_BROKER_URL" }"#).unwrap();
+/// assert_eq!(from_env.url.expose(), "redis://:s3cret@cache:6379/0");
+/// assert_eq!(from_env.url.env_var(), Some("DOC_BROKER_URL"));
+/// assert_eq!(format!("{:?}", from_env.url), r#""redis://:***@cache:6379/0""#);
+/// # let _ = inline;
+/// ```
+///
+/// Serialized, a URL read from the environment is written back as `{ env = "NAME" }`, never as
+/// its value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl {
+    url: String,
+    /// The environment variable it was read from, if any.
+    env: Option<String>,
+}
 
 impl SecretUrl {
     /// Wraps a URL.
     pub fn new(url: impl Into<String>) -> Self {
-        SecretUrl(url.into())
+        SecretUrl {
+            url: url.into(),
+            env: None,
+        }
+    }
+
+    /// Reads the URL from the environment variable `var`; fails when it is unset, empty or not
+    /// Unicode, with a message that names the variable (never its value).
+    pub fn from_env(var: &str) -> Result<Self, String> {
+        match std::env::var(var) {
+            Ok(url) if !url.trim().is_empty() => Ok(SecretUrl {
+                url,
+                env: Some(var.to_string()),
+            }),
+            Ok(_) => Err(format!("environment variable {var} is empty")),
+            Err(std::env::VarError::NotPresent) => {
+                Err(format!("environment variable {var} is not set"))
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(format!("environment variable {var} is not valid Unicode"))
+            }
+        }
     }
 
     /// The URL with its password, for the client library only. Never log it.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.url
     }
 
     /// The URL with its password replaced by `***`.
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        redact_url(&self.url)
+    }
+
+    /// The environment variable the URL was read from, if it was.
+    pub fn env_var(&self) -> Option<&str> {
+        self.env.as_deref()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SecretUrlRepr {
+    Inline(String),
+    Env {
+        /// The environment variable that holds the URL.
+        env: String,
+    },
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.env {
+            Some(env) => SecretUrlRepr::Env { env: env.clone() },
+            None => SecretUrlRepr::Inline(self.url.clone()),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Not `untagged` on the way in: its error ("did not match any variant") would hide
+        // what is wrong.
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SecretUrl;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a URL string or { env = \"VARIABLE\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretUrl, E> {
+                Ok(SecretUrl::new(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<SecretUrl, A::Error> {
+                let mut var: Option<String> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "env" {
+                        var = Some(map.next_value()?);
+                    } else {
+                        return Err(serde::de::Error::unknown_field(&key, &["env"]));
+                    }
+                }
+                let var = var.ok_or_else(|| serde::de::Error::missing_field("env"))?;
+                SecretUrl::from_env(&var).map_err(serde::de::Error::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -215,6 +317,33 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[derive(Debug, serde::Deserialize, serde::Serialize)]
+    struct Holder {
+        url: SecretUrl,
+    }
+
+    #[test]
+    fn a_url_can_come_from_the_environment_and_never_shows() {
+        // A variable no other test sets.
+        let var = "CELERY_SCALE_REDACT_TEST_URL";
+        // SAFETY: set once, before any thread of this test reads the environment.
+        unsafe { std::env::set_var(var, "amqp://u:hunter2@mq/%2f") };
+        let h: Holder = toml::from_str(&format!("url = {{ env = \"{var}\" }}")).unwrap();
+        assert_eq!(h.url.expose(), "amqp://u:hunter2@mq/%2f");
+        assert!(!format!("{h:?}").contains("hunter2"));
+        let written = toml::to_string(&h).unwrap();
+        assert!(written.contains(var) && !written.contains("hunter2"), "{written}");
+        let e = toml::from_str::<Holder>("url = { env = \"CELERY_SCALE_REDACT_TEST_UNSET\" }")
+            .unwrap_err();
+        assert!(e.to_string().contains("CELERY_SCALE_REDACT_TEST_UNSET is not set"), "{e}");
+        let e = toml::from_str::<Holder>("url = { name = \"X\" }").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = toml::from_str::<Holder>("url = 7").unwrap_err();
+        assert!(e.to_string().contains("a URL string or"), "{e}");
+        let inline: Holder = serde_json::from_str(r#"{"url": "redis://h:1/0"}"#).unwrap();
+        assert_eq!(serde_json::to_string(&inline).unwrap(), r#"{"url":"redis://h:1/0"}"#);
+    }
 
     #[test]
     fn redacts_every_form() {
