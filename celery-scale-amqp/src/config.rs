@@ -284,6 +284,12 @@ pub struct AmqpSourceConfig {
     /// Certificates for an `amqps://` URL: a private certificate authority, a client identity.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// How often a watched queue that does not exist is declared again to see whether it does
+    /// now (each such declare costs a channel, which the broker closes). Meanwhile it reads as
+    /// 0 ready. With the management API, a queue it lists is rechecked at the next observation
+    /// instead, and one it does not list is not declared at all.
+    #[serde(default = "default_missing_queue_recheck", with = "humantime_serde")]
+    pub missing_queue_recheck: Duration,
 }
 
 impl std::fmt::Debug for AmqpSourceConfig {
@@ -301,6 +307,7 @@ impl std::fmt::Debug for AmqpSourceConfig {
             connect_timeout,
             connection_name,
             tls,
+            missing_queue_recheck,
         } = self;
         f.debug_struct("AmqpSourceConfig")
             .field("url", &url.redacted())
@@ -315,6 +322,7 @@ impl std::fmt::Debug for AmqpSourceConfig {
             .field("connect_timeout", connect_timeout)
             .field("connection_name", connection_name)
             .field("tls", tls)
+            .field("missing_queue_recheck", missing_queue_recheck)
             .finish()
     }
 }
@@ -337,12 +345,55 @@ fn default_connect_timeout() -> Duration {
 fn default_management_timeout() -> Duration {
     Duration::from_secs(3)
 }
+fn default_missing_queue_recheck() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_connection_name() -> String {
     "celery-scale".to_string()
 }
 
 /// The longest queue name AMQP 0-9-1 can carry (a short string).
 const MAX_QUEUE_NAME: usize = 255;
+/// The longest connection name accepted (RabbitMQ shows it in its UI and logs).
+const MAX_CONNECTION_NAME: usize = 255;
+
+/// The range `(low, high, whether low itself is allowed)` of a duration field.
+type Bounds = (Duration, Duration, bool);
+const HOUR: Duration = Duration::from_secs(3600);
+/// `timeout`, `connect_timeout`, `management.timeout`: above zero, at most 1 hour.
+const TIMEOUTS: Bounds = (Duration::ZERO, HOUR, false);
+/// `heartbeat_window`: above zero, at most 1 hour.
+const HEARTBEAT_WINDOW: Bounds = (Duration::ZERO, HOUR, false);
+/// `heartbeat_warmup`: zero to 10 minutes.
+const HEARTBEAT_WARMUP: Bounds = (Duration::ZERO, Duration::from_secs(600), true);
+/// `discovery.refresh`: 100 ms to 24 hours.
+const DISCOVERY_REFRESH: Bounds = (
+    Duration::from_millis(100),
+    Duration::from_secs(86_400),
+    true,
+);
+/// `missing_queue_recheck`: 1 second to 1 hour.
+const MISSING_QUEUE_RECHECK: Bounds = (Duration::from_secs(1), HOUR, true);
+
+/// Checks that the duration `field` is within `bounds`; the error names the field and the range.
+fn within(field: &str, value: Duration, (low, high, low_ok): Bounds) -> Result<(), ConfigError> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if value < low || (value == low && !low_ok) {
+        let rule = if low.is_zero() {
+            "must be above zero".to_string()
+        } else {
+            format!("is {}; at least {}", show(value), show(low))
+        };
+        return Err(ConfigError::new(field, rule));
+    }
+    if value > high {
+        return Err(ConfigError::new(
+            field,
+            format!("is {}; at most {}", show(value), show(high)),
+        ));
+    }
+    Ok(())
+}
 
 /// Parses an AMQP URL without ever putting the password in the error.
 pub(crate) fn parse_amqp_url(url: &SecretUrl) -> Result<AMQPUri, ConfigError> {
@@ -414,6 +465,7 @@ impl AmqpSourceConfig {
             connect_timeout: default_connect_timeout(),
             connection_name: default_connection_name(),
             tls: None,
+            missing_queue_recheck: default_missing_queue_recheck(),
         }
     }
 
@@ -463,9 +515,7 @@ impl AmqpSourceConfig {
         }
         if let Some(m) = &self.management {
             parse_management_url(&m.url)?;
-            if m.timeout.is_zero() {
-                return Err(ConfigError::new("management.timeout", "must be above zero"));
-            }
+            within("management.timeout", m.timeout, TIMEOUTS)?;
             if m.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(ConfigError::new("management.ca_file", "must not be empty"));
             }
@@ -477,18 +527,41 @@ impl AmqpSourceConfig {
                     "needs the management API: set management.url",
                 ));
             }
-            if d.refresh.is_zero() {
-                return Err(ConfigError::new("discovery.refresh", "must be above zero"));
+            within("discovery.refresh", d.refresh, DISCOVERY_REFRESH)?;
+            for (i, p) in d.exclude.iter().enumerate() {
+                if p.is_empty() {
+                    return Err(ConfigError::new(
+                        format!("discovery.exclude[{i}]"),
+                        "must not be empty",
+                    ));
+                }
             }
         }
-        if self.heartbeat_window.is_zero() {
-            return Err(ConfigError::new("heartbeat_window", "must be above zero"));
+        for (i, p) in self.worker_hostnames.iter().enumerate() {
+            if p.is_empty() {
+                return Err(ConfigError::new(
+                    format!("worker_hostnames[{i}]"),
+                    "must not be empty (use \"*\" for every worker)",
+                ));
+            }
         }
-        if self.timeout.is_zero() {
-            return Err(ConfigError::new("timeout", "must be above zero"));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(ConfigError::new("connect_timeout", "must be above zero"));
+        within("heartbeat_window", self.heartbeat_window, HEARTBEAT_WINDOW)?;
+        within("heartbeat_warmup", self.heartbeat_warmup, HEARTBEAT_WARMUP)?;
+        within("timeout", self.timeout, TIMEOUTS)?;
+        within("connect_timeout", self.connect_timeout, TIMEOUTS)?;
+        within(
+            "missing_queue_recheck",
+            self.missing_queue_recheck,
+            MISSING_QUEUE_RECHECK,
+        )?;
+        if self.connection_name.len() > MAX_CONNECTION_NAME {
+            return Err(ConfigError::new(
+                "connection_name",
+                format!(
+                    "is {} bytes long; at most {MAX_CONNECTION_NAME}",
+                    self.connection_name.len()
+                ),
+            ));
         }
         if let Some(tls) = &self.tls {
             tls.validate(&uri.scheme)?;
@@ -587,6 +660,12 @@ impl AmqpSourceConfigBuilder {
     /// Sets the connection name RabbitMQ shows.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.config.connection_name = name.into();
+        self
+    }
+
+    /// Sets how often a missing queue is declared again.
+    pub fn missing_queue_recheck(mut self, every: Duration) -> Self {
+        self.config.missing_queue_recheck = every;
         self
     }
 
@@ -694,6 +773,69 @@ mod tests {
             .discovery(DiscoveryConfig::default())
             .build();
         assert!(discovered.is_ok(), "discovery alone needs no queue names");
+    }
+
+    #[test]
+    fn absurd_values_are_rejected_naming_the_field_and_the_bound() {
+        let b = || AmqpSourceConfig::builder("amqp://h").queue("a");
+        let err = |c: AmqpSourceConfigBuilder| c.build().unwrap_err();
+        let hour = Duration::from_secs(3600);
+        let over = hour + Duration::from_secs(1);
+        let e = err(b().timeout(over));
+        assert_eq!(e.field, "timeout");
+        assert!(e.rule.contains("at most 1h"), "{e}");
+        assert!(
+            b().timeout(hour).build().is_ok(),
+            "the bound itself is allowed"
+        );
+        assert_eq!(err(b().timeout(Duration::MAX)).field, "timeout");
+        assert_eq!(err(b().connect_timeout(over)).field, "connect_timeout");
+        assert_eq!(err(b().heartbeat_window(over)).field, "heartbeat_window");
+        assert_eq!(
+            err(b().heartbeat_warmup(Duration::from_secs(601))).field,
+            "heartbeat_warmup"
+        );
+        assert!(b().heartbeat_warmup(Duration::ZERO).build().is_ok());
+        assert_eq!(
+            err(b().missing_queue_recheck(Duration::from_millis(999))).field,
+            "missing_queue_recheck"
+        );
+        assert_eq!(
+            err(b().missing_queue_recheck(over)).field,
+            "missing_queue_recheck"
+        );
+        assert_eq!(
+            err(b().management(ManagementConfig::new("http://h").with_timeout(over))).field,
+            "management.timeout"
+        );
+        let with_discovery = |refresh: Duration| {
+            b().management(ManagementConfig::new("http://h"))
+                .discovery(DiscoveryConfig {
+                    refresh,
+                    exclude: Vec::new(),
+                })
+        };
+        assert_eq!(
+            err(with_discovery(Duration::from_millis(10))).field,
+            "discovery.refresh"
+        );
+        assert_eq!(
+            err(with_discovery(Duration::from_secs(86_401))).field,
+            "discovery.refresh"
+        );
+        assert_eq!(err(b().worker_hostname("")).field, "worker_hostnames[0]");
+        assert_eq!(
+            err(b().connection_name("n".repeat(256))).field,
+            "connection_name"
+        );
+        // Through TOML, as a daemon's configuration file gives them.
+        let e = toml::from_str::<AmqpSourceConfig>(
+            "url = \"amqp://h\"\nqueues = [\"a\"]\ntimeout = \"2days\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "timeout: is 2days; at most 1h");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub(crate) fn start(inner: Arc<Inner>, runtime: &tokio::runtime::Handle) -> Work
         window: config.heartbeat_window,
         warmup: config.heartbeat_warmup,
         hostnames: config.worker_hostnames.clone(),
+        // RabbitMQ gives a silent consumer's unacknowledged messages back after its
+        // consumer_timeout (30 min by default).
+        silent_limit: std::time::Duration::from_secs(30 * 60),
         transport: "worker-event consumer",
         url: inner.url().to_string(),
     };

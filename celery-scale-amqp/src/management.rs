@@ -68,6 +68,10 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// not a message waiting for 26+ years.
 pub const MIN_HEAD_TIMESTAMP_SECS: u64 = 946_684_800;
 
+/// The largest message count taken as real (2^48): far above what a RabbitMQ queue holds, and
+/// low enough that the counts of 65,536 queues add up without overflow.
+pub const MAX_COUNT: u64 = 1 << 48;
+
 /// A figure of the management API's answer that was present but unusable, and became `None`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Rejected {
@@ -108,17 +112,26 @@ impl Checker {
         self.rejected.push(Rejected { field, reason });
     }
 
-    /// A count: a JSON integer in `0..=u64::MAX`. `null` or absent is `None` silently.
+    /// A count: a JSON integer in `0..=MAX_COUNT`. `null` or absent is `None` silently.
     fn count(&mut self, field: &'static str, v: Option<&serde_json::Value>) -> Option<u64> {
         let v = v.filter(|v| !v.is_null())?;
-        let n = v.as_u64();
-        if n.is_none() {
-            self.reject(
-                field,
-                format!("{v} is not a count (a non-negative integer)"),
-            );
+        match v.as_u64() {
+            Some(n) if n <= MAX_COUNT => Some(n),
+            Some(n) => {
+                self.reject(
+                    field,
+                    format!("{n} is above {MAX_COUNT}, more than a queue holds"),
+                );
+                None
+            }
+            None => {
+                self.reject(
+                    field,
+                    format!("{v} is not a count (a non-negative integer)"),
+                );
+                None
+            }
         }
-        n
     }
 
     /// A count that must fit in a `u32` (consumers).
@@ -627,13 +640,15 @@ mod tests {
         assert_eq!(q.ack_rate, Some(2.5), "the good figure is kept");
         assert_eq!((q.queue_type, q.exclusive), (None, None));
         assert_eq!(rejected.len(), 7, "{rejected:?}");
-        // The largest values that fit are kept.
+        // The largest values allowed are kept; above them, unknown.
         let (q, rejected) = one(json!({
-            "name": "q", "messages_ready": u64::MAX, "consumers": u32::MAX,
+            "name": "q", "messages_ready": MAX_COUNT, "consumers": u32::MAX,
             "message_stats": [],
         }));
-        assert_eq!((q.ready, q.consumers), (Some(u64::MAX), Some(u32::MAX)));
+        assert_eq!((q.ready, q.consumers), (Some(MAX_COUNT), Some(u32::MAX)));
         assert!(rejected.is_empty(), "{rejected:?}");
+        let (q, rejected) = one(json!({"name": "q", "messages_ready": u64::MAX}));
+        assert_eq!((q.ready, rejected), (None, vec!["messages_ready"]));
         let (_, rejected) = one(json!({"name": "q", "message_stats": 3}));
         assert_eq!(rejected, ["message_stats"]);
     }
@@ -717,6 +732,9 @@ mod tests {
             let list = format!("[{body},{body}]");
             prop_assert_eq!(parse_queues(list.as_bytes()).unwrap().len(), 2);
             // Every figure kept is in its range; the age never panics.
+            for n in [q.ready, q.unacknowledged].into_iter().flatten() {
+                prop_assert!(n <= MAX_COUNT);
+            }
             for r in [q.publish_rate, q.deliver_get_rate, q.ack_rate].into_iter().flatten() {
                 prop_assert!(r.is_finite() && r >= 0.0);
             }

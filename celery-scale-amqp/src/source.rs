@@ -5,11 +5,12 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use celery_scale_core::celery_events::WorkerFeed;
 use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
+use futures::StreamExt as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
@@ -28,6 +29,47 @@ const DEFAULT_AMQP_HEARTBEAT: u16 = 10;
 /// Up to this many queues the management API is asked one queue at a time (concurrently);
 /// above it, one list call with only the needed columns.
 const PER_QUEUE_HTTP_MAX: usize = 8;
+
+/// How long a replaced connection is given to answer its `connection.close`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Missing queues probed at once (each on a channel of its own).
+const MAX_CONCURRENT_PROBES: usize = 16;
+/// The shortest time between two probes of one missing queue, whatever the management API says.
+const MIN_PROBE_GAP: Duration = Duration::from_secs(5);
+
+/// One queue's passive declare: its ready count and consumers, or its typed error.
+type Declared = Result<(u64, u32), AmqpSourceError>;
+
+/// Why a batch of declares failed as a whole.
+enum Failure {
+    /// The connection is gone (or unusable): reconnect.
+    Gone(AmqpSourceError),
+    /// Anything else; the connection stays.
+    Other(AmqpSourceError),
+}
+
+/// The refusal of a passive declare that names the queue (404 missing, 403 forbidden, 405
+/// another connection's exclusive queue); the broker closes the channel for each.
+fn queue_refusal(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match amqp_kind(e) {
+        Some(AMQPErrorKind::Soft(
+            s @ (AMQPSoftError::NOTFOUND
+            | AMQPSoftError::ACCESSREFUSED
+            | AMQPSoftError::RESOURCELOCKED),
+        )) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A watched queue that the broker said does not exist.
+struct MissingQueue {
+    /// When it was first found missing.
+    since: Instant,
+    /// When it was last declared (and found missing).
+    probed: Instant,
+    /// When to declare it again.
+    next_check: Instant,
+}
 
 /// The connection and the channel that every passive declare goes through.
 struct Link {
@@ -58,6 +100,10 @@ pub(crate) struct Inner {
     vhost: String,
     link: tokio::sync::Mutex<Option<Link>>,
     connections: AtomicU64,
+    /// Channels opened on the source's connections (the worker-event consumer's not counted).
+    channels: AtomicU64,
+    /// Watched queues known to be missing.
+    missing: Mutex<HashMap<String, MissingQueue>>,
     management: Option<ManagementClient>,
     queues: Mutex<QueueSet>,
     discovery_lock: tokio::sync::Mutex<()>,
@@ -94,9 +140,7 @@ impl Inner {
             )
             .await
             .map_err(connect_error)?;
-            let channel = connection.create_channel().await.map_err(|e| {
-                AmqpSourceError::from_operation(&self.url, "channel.open".into(), e)
-            })?;
+            let channel = self.open_channel(&connection).await?;
             Ok::<_, AmqpSourceError>(Link {
                 connection: Arc::new(connection),
                 channel,
@@ -119,51 +163,174 @@ impl Inner {
         Ok(link)
     }
 
-    /// Makes sure `slot` holds an open connection and channel; returns the link.
+    /// Opens a channel on `connection`, counting it.
+    async fn open_channel(&self, connection: &Connection) -> Result<Channel, AmqpSourceError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| AmqpSourceError::from_operation(&self.url, "channel.open".into(), e))?;
+        self.channels.fetch_add(1, Ordering::Relaxed);
+        Ok(channel)
+    }
+
+    /// Takes the link out of `slot` and closes its connection in the background, so that its
+    /// I/O thread ends and its memory is freed, and the worker-event consumer (which shares it)
+    /// notices and moves to the next connection. Dropping a lapin connection that another task
+    /// still holds would leave it open.
+    fn discard(&self, slot: &mut Option<Link>) {
+        if let Some(old) = slot.take() {
+            self.close_in_background(old);
+        }
+    }
+
+    /// Closes `old`'s connection without waiting (see [`discard`](Self::discard)).
+    fn close_in_background(&self, old: Link) {
+        let url = self.url.clone();
+        let close = async move {
+            let closing = old
+                .connection
+                .close(200, "celery-scale replaces this connection".into());
+            match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(url = %url, "closed the replaced RabbitMQ connection")
+                }
+                // Already broken: lapin has ended its I/O loop.
+                Ok(Err(e)) => {
+                    tracing::debug!(url = %url, error = %e, "the replaced RabbitMQ connection was already closed")
+                }
+                Err(_) => {
+                    tracing::debug!(url = %url, "the replaced RabbitMQ connection did not answer its close in time; dropped")
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(close)),
+            // Without a runtime (a source dropped outside one) the drop of `old` does the rest.
+            Err(_) => drop(close),
+        }
+    }
+
+    /// Makes sure `slot` holds an open connection and channel; returns the link, and whether
+    /// its connection was made by this call (an error on an older one may be stale: the broker
+    /// went away and came back since).
     async fn ensure<'a>(
         &self,
         slot: &'a mut Option<Link>,
-    ) -> Result<&'a mut Link, AmqpSourceError> {
-        let healthy = slot
-            .as_ref()
-            .is_some_and(|l| l.connection.status().connected());
-        if !healthy {
-            if let Some(old) = slot.take() {
-                tracing::warn!(url = %self.url, "the RabbitMQ connection is gone; reconnecting");
-                drop(old);
+    ) -> Result<(&'a mut Link, bool), AmqpSourceError> {
+        let mut fresh = false;
+        let link = match slot.take() {
+            Some(link) if link.connection.status().connected() => slot.insert(link),
+            old => {
+                if let Some(old) = old {
+                    tracing::warn!(url = %self.url, "the RabbitMQ connection is gone; reconnecting");
+                    self.close_in_background(old);
+                }
+                fresh = true;
+                slot.insert(self.connect().await?)
             }
-            *slot = Some(self.connect().await?);
-        }
-        let link = slot.as_mut().expect("a link was just stored");
+        };
         if link.busy || !link.channel.status().connected() {
-            link.channel = link.connection.create_channel().await.map_err(|e| {
-                AmqpSourceError::from_operation(&self.url, "channel.open".into(), e)
-            })?;
+            link.channel = self.open_channel(&link.connection).await?;
             link.busy = false;
         }
-        Ok(link)
+        Ok((link, fresh))
     }
 
     /// The shared connection (connecting if needed), for the worker-event consumer.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>, AmqpSourceError> {
         let mut slot = self.link.lock().await;
-        Ok(Arc::clone(&self.ensure(&mut slot).await?.connection))
+        let (link, _) = self.ensure(&mut slot).await?;
+        Ok(Arc::clone(&link.connection))
     }
 
-    /// Passive `queue.declare` of every name on the one channel, all written before any reply is
-    /// awaited. A missing (404) or forbidden (403) queue makes the broker close the channel and
-    /// fail every declare behind it: that queue gets its typed error, the channel is reopened and
-    /// the declares behind it are sent again.
-    async fn declare_all(
-        &self,
-        names: &[String],
-    ) -> Result<Vec<Result<(u64, u32), AmqpSourceError>>, AmqpSourceError> {
+    /// Passive `queue.declare` of every name, each with its own outcome (a missing queue is
+    /// [`AmqpSourceError::QueueNotFound`]).
+    ///
+    /// Queues known to exist are declared on the one channel, all written before any reply is
+    /// awaited. A queue known to be missing is not declared again until its recheck is due
+    /// (every `missing_queue_recheck`, or at once when the management API lists it): a passive
+    /// declare of a missing queue makes the broker close the channel, so each one costs a
+    /// channel. The due ones are probed concurrently, each on a channel of its own.
+    ///
+    /// When the connection was made before this call and fails as gone (the broker restarted
+    /// since, and lapin had not noticed yet), the declares are sent once more on a new
+    /// connection, so the first observation after the broker is back reads it.
+    async fn declare_all(&self, names: &[String]) -> Result<Vec<Declared>, AmqpSourceError> {
         let mut slot = self.link.lock().await;
-        let link = self.ensure(&mut slot).await?;
-        let mut results: Vec<Option<Result<(u64, u32), AmqpSourceError>>> =
-            names.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..names.len()).collect();
+        let (link, fresh) = self.ensure(&mut slot).await?;
+        match self.declare_on(link, names).await {
+            Err(Failure::Gone(e)) if !fresh => {
+                tracing::info!(url = %self.url, error = %e, "the RabbitMQ connection failed; retrying on a new one");
+                self.discard(&mut slot);
+                let (link, _) = self.ensure(&mut slot).await?;
+                match self.declare_on(link, names).await {
+                    Ok(declared) => Ok(declared),
+                    Err(Failure::Gone(e)) => {
+                        self.discard(&mut slot);
+                        Err(e)
+                    }
+                    Err(Failure::Other(e)) => Err(e),
+                }
+            }
+            Err(Failure::Gone(e)) => {
+                self.discard(&mut slot);
+                Err(e)
+            }
+            Err(Failure::Other(e)) => Err(e),
+            Ok(declared) => Ok(declared),
+        }
+    }
+
+    async fn declare_on(
+        &self,
+        link: &mut Link,
+        names: &[String],
+    ) -> Result<Vec<Declared>, Failure> {
+        let now = Instant::now();
+        let mut results: Vec<Option<Declared>> = names.iter().map(|_| None).collect();
+        let mut regular = Vec::new();
+        let mut due = Vec::new();
+        {
+            let missing = lock(&self.missing);
+            for (i, name) in names.iter().enumerate() {
+                match missing.get(name) {
+                    None => regular.push(i),
+                    Some(m) if m.next_check <= now => due.push(i),
+                    Some(_) => results[i] = Some(Err(self.not_found(name))),
+                }
+            }
+        }
         link.busy = true;
+        self.declare_pipelined(link, names, regular, &mut results)
+            .await?;
+        link.busy = false;
+        self.probe(link, names, &due, &mut results).await?;
+        let mut out = Vec::with_capacity(names.len());
+        for (name, r) in names.iter().zip(results) {
+            // Every index was in one of the three groups.
+            out.push(r.unwrap_or_else(|| Err(self.not_found(name))));
+        }
+        Ok(out)
+    }
+
+    fn not_found(&self, name: &str) -> AmqpSourceError {
+        AmqpSourceError::QueueNotFound {
+            queue: name.to_string(),
+            vhost: self.vhost.clone(),
+        }
+    }
+
+    /// Passive declares of `pending` on the link's channel, all written before any reply is
+    /// awaited. A queue that is missing (404) or forbidden (403, 405) makes the broker close
+    /// the channel and fail every declare behind it: that queue gets its typed error, the
+    /// channel is reopened and the declares behind it are sent again.
+    async fn declare_pipelined(
+        &self,
+        link: &mut Link,
+        names: &[String],
+        mut pending: Vec<usize>,
+        results: &mut [Option<Declared>],
+    ) -> Result<(), Failure> {
         while !pending.is_empty() {
             let channel = link.channel.clone();
             let replies = futures::future::join_all(pending.iter().map(|&i| {
@@ -186,24 +353,18 @@ impl Inner {
             let Some((first, error)) = failed.first() else {
                 break;
             };
-            let soft = match amqp_kind(error) {
-                Some(AMQPErrorKind::Soft(
-                    s @ (AMQPSoftError::NOTFOUND
-                    | AMQPSoftError::ACCESSREFUSED
-                    | AMQPSoftError::RESOURCELOCKED),
-                )) => Some(s.clone()),
-                _ => None,
-            };
-            let Some(soft) = soft else {
+            let Some(soft) = queue_refusal(error) else {
+                let gone = is_unavailable(error) || !link.connection.status().connected();
                 let e = AmqpSourceError::from_operation(
                     &self.url,
                     format!("queue.declare(passive) of {:?}", names[*first]),
                     error.clone(),
                 );
-                if is_unavailable(error) || !link.connection.status().connected() {
-                    *slot = None;
-                }
-                return Err(e);
+                return Err(if gone {
+                    Failure::Gone(e)
+                } else {
+                    Failure::Other(e)
+                });
             };
             // The broker answers in order, so every declare before the culprit succeeded; its
             // reply text names it too.
@@ -221,45 +382,170 @@ impl Inner {
                 .find(|(i, _)| *i == culprit)
                 .map(|(_, e)| e.clone())
                 .unwrap_or_else(|| error.clone());
-            results[culprit] = Some(Err(match soft {
-                AMQPSoftError::NOTFOUND => AmqpSourceError::QueueNotFound {
-                    queue: names[culprit].clone(),
-                    vhost: self.vhost.clone(),
-                },
-                AMQPSoftError::RESOURCELOCKED => AmqpSourceError::QueueLocked {
-                    queue: names[culprit].clone(),
-                    vhost: self.vhost.clone(),
-                    source: Box::new(error),
-                },
-                _ => AmqpSourceError::QueueAccessRefused {
-                    queue: names[culprit].clone(),
-                    vhost: self.vhost.clone(),
-                    source: Box::new(error),
-                },
-            }));
+            results[culprit] = Some(Err(self.refusal(&names[culprit], soft, error)));
             tracing::debug!(queue = %names[culprit], "the broker closed the channel on a passive declare; reopening it");
-            link.channel = match link.connection.create_channel().await {
-                Ok(channel) => channel,
-                Err(e) => {
-                    *slot = None;
-                    return Err(AmqpSourceError::from_operation(
-                        &self.url,
-                        "channel.open".into(),
-                        e,
-                    ));
-                }
-            };
+            link.channel = self
+                .open_channel(&link.connection)
+                .await
+                .map_err(Failure::Gone)?;
             pending = failed
                 .into_iter()
                 .map(|(i, _)| i)
                 .filter(|&i| i != culprit)
                 .collect();
         }
-        link.busy = false;
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every queue was declared or given an error"))
-            .collect())
+        Ok(())
+    }
+
+    /// The typed error of a queue the broker refused (`soft` from [`queue_refusal`]); a missing
+    /// one is remembered as missing.
+    fn refusal(&self, name: &str, soft: AMQPSoftError, error: lapin::Error) -> AmqpSourceError {
+        match soft {
+            AMQPSoftError::NOTFOUND => {
+                self.mark_missing(name);
+                self.not_found(name)
+            }
+            AMQPSoftError::RESOURCELOCKED => AmqpSourceError::QueueLocked {
+                queue: name.to_string(),
+                vhost: self.vhost.clone(),
+                source: Box::new(error),
+            },
+            _ => AmqpSourceError::QueueAccessRefused {
+                queue: name.to_string(),
+                vhost: self.vhost.clone(),
+                source: Box::new(error),
+            },
+        }
+    }
+
+    /// Passive declares of the missing queues whose recheck is due, concurrently, each on a
+    /// channel of its own (a 404 closes it; a success means the queue exists now).
+    async fn probe(
+        &self,
+        link: &Link,
+        names: &[String],
+        due: &[usize],
+        results: &mut [Option<Declared>],
+    ) -> Result<(), Failure> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        let connection = Arc::clone(&link.connection);
+        let mut futures = Vec::with_capacity(due.len());
+        for &i in due {
+            let connection = Arc::clone(&connection);
+            let name = names[i].clone();
+            futures.push(async move {
+                let channel = self.open_channel(&connection).await?;
+                let reply = channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions::default().passive(),
+                        FieldTable::default(),
+                    )
+                    .await;
+                if reply.is_ok() {
+                    let _ = channel.close(200, "probe done".into()).await;
+                }
+                Ok::<_, AmqpSourceError>((i, reply))
+            });
+        }
+        let probes: Vec<_> = futures::stream::iter(futures)
+            .buffer_unordered(MAX_CONCURRENT_PROBES)
+            .collect()
+            .await;
+        for probe in probes {
+            let (i, reply) = probe.map_err(Failure::Gone)?;
+            let name = &names[i];
+            match reply {
+                Ok(q) => {
+                    self.mark_present(name);
+                    results[i] = Some(Ok((u64::from(q.message_count()), q.consumer_count())));
+                }
+                Err(e) => match queue_refusal(&e) {
+                    Some(AMQPSoftError::NOTFOUND) => {
+                        self.mark_missing(name);
+                        results[i] = Some(Err(self.not_found(name)));
+                    }
+                    Some(soft) => results[i] = Some(Err(self.refusal(name, soft, e))),
+                    None => {
+                        let gone = is_unavailable(&e) || !connection.status().connected();
+                        let e = AmqpSourceError::from_operation(
+                            &self.url,
+                            format!("queue.declare(passive) of {name:?}"),
+                            e,
+                        );
+                        return Err(if gone {
+                            Failure::Gone(e)
+                        } else {
+                            Failure::Other(e)
+                        });
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `name` does not exist (logged once, when it goes missing) and schedules its
+    /// next recheck.
+    fn mark_missing(&self, name: &str) {
+        let now = Instant::now();
+        let recheck = self.config.missing_queue_recheck;
+        let mut missing = lock(&self.missing);
+        match missing.get_mut(name) {
+            Some(m) => {
+                m.next_check = now + recheck;
+                m.probed = now;
+            }
+            None => {
+                if !self.is_discovered(name) {
+                    tracing::warn!(
+                        queue = name,
+                        vhost = %self.vhost,
+                        recheck = ?recheck,
+                        "a watched queue does not exist (yet); it reads as 0 ready until it appears"
+                    );
+                }
+                missing.insert(
+                    name.to_string(),
+                    MissingQueue {
+                        since: now,
+                        probed: now,
+                        next_check: now + recheck,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Records that `name` exists (logged once, when it was missing).
+    fn mark_present(&self, name: &str) {
+        if let Some(m) = lock(&self.missing).remove(name) {
+            tracing::info!(
+                queue = name,
+                vhost = %self.vhost,
+                missing_for = ?m.since.elapsed(),
+                "a watched queue that was missing exists now"
+            );
+        }
+    }
+
+    /// What the management API's (successful) read says about the missing queues: one it lists
+    /// is rechecked at the next observation; one it does not list stays missing without a
+    /// probe (and its channel) until the API lists it or the API stops answering.
+    fn learn_from_management(&self, stats: &HashMap<String, QueueStats>) {
+        let now = Instant::now();
+        let recheck = self.config.missing_queue_recheck;
+        for (name, m) in lock(&self.missing).iter_mut() {
+            m.next_check = if stats.contains_key(name) {
+                // Not sooner than MIN_PROBE_GAP after the last probe, should the API list a
+                // queue that the broker still answers 404 for.
+                m.next_check.min(now.max(m.probed + MIN_PROBE_GAP))
+            } else {
+                m.next_check.max(now + recheck)
+            };
+        }
     }
 
     /// The management API's statistics of `names`, by name (absent: the API has none).
@@ -376,6 +662,11 @@ impl Inner {
             set.discovered.remove(n);
         }
         set.names = Arc::new(names);
+        drop(set);
+        let mut missing = lock(&self.missing);
+        for n in gone {
+            missing.remove(n);
+        }
     }
 
     fn is_discovered(&self, name: &str) -> bool {
@@ -453,6 +744,8 @@ impl AmqpQueueSource {
             uri,
             link: tokio::sync::Mutex::new(None),
             connections: AtomicU64::new(0),
+            channels: AtomicU64::new(0),
+            missing: Mutex::new(HashMap::new()),
             management,
             queues: Mutex::new(QueueSet {
                 names: Arc::new(config.queues.clone()),
@@ -491,6 +784,21 @@ impl AmqpQueueSource {
         self.inner.connections.load(Ordering::Relaxed)
     }
 
+    /// How many AMQP channels this source has opened so far for its declares (the
+    /// worker-event consumer's not counted): one per connection, one more each time the broker
+    /// closes the channel (a queue went missing or is refused), and one per recheck of a missing
+    /// queue.
+    pub fn channels_opened(&self) -> u64 {
+        self.inner.channels.load(Ordering::Relaxed)
+    }
+
+    /// The watched queues that the broker said do not exist, read as 0 ready until they do.
+    pub fn missing_queues(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.inner.missing).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Whether the worker-event consumer is up now (`false` when heartbeats are off).
     pub fn is_consuming_heartbeats(&self) -> bool {
         self.heartbeats.as_ref().is_some_and(WorkerFeed::is_up)
@@ -503,7 +811,9 @@ impl AmqpQueueSource {
     }
 
     /// The passive declares alone, with each queue's own outcome: its live ready count and
-    /// consumers, or its typed error (a missing queue does not hide the others).
+    /// consumers, or its typed error (a missing queue does not hide the others). A queue
+    /// found missing before is [`AmqpSourceError::QueueNotFound`] without a new declare until
+    /// its recheck is due (see [`AmqpSourceConfig::missing_queue_recheck`]).
     pub async fn declare_queues(
         &self,
     ) -> Result<Vec<(String, Result<QueueDepth, AmqpSourceError>)>, AmqpSourceError> {
@@ -547,7 +857,10 @@ impl AmqpQueueSource {
         };
         let (declared, stats) = tokio::join!(inner.declare_all(&names), management);
         let stats = match stats {
-            Some(Ok(stats)) => Some(stats),
+            Some(Ok(stats)) => {
+                inner.learn_from_management(&stats);
+                Some(stats)
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "management API read failed; observing without in-flight counts");
                 None
@@ -557,7 +870,14 @@ impl AmqpQueueSource {
         let now_wall = SystemTime::now();
         let declared = match declared {
             Ok(declared) => declared,
-            Err(e) => return fallback(&names, stats.as_ref(), e, now_wall, at),
+            Err(e) => {
+                let missing: HashSet<String> = lock(&inner.missing)
+                    .keys()
+                    .filter(|n| !inner.is_discovered(n))
+                    .cloned()
+                    .collect();
+                return fallback(&names, stats.as_ref(), &missing, e, now_wall, at);
+            }
         };
         let mut queues = Vec::with_capacity(names.len());
         let mut gone = Vec::new();
@@ -577,6 +897,13 @@ impl AmqpQueueSource {
                         oldest_age: stat.and_then(|s| s.head_message_age(now_wall)),
                         consumers: Some(consumers),
                     });
+                }
+                Err(AmqpSourceError::QueueNotFound { .. }) if !inner.is_discovered(name) => {
+                    // A configured queue that does not exist (yet: Celery declares it at the
+                    // first publish or worker start) holds nothing; logged when it goes missing
+                    // and when it appears. If the management API lists it already (it appeared
+                    // since the declare), its figures are better than 0.
+                    queues.push(missing_queue_depth(name, stats.as_ref(), now_wall));
                 }
                 Err(e) if inner.is_discovered(name) => {
                     // Deleted since it was listed (404), or another connection's exclusive
@@ -601,14 +928,36 @@ impl AmqpQueueSource {
     }
 
     fn with_workers(&self, obs: Observation) -> Observation {
-        match self
-            .heartbeats
-            .as_ref()
-            .and_then(|hb| hb.summary(Instant::now()))
-        {
-            Some(summary) => obs.with_workers(&summary),
+        match &self.heartbeats {
+            Some(feed) => obs.with_worker_reading(feed.reading(Instant::now())),
             None => obs,
         }
+    }
+}
+
+/// A configured queue that the broker says does not exist: 0 ready, nothing in flight, no
+/// consumers; or, when the management API lists it (it appeared since), the API's figures.
+fn missing_queue_depth(
+    name: &str,
+    stats: Option<&HashMap<String, QueueStats>>,
+    now_wall: SystemTime,
+) -> QueueDepth {
+    match stats.and_then(|s| s.get(name)) {
+        Some(s) if s.ready.is_some() => QueueDepth {
+            queue: name.to_string(),
+            ready: s.ready.unwrap_or_default(),
+            in_flight: s.unacknowledged,
+            oldest_age: s.head_message_age(now_wall),
+            consumers: s.consumers,
+        },
+        _ => QueueDepth {
+            queue: name.to_string(),
+            ready: 0,
+            // Known only when the management API was read: AMQP alone never reads in flight.
+            in_flight: stats.map(|_| 0),
+            oldest_age: None,
+            consumers: Some(0),
+        },
     }
 }
 
@@ -617,6 +966,7 @@ impl AmqpQueueSource {
 fn fallback(
     names: &[String],
     stats: Option<&HashMap<String, QueueStats>>,
+    missing: &HashSet<String>,
     error: AmqpSourceError,
     now_wall: SystemTime,
     at: Instant,
@@ -627,6 +977,11 @@ fn fallback(
     let mut queues = Vec::with_capacity(names.len());
     for name in names {
         let Some(s) = stats.get(name) else {
+            if missing.contains(name) {
+                // Missing at the last declare and not listed by the API now: still missing.
+                queues.push(missing_queue_depth(name, Some(stats), now_wall));
+                continue;
+            }
             return Err(error);
         };
         let Some(ready) = s.ready else {

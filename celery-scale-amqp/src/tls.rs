@@ -59,7 +59,20 @@ fn invalid(
     file_error(field, path, io::Error::new(io::ErrorKind::InvalidData, why))
 }
 
+/// The largest certificate, key or PKCS#12 file read (a CA bundle of the web PKI is ~220 KiB).
+pub(crate) const MAX_FILE_BYTES: u64 = 4 << 20;
+
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, AmqpSourceError> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| file_error(field, path, e))?
+        .len();
+    if size > MAX_FILE_BYTES {
+        return Err(invalid(
+            field,
+            path,
+            format!("is {size} bytes; a certificate or key file is at most {MAX_FILE_BYTES}"),
+        ));
+    }
     std::fs::read(path).map_err(|e| file_error(field, path, e))
 }
 
@@ -71,12 +84,12 @@ fn certificates(
 ) -> Result<Vec<CertificateDer<'static>>, AmqpSourceError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(field, path, format!("not a PEM file: {e}")))?;
+        .map_err(|e| invalid(field, path, format!("is not a PEM certificate file: {e}")))?;
     if certs.is_empty() {
         return Err(invalid(
             field,
             path,
-            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            "is not a PEM certificate: it holds no -----BEGIN CERTIFICATE----- block",
         ));
     }
     Ok(certs)
@@ -273,5 +286,57 @@ mod tests {
             "tls.client_pkcs12_file"
         );
         assert!(load(&TlsConfig::default()).unwrap() == OwnedTLSConfig::default());
+    }
+
+    #[test]
+    fn files_that_are_not_what_the_field_needs_are_named() {
+        let dir = std::env::temp_dir().join(format!("csa-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, content: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, content).unwrap();
+            p
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_file = write("client.pem", cert.pem().as_bytes());
+        let key_file = write("client.key", key.serialize_pem().as_bytes());
+        let text = write("notes.txt", b"not a certificate at all\n");
+        let truncated = write(
+            "truncated.pem",
+            b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        );
+        let big = dir.join("big.pem");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let shown = |tls: TlsConfig| match load(&tls) {
+            Err(e @ AmqpSourceError::TlsFile { .. }) => {
+                let core: celery_scale_core::Error = e.into();
+                core.to_string()
+            }
+            other => panic!("{other:?}"),
+        };
+        let ca = |p: &Path| TlsConfig::default().with_ca_file(p);
+        for bad in [&text, &key_file] {
+            let e = shown(ca(bad));
+            assert!(e.contains("tls.ca_file: "), "{e}");
+            assert!(e.contains("is not a PEM certificate"), "{e}");
+        }
+        assert!(shown(ca(&truncated)).contains("tls.ca_file"));
+        assert!(shown(ca(&big)).contains("at most"));
+        let e = shown(TlsConfig::default().with_client_cert(&cert_file, &text));
+        assert!(
+            e.contains("tls.client_key_file") && e.contains("no usable PEM private key"),
+            "a bad key is named as the key, not as a bad URL: {e}"
+        );
+        let e = shown(TlsConfig::default().with_client_cert(&text, &key_file));
+        assert!(e.contains("tls.client_cert_file"), "{e}");
+        assert!(load(&TlsConfig::default().with_client_cert(&cert_file, &key_file)).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

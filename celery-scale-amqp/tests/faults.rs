@@ -1,4 +1,4 @@
-//! Faults: a missing queue among present ones, the broker connection closed by the broker, the
+//! Faults: a missing queue among present ones (read as 0, the others counted), the broker connection closed by the broker, the
 //! broker unreachable then back and a real RabbitMQ restart (the loop holds, then recovers), the
 //! management API down, and a wrong password (typed error, password never printed).
 
@@ -37,15 +37,24 @@ async fn a_missing_queue_is_named_and_the_others_keep_working() {
         AmqpSourceConfig::builder(amqp.as_str())
             .queues(order.iter().map(|q| q.as_str()))
             .heartbeats(false)
+            .missing_queue_recheck(Duration::from_secs(1))
             .build()
             .unwrap(),
     )
     .unwrap();
 
-    let e = source.observe().await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    assert!(!e.is_transient());
-    assert!(e.to_string().contains(&missing[0]), "names the queue: {e}");
+    // A configured queue that does not exist (yet) holds nothing: the observation reads it as
+    // 0 ready and counts the others.
+    let obs = source.observe().await.unwrap();
+    assert_eq!(obs.ready, 1 + 2 + 3);
+    assert_eq!(obs.queues.len(), 5);
+    for q in &missing {
+        let depth = obs.queues.iter().find(|d| &d.queue == q).unwrap();
+        assert_eq!((depth.ready, depth.consumers), (0, Some(0)), "{q}");
+    }
+    let mut names = missing.to_vec();
+    names.sort();
+    assert_eq!(source.missing_queues(), names);
 
     let read = source.declare_queues().await.unwrap();
     assert_eq!(read.len(), 5);
@@ -67,11 +76,23 @@ async fn a_missing_queue_is_named_and_the_others_keep_working() {
     // The channel the broker closed was reopened on the same connection.
     assert_eq!(source.connections_opened(), 1);
 
-    // Once the queues exist, the same source reads them all.
+    // Once the queues exist, the same source reads them at their next recheck.
     declare(&amqp, &missing.each_ref().map(String::as_str), None).await;
-    let obs = source.observe().await.unwrap();
-    assert_eq!(obs.ready, 1 + 2 + 3);
+    fixture.publish(&missing[1], 4).await.unwrap();
+    let obs = poll(
+        "the created queues to be read",
+        Duration::from_secs(5),
+        || async {
+            source
+                .observe()
+                .await
+                .ok()
+                .filter(|o| o.ready == 1 + 2 + 3 + 4)
+        },
+    )
+    .await;
     assert_eq!(obs.queues.len(), 5);
+    assert!(source.missing_queues().is_empty());
     assert_eq!(source.connections_opened(), 1);
 }
 
