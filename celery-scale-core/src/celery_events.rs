@@ -81,6 +81,10 @@ pub enum EventDecodeError {
 /// hour is not a heartbeat.
 pub const MAX_HEARTBEAT_FREQ: Duration = Duration::from_secs(3600);
 
+/// The largest `active` or `processed` count accepted: a worker runs a handful of processes
+/// (`active`) and no worker has received 10^12 tasks (`processed`).
+pub const MAX_TASK_COUNT: u64 = 1_000_000_000_000;
+
 /// Celery's own rule (`celery/events/state.py`, `HEARTBEAT_EXPIRE_WINDOW` = 200): a worker
 /// whose last beat is older than `freq x 2` is no longer beating.
 const EXPIRE_WINDOW: f64 = 2.0;
@@ -152,6 +156,15 @@ impl WorkerEvent {
                 value: raw.freq,
                 rule: "a positive number of seconds, at most 3600",
             });
+        }
+        for (field, value) in [("active", raw.active), ("processed", raw.processed)] {
+            if value > MAX_TASK_COUNT {
+                return Err(EventDecodeError::OutOfRange {
+                    field,
+                    value: value as f64,
+                    rule: "a task count of at most 10^12",
+                });
+            }
         }
         if !raw.timestamp.is_finite() {
             return Err(EventDecodeError::OutOfRange {
@@ -518,9 +531,19 @@ mod tests {
         ] {
             assert!(WorkerEvent::from_json(bad.as_bytes()).is_err(), "{bad}");
         }
-        let max = format!(
+        let huge = format!(
             r#"{{"type": "worker-heartbeat", "hostname": "x", "active": {}, "freq": 3600}}"#,
             u64::MAX
+        );
+        assert!(matches!(
+            WorkerEvent::from_json(huge.as_bytes()),
+            Err(EventDecodeError::OutOfRange {
+                field: "active",
+                ..
+            })
+        ));
+        let max = format!(
+            r#"{{"type": "worker-heartbeat", "hostname": "x", "active": {MAX_TASK_COUNT}, "freq": 3600}}"#
         );
         let e = WorkerEvent::from_json(max.as_bytes()).unwrap();
         let mut reg = WorkerRegistry::default();
@@ -533,6 +556,6 @@ mod tests {
             },
             now,
         );
-        assert_eq!(reg.reading(now).unwrap().executing, u64::MAX, "saturates");
+        assert_eq!(reg.reading(now).unwrap().executing, 2 * MAX_TASK_COUNT);
     }
 }

@@ -208,6 +208,7 @@ impl WorkerFeed {
 
     /// Stops the task without waiting for it (for a source closed through a shared reference).
     pub fn stop(&self) {
+        self.sink.down();
         self.cancel.cancel();
         if let Some(task) = &self.task {
             task.abort();
