@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use celery_scale::sim::{SimResult, Trace, report, suite};
+use celery_scale_sim::{SimResult, Trace, report, suite};
 use clap::Parser;
 use plotters::prelude::*;
 
@@ -64,14 +64,14 @@ fn svg(
             &top,
             "ready messages",
             max_ready,
-            Box::new(|p: &celery_scale::sim::SimPoint| p.ready as f64)
-                as Box<dyn Fn(&celery_scale::sim::SimPoint) -> f64>,
+            Box::new(|p: &celery_scale_sim::SimPoint| p.ready as f64)
+                as Box<dyn Fn(&celery_scale_sim::SimPoint) -> f64>,
         ),
         (
             &bottom,
             "running workers",
             max_workers,
-            Box::new(|p: &celery_scale::sim::SimPoint| f64::from(p.running_workers)),
+            Box::new(|p: &celery_scale_sim::SimPoint| f64::from(p.running_workers)),
         ),
     ] {
         let mut chart = ChartBuilder::on(area)
@@ -132,7 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<18} {:<20} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "trace", "policy", "worker-s", "xLB", "p50 s", "p95 s", "p99 s", "max s", "actions"
     );
-    let world = celery_scale::sim::SimConfig {
+    let world = celery_scale_sim::SimConfig {
         scale_in_protection: args.scale_in_protection,
         ..report::world(args.seed)
     };

@@ -22,8 +22,8 @@
 use std::time::Duration;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale::sim::baselines::{AwsTargetTracking, Fixed, Keda};
-use celery_scale::sim::{SimConfig, Simulator, Summary, Trace, report, suite};
+use celery_scale_sim::baselines::{AwsTargetTracking, Fixed, Keda};
+use celery_scale_sim::{SimConfig, Simulator, Summary, Trace, report, suite};
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale::sim::{Arrival, SimConfig, SimPoint, SimResult, Simulator, Trace};
+use celery_scale_sim::{Arrival, SimConfig, SimPoint, SimResult, Simulator, Trace};
 use clap::Parser;
 use plotters::prelude::*;
 

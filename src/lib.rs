@@ -21,3 +21,7 @@ pub use celery_scale_ecs as ecs;
 /// EC2 Auto Scaling Groups (`ec2` feature).
 #[cfg(feature = "ec2")]
 pub use celery_scale_ec2 as ec2;
+
+/// The simulator (`sim` feature).
+#[cfg(feature = "sim")]
+pub use celery_scale_sim as sim;

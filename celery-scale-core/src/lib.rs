@@ -14,7 +14,6 @@ mod observation;
 pub mod policy;
 pub mod record;
 mod redact;
-pub mod sim;
 
 pub use autoscaler::{Autoscaler, Binding, BindingFactory, LoopSettings, RunReport};
 pub use backend::{QueueSource, Scaler};

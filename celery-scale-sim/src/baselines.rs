@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::policy::{Decision, PolicyInput, ScalingPolicy};
+use celery_scale_core::policy::{Decision, PolicyInput, ScalingPolicy};
 
 /// KEDA's Redis list / RabbitMQ queue-length scaler driving the Kubernetes HPA, with their
 /// defaults:
@@ -289,7 +289,7 @@ impl ScalingPolicy for Fixed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Capacity, Observation};
+    use celery_scale_core::{Capacity, Observation};
 
     fn run(p: &mut dyn ScalingPolicy, ready: impl Fn(u64) -> u64, until_s: u64) -> Vec<(u64, u32)> {
         let t0 = Instant::now();

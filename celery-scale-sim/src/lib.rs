@@ -1,29 +1,5 @@
-//! A deterministic simulator: Celery workers, a broker and a fleet in virtual time, driven by the
-//! **same** control loop as production ([`Binding::tick`]).
-//!
-//! The broker is a [`MemoryQueue`]; simulated Celery worker nodes reserve messages with prefetch,
-//! execute one task per worker process, ack early (as Celery does by default), send heartbeats
-//! into a [`WorkerRegistry`] every 2 s, and stop with a warm shutdown (prefetched messages go
-//! back to the queue, executing tasks finish and are billed). As Celery does, a node sends
-//! `worker-offline` when its warm shutdown begins, not when its last task ends: the tasks it is
-//! finishing are no longer in the heartbeat count (Celery 5 stops the consumer, and with it the
-//! heartbeat, before it waits for the pool). New units start after a billed
-//! start-up delay. Which unit a scale-in stops is random (seeded), as ECS and Auto Scaling do
-//! not choose by idleness. Time is tokio's paused clock, so a day of traffic runs in a second.
-//!
-//! ```
-//! use std::time::Duration;
-//! use celery_scale_core::config::PolicyConfig;
-//! use celery_scale_core::sim::{Arrival, SimConfig, Simulator, Trace};
-//!
-//! let trace = Trace::new(vec![Arrival {
-//!     at: Duration::from_secs(10), count: 40, duration: Duration::from_secs(5), queue: "celery".into(),
-//! }]);
-//! let result = Simulator::new(SimConfig::default())
-//!     .run(&trace, PolicyConfig::default().build().unwrap())
-//!     .unwrap();
-//! assert_eq!(result.summary.completed, 40);
-//! ```
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 pub mod baselines;
 pub mod report;
@@ -42,10 +18,10 @@ use tokio::time::Instant;
 
 pub use trace::{Arrival, Trace, TraceError};
 
-use crate::celery_events::{WorkerEvent, WorkerEventKind, WorkerRegistry};
-use crate::policy::ScalingPolicy;
-use crate::record::Outcome;
-use crate::{
+use celery_scale_core::celery_events::{WorkerEvent, WorkerEventKind, WorkerRegistry};
+use celery_scale_core::policy::ScalingPolicy;
+use celery_scale_core::record::Outcome;
+use celery_scale_core::{
     Binding, Capacity, CapacityUnit, ConfigError, LoopSettings, MemoryQueue, Observation,
     QueueSource, Result, Scaler, SetOutcome, WorkersPerUnit,
 };

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use celery_scale_core::config::PolicyConfig;
-use celery_scale_core::sim::{Arrival, SimConfig, Simulator, Trace};
+use celery_scale_sim::{Arrival, SimConfig, Simulator, Trace};
 
 fn burst() -> Trace {
     let mut arrivals = vec![Arrival {
@@ -24,7 +24,7 @@ fn burst() -> Trace {
     Trace::new(arrivals)
 }
 
-fn run(seed: u64) -> celery_scale_core::sim::SimResult {
+fn run(seed: u64) -> celery_scale_sim::SimResult {
     let config = SimConfig {
         seed,
         ..SimConfig::default()
@@ -122,7 +122,7 @@ fn invalid_config_is_named() {
 #[test]
 fn shipped_traces_are_what_the_generator_makes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../traces");
-    let suite = celery_scale_core::sim::suite::suite(1);
+    let suite = celery_scale_sim::suite::suite(1);
     assert!(suite.len() >= 9);
     for (name, trace) in suite {
         let shipped = Trace::read(&dir.join(format!("{name}.csv"))).unwrap();
@@ -135,7 +135,7 @@ fn shipped_traces_are_what_the_generator_makes() {
     }
     // Generation is deterministic.
     assert_eq!(
-        celery_scale_core::sim::suite::suite(5)[0].1,
-        celery_scale_core::sim::suite::suite(5)[0].1
+        celery_scale_sim::suite::suite(5)[0].1,
+        celery_scale_sim::suite::suite(5)[0].1
     );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::RngExt as _;
 use rand::rngs::StdRng;
 
-use super::Trace;
+use crate::Trace;
 
 /// Task durations drawn uniformly from `lo..hi` seconds, for [`Trace::from_rate`].
 pub fn uniform(lo: f64, hi: f64) -> impl FnMut(&mut StdRng) -> Duration {

@@ -1,6 +1,6 @@
 //! The policy report: deterministic, with exactly the documented JSON keys.
 
-use celery_scale_core::sim::{Trace, report, suite};
+use celery_scale_sim::{Trace, report, suite};
 
 fn traces() -> Vec<(String, Trace)> {
     suite::suite(1)

@@ -3,11 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::baselines::{AwsTargetTracking, Fixed, Keda};
-use super::{SimConfig, SimResult, Simulator, Trace};
-use crate::ConfigError;
-use crate::config::PolicyConfig;
-use crate::policy::ScalingPolicy;
+use celery_scale_core::ConfigError;
+use celery_scale_core::config::PolicyConfig;
+use celery_scale_core::policy::ScalingPolicy;
+
+use crate::baselines::{AwsTargetTracking, Fixed, Keda};
+use crate::{SimConfig, SimResult, Simulator, Trace};
 
 /// The policies compared, in report order.
 pub const POLICIES: [&str; 4] = ["celery-scale", "keda", "aws-target-tracking", "static"];

@@ -103,7 +103,7 @@ impl Trace {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// # use celery_scale_core::sim::Trace;
+    /// # use celery_scale_sim::Trace;
     /// // A 10-minute burst of 5 tasks/s after 5 quiet minutes, tasks of 2-8 s.
     /// let trace = Trace::from_rate(
     ///     Duration::from_secs(900), 42, "celery",
