@@ -1013,6 +1013,27 @@ impl QueueSource for AmqpQueueSource {
             })??;
         Ok(self.with_workers(obs))
     }
+
+    /// Whether the worker-event consumer is up and past `heartbeat_warmup` (always, without
+    /// heartbeats).
+    fn is_warmed_up(&self) -> bool {
+        self.heartbeats
+            .as_ref()
+            .is_none_or(|h| h.is_warm(Instant::now()))
+    }
+
+    /// Stops the worker-event consumer and closes the connection.
+    async fn close(&self) {
+        if let Some(h) = &self.heartbeats {
+            h.stop();
+        }
+        if let Some(link) = self.inner.link.lock().await.take() {
+            let _ = link
+                .connection
+                .close(200, "celery-scale source closed".into())
+                .await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -642,7 +642,10 @@ mod tests {
         const YEARS: Duration = Duration::from_secs(3_000_000_000);
         type Edit = Box<dyn Fn(&mut LoopSettings)>;
         let cases: [(&str, Edit); 7] = [
-            ("interval", Box::new(|s| s.interval = Duration::from_nanos(1))),
+            (
+                "interval",
+                Box::new(|s| s.interval = Duration::from_nanos(1)),
+            ),
             ("timeout", Box::new(|s| s.timeout = Duration::from_nanos(1))),
             ("interval", Box::new(|s| s.interval = YEARS)),
             ("timeout", Box::new(|s| s.timeout = YEARS)),

@@ -149,11 +149,25 @@ impl Observation {
 
     /// Adds what a worker-event feed says now (see
     /// [`WorkerFeed::reading`](crate::celery_events::WorkerFeed::reading)): the figures when
-    /// known, else why they are not (and the figures stay `None`).
+    /// known, else why they are not (and the figures stay `None`). Call it after `in_flight` is
+    /// set: held messages with no worker heard also make the figures unknown.
     pub fn with_worker_reading(
         mut self,
         reading: Result<crate::celery_events::WorkerSummary, WorkersUnknown>,
     ) -> Self {
+        // Messages are held but no worker is heard: whoever holds them is silent (a busy solo
+        // pool, a blocked event loop, a worker a fresh feed has not heard yet), so the figures
+        // are unknown, not zero.
+        let reading = match reading {
+            Ok(summary) if summary.live_workers == 0 && self.in_flight.is_some_and(|n| n > 0) => {
+                Err(WorkersUnknown::new(format!(
+                    "{} message(s) held by workers but no worker heard: a busy solo pool or a \
+                     blocked event loop sends no heartbeat",
+                    self.in_flight.unwrap_or(0)
+                )))
+            }
+            other => other,
+        };
         match reading {
             Ok(summary) => self.with_workers(&summary),
             Err(unknown) => {
@@ -217,6 +231,21 @@ mod tests {
         let obs = Observation::from_queues(vec![a, b], now);
         assert_eq!(obs.in_flight, Some(3));
         assert_eq!(obs.outstanding(), 10);
+    }
+
+    #[test]
+    fn held_messages_with_no_worker_heard_are_unknown_not_zero() {
+        let idle = crate::celery_events::WorkerSummary::default();
+        let mut obs = Observation::new(0, Instant::now());
+        obs.in_flight = Some(8);
+        let obs = obs.with_worker_reading(Ok(idle));
+        assert_eq!(obs.executing, None);
+        assert!(obs.workers_are_unknown(), "{obs:?}");
+        // Nothing held and nobody heard: known idle.
+        let mut obs = Observation::new(0, Instant::now());
+        obs.in_flight = Some(0);
+        let obs = obs.with_worker_reading(Ok(idle));
+        assert_eq!(obs.executing, Some(0));
     }
 
     #[test]

@@ -333,16 +333,26 @@ mod tests {
         assert_eq!(h.url.expose(), "amqp://u:hunter2@mq/%2f");
         assert!(!format!("{h:?}").contains("hunter2"));
         let written = toml::to_string(&h).unwrap();
-        assert!(written.contains(var) && !written.contains("hunter2"), "{written}");
+        assert!(
+            written.contains(var) && !written.contains("hunter2"),
+            "{written}"
+        );
         let e = toml::from_str::<Holder>("url = { env = \"CELERY_SCALE_REDACT_TEST_UNSET\" }")
             .unwrap_err();
-        assert!(e.to_string().contains("CELERY_SCALE_REDACT_TEST_UNSET is not set"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("CELERY_SCALE_REDACT_TEST_UNSET is not set"),
+            "{e}"
+        );
         let e = toml::from_str::<Holder>("url = { name = \"X\" }").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = toml::from_str::<Holder>("url = 7").unwrap_err();
         assert!(e.to_string().contains("a URL string or"), "{e}");
         let inline: Holder = serde_json::from_str(r#"{"url": "redis://h:1/0"}"#).unwrap();
-        assert_eq!(serde_json::to_string(&inline).unwrap(), r#"{"url":"redis://h:1/0"}"#);
+        assert_eq!(
+            serde_json::to_string(&inline).unwrap(),
+            r#"{"url":"redis://h:1/0"}"#
+        );
     }
 
     #[test]

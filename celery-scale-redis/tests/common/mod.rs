@@ -354,6 +354,20 @@ impl CeleryWorker {
         queues: &str,
         name: &str,
     ) -> Self {
+        Self::start_with(python, broker, options, config, queues, name, &[])
+    }
+
+    /// As [`CeleryWorker::start`], with extra worker arguments (later ones win, e.g.
+    /// `-P solo --prefetch-multiplier 1`).
+    pub fn start_with(
+        python: &str,
+        broker: &str,
+        options: &serde_json::Value,
+        config: &serde_json::Value,
+        queues: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Self {
         let celery = PathBuf::from(python).with_file_name("celery");
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("worker log file");
@@ -369,6 +383,7 @@ impl CeleryWorker {
             ])
             .args(["--without-mingle", "--without-gossip", "-l", "INFO"])
             .args(["-Q", queues, "-n", &format!("{name}@%h")])
+            .args(extra)
             .current_dir(celery_dir())
             .env("PYTHONPATH", celery_dir())
             .env("CELERY_SCALE_TEST_BROKER", broker)
