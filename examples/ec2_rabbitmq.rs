@@ -17,7 +17,7 @@ use std::error::Error;
 use std::time::Duration;
 
 use celery_scale::amqp::{AmqpQueueSource, AmqpSourceConfig};
-use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
+use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 use celery_scale::{QueueSource, Scaler, SecretUrl};
 use clap::Parser;
 
@@ -56,8 +56,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             b.source.url = url.clone();
         }
     }
-    let groups = AutoScalingGroups::from_env(
-        AutoScalingSettings::default()
+    let groups = AutoScalingGroups::from_settings(
+        &AwsSettings::default()
             .cache_ttl(args.asg_cache_ttl)
             .call_timeout(args.asg_call_timeout),
     )

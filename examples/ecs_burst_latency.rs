@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::ecs::aws_sdk_ecs::Client;
 use celery_scale::ecs::aws_sdk_ecs::types::ContainerDefinition;
-use celery_scale::ecs::{EcsCalls, EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale::ecs::{AwsSettings, EcsCalls, EcsServiceConfig, EcsServices};
 use celery_scale::record::Outcome;
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
 use celery_scale::{Autoscaler, Binding, CancellationToken, LoopSettings};
@@ -73,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .desired_count(0)
             .send()
             .await?;
-        let services = EcsServices::new(ecs.clone(), EcsSettings::default())?;
+        let services = EcsServices::new(ecs.clone(), old_defaults())?;
         let binding = Binding::new(
             LoopSettings {
                 name: "latency".into(),
@@ -161,7 +161,7 @@ async fn calls_per_round_with_25_services(
     broker: &str,
     cluster: &str,
 ) -> Result<Vec<EcsCalls>, Box<dyn std::error::Error>> {
-    let services = EcsServices::new(ecs.clone(), EcsSettings::default())?;
+    let services = EcsServices::new(ecs.clone(), old_defaults())?;
     let mut auto = Autoscaler::new();
     let redis = redis::Client::open(broker)?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
@@ -230,4 +230,12 @@ async fn calls_per_round_with_25_services(
     }
     del.query_async::<()>(&mut conn).await?;
     Ok(rounds)
+}
+
+/// The ECS handle's settings this measurement was made with (the old `EcsSettings` defaults:
+/// 500 ms cache, 5 s calls), kept so its numbers stay comparable.
+fn old_defaults() -> AwsSettings {
+    AwsSettings::default()
+        .cache_ttl(Duration::from_millis(500))
+        .call_timeout(Duration::from_secs(5))
 }

@@ -15,7 +15,7 @@ mod daemon;
 use std::error::Error;
 use std::time::Duration;
 
-use celery_scale::ecs::{EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale::ecs::{AwsSettings, EcsServiceConfig, EcsServices};
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
 use celery_scale::{QueueSource, Scaler, SecretUrl};
 use clap::Parser;
@@ -66,12 +66,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     // One ECS client and one shared handle: every service of every binding is read together,
     // ceil(n / 10) DescribeServices calls per cluster per tick.
-    let services = EcsServices::new(
-        EcsServices::client_from_env().await,
-        EcsSettings::default()
+    let services = EcsServices::from_settings(
+        &AwsSettings::default()
             .cache_ttl(cache_ttl)
-            .operation_timeout(args.ecs_call_timeout),
+            .call_timeout(args.ecs_call_timeout),
     )
+    .await
     .map_err(|e| format!("--ecs-*: {e}"))?;
     let bindings = daemon::build_bindings(
         &config,

@@ -12,7 +12,7 @@ mod common;
 use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::conformance::service_url;
 use celery_scale::ec2::aws_sdk_autoscaling::Client;
-use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
+use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 use celery_scale::record::Outcome;
 use celery_scale::{Binding, LoopSettings, QueueSource};
 use common::{Worker, python, python_unchecked, tick_until, unique};
@@ -159,7 +159,7 @@ async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
 
     let groups = AutoScalingGroups::from_sdk_config(
         &sdk_config(&moto),
-        AutoScalingSettings::default().cache_ttl(Duration::ZERO),
+        AwsSettings::default().cache_ttl(Duration::ZERO),
     )
     .unwrap();
     let scaler = groups

@@ -12,7 +12,7 @@ use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::conformance::service_url;
 use celery_scale::ecs::aws_sdk_ecs::Client;
 use celery_scale::ecs::aws_sdk_ecs::types::ContainerDefinition;
-use celery_scale::ecs::{EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale::ecs::{AwsSettings, EcsServiceConfig, EcsServices};
 use celery_scale::record::Outcome;
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
 use celery_scale::{Binding, LoopSettings};
@@ -94,7 +94,7 @@ async fn burst_on_redis_scales_an_ecs_service_out_and_back_in() {
     .unwrap();
     let services = EcsServices::new(
         client.clone(),
-        EcsSettings::default().cache_ttl(Duration::ZERO),
+        AwsSettings::default().cache_ttl(Duration::ZERO),
     )
     .unwrap();
     let scaler = services

@@ -158,7 +158,7 @@ pub enum AwsError {
         operation: Operation,
         /// The error code, when there is one.
         code: Option<String>,
-        /// What AWS (or the credentials provider) said.
+        /// The error code and what AWS (or the credentials provider) said.
         message: String,
         /// The SDK error.
         #[source]
@@ -308,7 +308,7 @@ impl AwsError {
                 return AwsError::PermissionDenied {
                     operation,
                     code: code.clone(),
-                    message: aws_message.unwrap_or(text),
+                    message: text,
                     source,
                 };
             }
@@ -549,13 +549,19 @@ mod tests {
     fn the_sdk_lists_are_used_not_copied() {
         for code in THROTTLING_ERRORS {
             assert!(
-                matches!(AwsError::from_sdk(OP, coded(code, 400)), AwsError::Throttled { .. }),
+                matches!(
+                    AwsError::from_sdk(OP, coded(code, 400)),
+                    AwsError::Throttled { .. }
+                ),
                 "{code}"
             );
         }
         for code in TRANSIENT_ERRORS {
             assert!(
-                matches!(AwsError::from_sdk(OP, coded(code, 400)), AwsError::ServiceFault { .. }),
+                matches!(
+                    AwsError::from_sdk(OP, coded(code, 400)),
+                    AwsError::ServiceFault { .. }
+                ),
                 "{code}"
             );
         }
@@ -580,7 +586,14 @@ mod tests {
         ));
         let e = AwsError::from_sdk(OP, uncoded(404));
         assert!(
-            matches!(e, AwsError::Other { status: Some(404), code: None, .. }),
+            matches!(
+                e,
+                AwsError::Other {
+                    status: Some(404),
+                    code: None,
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert_eq!(kind_of(e), (ErrorKind::Other, false));
@@ -590,11 +603,8 @@ mod tests {
     fn a_modeled_code_is_used_only_when_the_metadata_has_none() {
         let e = AwsError::from_sdk_modeled(OP, Some("AccessDeniedException"), uncoded(400));
         assert!(matches!(e, AwsError::PermissionDenied { .. }), "{e:?}");
-        let e = AwsError::from_sdk_modeled(
-            OP,
-            Some("AccessDeniedException"),
-            coded("Throttling", 400),
-        );
+        let e =
+            AwsError::from_sdk_modeled(OP, Some("AccessDeniedException"), coded("Throttling", 400));
         assert!(matches!(e, AwsError::Throttled { .. }), "{e:?}");
     }
 
@@ -644,10 +654,9 @@ mod tests {
         let e = AwsError::from_sdk(OP, missing);
         assert!(matches!(e, AwsError::PermissionDenied { .. }), "{e:?}");
         assert_eq!(kind_of(e), (ErrorKind::PermissionDenied, false));
-        let refresh: SdkError<Modeled, Response> =
-            SdkError::construction_failure(CredentialsError::provider_timed_out(
-                Duration::from_secs(5),
-            ));
+        let refresh: SdkError<Modeled, Response> = SdkError::construction_failure(
+            CredentialsError::provider_timed_out(Duration::from_secs(5)),
+        );
         assert_eq!(
             kind_of(AwsError::from_sdk(OP, refresh)),
             (ErrorKind::Other, true),

@@ -94,7 +94,10 @@ impl fmt::Debug for AwsSettings {
             // An endpoint URL may carry userinfo: never show its password.
             .field(
                 "endpoint_url",
-                &self.endpoint_url.as_deref().map(celery_scale_core::redact_url),
+                &self
+                    .endpoint_url
+                    .as_deref()
+                    .map(celery_scale_core::redact_url),
             )
             .field("max_attempts", &self.max_attempts)
             .field("call_timeout", &self.call_timeout)
@@ -231,6 +234,12 @@ impl AwsSettings {
     /// environment).
     pub async fn sdk_config_from(&self, loader: ConfigLoader) -> Result<SdkConfig, SetupError> {
         self.validate()?;
+        // A region of ours spares the chain's region lookup (which may reach the instance
+        // metadata endpoint); `apply_to` sets the rest on the loaded config.
+        let loader = match &self.region {
+            Some(r) => loader.region(Region::new(r.clone())),
+            None => loader,
+        };
         let sdk = tokio::time::timeout(LOAD_TIMEOUT, loader.load())
             .await
             .map_err(|_| SetupError::LoadTimedOut {

@@ -10,9 +10,7 @@ use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoSc
 use aws_sdk_autoscaling::types::{AutoScalingGroup, Instance, LifecycleState};
 use aws_smithy_mocks::{RuleMode, mock, mock_client};
 use celery_scale_core::Scaler;
-use celery_scale_ec2::{
-    AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings, GroupSnapshot,
-};
+use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings, GroupSnapshot};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn group(name: &str, instances: usize) -> AutoScalingGroup {
@@ -59,7 +57,7 @@ fn bench(c: &mut Criterion) {
         .retry_config(RetryConfig::disabled()));
     let groups = AutoScalingGroups::new(
         client,
-        AutoScalingSettings::default().cache_ttl(Duration::from_secs(3600)),
+        AwsSettings::default().cache_ttl(Duration::from_secs(60)),
     )
     .unwrap();
     let scalers: Vec<_> = (0..50)
@@ -75,7 +73,7 @@ fn bench(c: &mut Criterion) {
     });
     let fresh = AutoScalingGroups::new(
         groups.client().clone(),
-        AutoScalingSettings::default().cache_ttl(Duration::ZERO),
+        AwsSettings::default().cache_ttl(Duration::ZERO),
     )
     .unwrap();
     let fresh_scalers: Vec<_> = (0..50)

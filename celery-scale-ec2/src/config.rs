@@ -1,124 +1,9 @@
-//! Configuration: [`AutoScalingSettings`] for the shared client and [`AutoScalingGroupConfig`]
-//! for one group. Both are serde structs (unknown fields rejected, durations in humantime form
-//! such as `"2s"`) with builder methods, validated at construction.
-
-use std::time::Duration;
+//! Configuration: [`AutoScalingGroupConfig`] for one group (a serde struct, unknown fields
+//! rejected, with builder methods, validated at construction). The shared handle's settings are
+//! [`celery_scale_aws::AwsSettings`].
 
 use celery_scale_core::ConfigError;
 use serde::{Deserialize, Serialize};
-
-/// How the shared [`AutoScalingGroups`](crate::AutoScalingGroups) handle talks to EC2 Auto
-/// Scaling.
-///
-/// Credentials always come from the AWS default chain (environment, profile, web identity,
-/// ECS/EC2 roles); they are never part of this configuration.
-///
-/// ```
-/// use std::time::Duration;
-/// use celery_scale_ec2::AutoScalingSettings;
-/// let s: AutoScalingSettings = toml::from_str(r#"
-///     region = "eu-west-1"
-///     cache_ttl = "2s"
-/// "#).unwrap();
-/// assert_eq!(s, AutoScalingSettings::default().region("eu-west-1").cache_ttl(Duration::from_secs(2)));
-/// s.validate().unwrap();
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AutoScalingSettings {
-    /// The AWS region; absent: from the environment (`AWS_REGION`, profile).
-    pub region: Option<String>,
-    /// An endpoint override such as moto's `http://127.0.0.1:5000`; absent: `AWS_ENDPOINT_URL` /
-    /// `AWS_ENDPOINT_URL_AUTO_SCALING` if set, else AWS's own endpoint.
-    pub endpoint_url: Option<String>,
-    /// How long one `DescribeAutoScalingGroups` answer serves every group's `capacity()`.
-    /// Keep it below the poll interval; `0s` still coalesces calls made at the same moment.
-    /// A `set_desired` invalidates it.
-    #[serde(with = "humantime_serde")]
-    pub cache_ttl: Duration,
-    /// Timeout of each API call (including the SDK's own retries).
-    #[serde(with = "humantime_serde")]
-    pub call_timeout: Duration,
-    /// Attempts per API call, made by the SDK's standard retry strategy (1: no retry).
-    pub max_attempts: u32,
-}
-
-impl Default for AutoScalingSettings {
-    fn default() -> Self {
-        AutoScalingSettings {
-            region: None,
-            endpoint_url: None,
-            cache_ttl: Duration::from_secs(1),
-            call_timeout: Duration::from_secs(4),
-            max_attempts: 3,
-        }
-    }
-}
-
-impl AutoScalingSettings {
-    /// Sets [`AutoScalingSettings::region`].
-    pub fn region(mut self, region: impl Into<String>) -> Self {
-        self.region = Some(region.into());
-        self
-    }
-
-    /// Sets [`AutoScalingSettings::endpoint_url`].
-    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
-        self.endpoint_url = Some(url.into());
-        self
-    }
-
-    /// Sets [`AutoScalingSettings::cache_ttl`].
-    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
-        self.cache_ttl = ttl;
-        self
-    }
-
-    /// Sets [`AutoScalingSettings::call_timeout`].
-    pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = timeout;
-        self
-    }
-
-    /// Sets [`AutoScalingSettings::max_attempts`].
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts;
-        self
-    }
-
-    /// Checks every field; the error names the field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(r) = &self.region
-            && (r.trim().is_empty() || r.contains(char::is_whitespace))
-        {
-            return Err(ConfigError::new(
-                "region",
-                format!("{r:?} is not a region name such as \"us-east-1\""),
-            ));
-        }
-        if let Some(u) = &self.endpoint_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
-        {
-            return Err(ConfigError::new(
-                "endpoint_url",
-                format!(
-                    "{:?} must start with http:// or https://",
-                    celery_scale_core::redact_url(u)
-                ),
-            ));
-        }
-        if self.call_timeout.is_zero() {
-            return Err(ConfigError::new("call_timeout", "must be greater than 0s"));
-        }
-        if self.max_attempts == 0 {
-            return Err(ConfigError::new(
-                "max_attempts",
-                "must be at least 1 (1 means no retry)",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Longest name EC2 Auto Scaling accepts for a group.
 const MAX_GROUP_NAME: usize = 255;
@@ -208,29 +93,6 @@ impl AutoScalingGroupConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn invalid_settings_name_the_field() {
-        let bad = [
-            (AutoScalingSettings::default().region(" "), "region"),
-            (
-                AutoScalingSettings::default().endpoint_url("127.0.0.1:5000"),
-                "endpoint_url",
-            ),
-            (
-                AutoScalingSettings::default().call_timeout(Duration::ZERO),
-                "call_timeout",
-            ),
-            (
-                AutoScalingSettings::default().max_attempts(0),
-                "max_attempts",
-            ),
-        ];
-        for (s, field) in bad {
-            assert_eq!(s.validate().unwrap_err().field, field);
-        }
-        AutoScalingSettings::default().validate().unwrap();
-    }
 
     #[test]
     fn group_config_rejects_unknown_fields_and_bad_names() {

@@ -6,14 +6,15 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aws_config::{BehaviorVersion, Region};
+use aws_config::SdkConfig;
 use aws_sdk_autoscaling::Client;
-use aws_sdk_autoscaling::config::retry::RetryConfig;
 use aws_sdk_autoscaling::types::{AutoScalingGroup, LifecycleState};
+use celery_scale_aws::{AwsError, AwsSettings, SetupError};
 use celery_scale_core::{Capacity, ConfigError};
 use tokio::time::Instant;
 
-use crate::{AutoScalingGroupConfig, AutoScalingGroupScaler, AutoScalingSettings, Ec2Error};
+use crate::error::{DESCRIBE_GROUPS, SET_DESIRED_CAPACITY};
+use crate::{AutoScalingGroupConfig, AutoScalingGroupScaler, Ec2Error};
 
 /// Group names per `DescribeAutoScalingGroups` call (the API's default limit).
 pub const NAMES_PER_CALL: usize = 50;
@@ -72,15 +73,16 @@ impl GroupSnapshot {
 
     /// Reads one described group.
     pub fn from_group(g: &AutoScalingGroup) -> Result<Self, Ec2Error> {
-        const OP: &str = "DescribeAutoScalingGroups";
         let name = g.auto_scaling_group_name().unwrap_or_default().to_owned();
         let field = |v: Option<i32>, what: &str| -> Result<u32, Ec2Error> {
-            v.and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| Ec2Error::InvalidResponse {
-                    operation: OP,
+            v.and_then(|v| u32::try_from(v).ok()).ok_or_else(|| {
+                tracing::warn!(group = %name, field = what, value = ?v, "Auto Scaling answered an invalid group field; ignoring the answer");
+                Ec2Error::Aws(AwsError::InvalidResponse {
+                    operation: DESCRIBE_GROUPS,
                     message: format!("group '{name}' has no valid {what}: {v:?}"),
                     source: None,
                 })
+            })
         };
         let min_size = field(g.min_size(), "MinSize")?;
         let max_size = field(g.max_size(), "MaxSize")?;
@@ -108,17 +110,19 @@ impl GroupSnapshot {
         for i in g.instances() {
             let weight = match i.weighted_capacity() {
                 None => 1,
-                Some(w) => w.trim().parse::<u32>().map_err(|_| Ec2Error::InvalidResponse {
-                    operation: OP,
-                    message: format!(
-                        "instance {} of group '{name}' has WeightedCapacity {w:?}, not a whole number",
-                        i.instance_id().unwrap_or("?")
-                    ),
-                    source: None,
+                Some(w) => w.trim().parse::<u32>().map_err(|_| {
+                    Ec2Error::Aws(AwsError::InvalidResponse {
+                        operation: DESCRIBE_GROUPS,
+                        message: format!(
+                            "instance {} of group '{name}' has WeightedCapacity {w:?}, not a whole number",
+                            i.instance_id().unwrap_or("?")
+                        ),
+                        source: None,
+                    })
                 })?,
             };
             if i.protected_from_scale_in() == Some(true) {
-                snap.protected_from_scale_in += weight;
+                snap.protected_from_scale_in = snap.protected_from_scale_in.saturating_add(weight);
             }
             let slot = match i.lifecycle_state() {
                 Some(LifecycleState::InService) => &mut snap.in_service,
@@ -135,7 +139,7 @@ impl GroupSnapshot {
                 ) => &mut snap.terminating,
                 _ => &mut snap.other,
             };
-            *slot += weight;
+            *slot = slot.saturating_add(weight);
         }
         Ok(snap)
     }
@@ -193,7 +197,7 @@ impl State {
 
 struct Inner {
     client: Client,
-    settings: AutoScalingSettings,
+    settings: AwsSettings,
     state: Mutex<State>,
     /// Held while a round is in flight: callers that arrive meanwhile wait for its answer.
     refresh: tokio::sync::Mutex<()>,
@@ -207,12 +211,12 @@ struct Inner {
 /// Every scaler's `capacity()` is served from one `DescribeAutoScalingGroups` round that names
 /// every registered group ([`NAMES_PER_CALL`] names per call, following `NextToken`): calls that
 /// arrive while a round is in flight wait for it, and a round's answer serves later calls for
-/// [`AutoScalingSettings::cache_ttl`]. A `set_desired` invalidates it. Cheap to clone.
+/// [`AwsSettings::cache_ttl`]. A `set_desired` invalidates it. Cheap to clone.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
-/// let groups = AutoScalingGroups::from_env(AutoScalingSettings::default()).await?;
+/// use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
+/// let groups = AutoScalingGroups::from_settings(&AwsSettings::default()).await?;
 /// let emails = groups.scaler(AutoScalingGroupConfig::new("email-workers").workers_per_instance(4))?;
 /// let reports = groups.scaler(AutoScalingGroupConfig::new("report-workers"))?;
 /// # let _ = (emails, reports); Ok(()) }
@@ -236,7 +240,7 @@ impl AutoScalingGroups {
     /// A handle on `client` (built by the caller, e.g. a test's mock client). Only the
     /// `cache_ttl` and `call_timeout` settings apply; region, endpoint and retries are the
     /// client's.
-    pub fn new(client: Client, settings: AutoScalingSettings) -> Result<Self, ConfigError> {
+    pub fn new(client: Client, settings: AwsSettings) -> Result<Self, ConfigError> {
         settings.validate()?;
         Ok(AutoScalingGroups {
             inner: Arc::new(Inner {
@@ -250,39 +254,26 @@ impl AutoScalingGroups {
         })
     }
 
-    /// A handle whose client is configured from `sdk` (region, credentials, endpoint), with
-    /// the settings' region, endpoint and retry attempts applied on top.
-    pub fn from_sdk_config(
-        sdk: &aws_config::SdkConfig,
-        settings: AutoScalingSettings,
-    ) -> Result<Self, ConfigError> {
-        settings.validate()?;
-        let mut conf = aws_sdk_autoscaling::config::Builder::from(sdk)
-            .behavior_version(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts));
-        if let Some(r) = &settings.region {
-            conf = conf.region(Region::new(r.clone()));
+    /// A handle whose client is configured from `sdk` (credentials, region, endpoint), with
+    /// the settings' region, endpoint and attempts on top ([`AwsSettings::apply_to`]; a set
+    /// `endpoint_url` also wins over `AWS_ENDPOINT_URL_AUTO_SCALING`). Makes no call; fails
+    /// when a setting is invalid or no region is set.
+    pub fn from_sdk_config(sdk: &SdkConfig, settings: AwsSettings) -> Result<Self, SetupError> {
+        let sdk = settings.apply_to(sdk)?;
+        let mut conf = aws_sdk_autoscaling::config::Builder::from(&sdk);
+        if let Some(url) = &settings.endpoint_url {
+            conf = conf.endpoint_url(url.clone());
         }
-        if let Some(u) = &settings.endpoint_url {
-            conf = conf.endpoint_url(u.clone());
-        }
-        let conf = conf.build();
-        if conf.region().is_none() {
-            return Err(ConfigError::new(
-                "region",
-                "no AWS region: set `region` or AWS_REGION (or a profile's region)",
-            ));
-        }
-        Self::new(Client::from_conf(conf), settings)
+        Ok(Self::new(Client::from_conf(conf.build()), settings)?)
     }
 
-    /// A handle configured from the AWS default chain (environment, profile, web identity,
-    /// container and instance roles; `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_AUTO_SCALING`
-    /// honoured), with the settings applied on top.
-    pub async fn from_env(settings: AutoScalingSettings) -> Result<Self, ConfigError> {
-        settings.validate()?;
-        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        Self::from_sdk_config(&sdk, settings)
+    /// A handle configured from aws-config's default chain (environment, profile, web
+    /// identity, ECS/EC2 roles; `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_AUTO_SCALING`
+    /// honoured) with the settings on top, checked by [`AwsSettings::sdk_config`]: fails at
+    /// start, saying what to set, when no region is set or no credentials are found.
+    pub async fn from_settings(settings: &AwsSettings) -> Result<Self, SetupError> {
+        let sdk = settings.sdk_config().await?;
+        Self::from_sdk_config(&sdk, settings.clone())
     }
 
     /// A scaler for one group; the group joins the shared describe rounds. Fails when the
@@ -300,7 +291,7 @@ impl AutoScalingGroups {
     }
 
     /// The settings.
-    pub fn settings(&self) -> &AutoScalingSettings {
+    pub fn settings(&self) -> &AwsSettings {
         &self.inner.settings
     }
 
@@ -383,7 +374,6 @@ impl AutoScalingGroups {
         &self,
         names: &BTreeSet<String>,
     ) -> Result<HashMap<String, GroupSnapshot>, Ec2Error> {
-        const OP: &str = "DescribeAutoScalingGroups";
         let timeout = self.inner.settings.call_timeout;
         let all: Vec<String> = names.iter().cloned().collect();
         let mut groups = HashMap::with_capacity(all.len());
@@ -401,10 +391,7 @@ impl AutoScalingGroups {
                     .send();
                 let out = match tokio::time::timeout(timeout, call).await {
                     Err(_) => {
-                        return Err(Ec2Error::Timeout {
-                            operation: OP,
-                            after: Some(timeout),
-                        });
+                        return Err(Ec2Error::Aws(AwsError::timed_out(DESCRIBE_GROUPS, timeout)));
                     }
                     Ok(Err(e)) => return Err(Ec2Error::from_describe(e)),
                     Ok(Ok(out)) => out,
@@ -434,7 +421,6 @@ impl AutoScalingGroups {
         desired: u32,
         honor_cooldown: bool,
     ) -> Result<(), Ec2Error> {
-        const OP: &str = "SetDesiredCapacity";
         let timeout = self.inner.settings.call_timeout;
         // Callers clamp to MaxSize first, which the API gave as an i32.
         let desired = i32::try_from(desired).unwrap_or(i32::MAX);
@@ -451,10 +437,10 @@ impl AutoScalingGroups {
         // Whatever happened, the group may have changed: read it fresh next time.
         self.invalidate();
         match result {
-            Err(_) => Err(Ec2Error::Timeout {
-                operation: OP,
-                after: Some(timeout),
-            }),
+            Err(_) => Err(Ec2Error::Aws(AwsError::timed_out(
+                SET_DESIRED_CAPACITY,
+                timeout,
+            ))),
             Ok(Err(e)) => Err(Ec2Error::from_set(group, e)),
             Ok(Ok(_)) => Ok(()),
         }

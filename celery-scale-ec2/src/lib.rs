@@ -6,10 +6,16 @@ mod error;
 mod groups;
 mod scaler;
 
-pub use config::{AutoScalingGroupConfig, AutoScalingSettings};
-pub use error::{BACKEND, Ec2Error, SharedSource};
+pub use config::AutoScalingGroupConfig;
+pub use error::{BACKEND, Ec2Error};
 pub use groups::{AutoScalingGroups, GroupSnapshot, NAMES_PER_CALL};
 pub use scaler::AutoScalingGroupScaler;
+
+/// The shared AWS layer this crate is built on: its settings, start-up errors, classified call
+/// errors and cache-TTL rule, re-exported so that one dependency is enough.
+pub use celery_scale_aws::{
+    AwsError, AwsSettings, Operation, SetupError, SharedSource, cache_ttl_for,
+};
 
 /// The SDK crate this one is built on, for callers who build their own client.
 pub use aws_sdk_autoscaling;

@@ -22,7 +22,7 @@ use celery_scale_core::config::{PolicyConfig, PolicyKind};
 use celery_scale_core::record::{DecisionRecord, Outcome};
 use celery_scale_core::{Binding, CapacityUnit, ErrorKind, LoopSettings, MemoryQueue, Scaler};
 use celery_scale_ec2::{
-    AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings, Ec2Error, GroupSnapshot,
+    AutoScalingGroupConfig, AutoScalingGroups, AwsError, AwsSettings, Ec2Error, GroupSnapshot,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -77,11 +77,7 @@ fn generic_set(code: &str, message: &str) -> SetDesiredCapacityError {
 fn groups_with(rules: &[&Rule]) -> AutoScalingGroups {
     let client: Client = mock_client!(aws_sdk_autoscaling, RuleMode::MatchAny, rules, |c| c
         .retry_config(RetryConfig::disabled()));
-    AutoScalingGroups::new(
-        client,
-        AutoScalingSettings::default().cache_ttl(Duration::ZERO),
-    )
-    .unwrap()
+    AutoScalingGroups::new(client, AwsSettings::default().cache_ttl(Duration::ZERO)).unwrap()
 }
 
 fn settings() -> LoopSettings {
@@ -435,18 +431,25 @@ async fn typed_errors_are_the_crate_enum() {
         .output(|| DescribeAutoScalingGroupsOutput::builder().build())
         .build();
     let groups = groups_with(&[&describe]);
+    let transient = |e: &Ec2Error| celery_scale_core::Error::from(e.clone()).is_transient();
     let e = groups.snapshot(GROUP).await.unwrap_err();
-    assert!(matches!(e, Ec2Error::Throttling { .. }), "{e:?}");
-    assert!(e.is_transient());
+    assert!(
+        matches!(e, Ec2Error::Aws(AwsError::Throttled { ref code, .. }) if code == "Throttling"),
+        "{e:?}"
+    );
+    assert!(transient(&e));
     let e = groups.snapshot(GROUP).await.unwrap_err();
-    assert!(matches!(e, Ec2Error::AccessDenied { .. }), "{e:?}");
-    assert!(!e.is_transient());
+    assert!(
+        matches!(e, Ec2Error::Aws(AwsError::PermissionDenied { .. })),
+        "{e:?}"
+    );
+    assert!(!transient(&e));
     let e = groups.snapshot(GROUP).await.unwrap_err();
     assert!(
         matches!(e, Ec2Error::GroupNotFound { ref group } if group == GROUP),
         "{e:?}"
     );
-    assert!(!e.is_transient());
+    assert!(!transient(&e));
 }
 
 #[tokio::test]
@@ -655,7 +658,7 @@ async fn many_groups_are_described_fifty_names_a_call_with_next_token() {
         .retry_config(RetryConfig::disabled()));
     let groups = AutoScalingGroups::new(
         client,
-        AutoScalingSettings::default().cache_ttl(Duration::from_secs(60)),
+        AwsSettings::default().cache_ttl(Duration::from_secs(60)),
     )
     .unwrap();
     let names: Vec<String> = (0..120).map(|i| format!("g{i:03}")).collect();
@@ -697,7 +700,7 @@ async fn one_describe_serves_every_group_for_the_ttl_and_a_set_invalidates_it() 
     );
     let groups = AutoScalingGroups::new(
         client,
-        AutoScalingSettings::default().cache_ttl(Duration::from_secs(2)),
+        AwsSettings::default().cache_ttl(Duration::from_secs(2)),
     )
     .unwrap();
     let a = groups.scaler(AutoScalingGroupConfig::new("a")).unwrap();
@@ -835,13 +838,54 @@ async fn endpoint_groups(url: &str, call_timeout: Duration) -> AutoScalingGroups
         .build();
     AutoScalingGroups::from_sdk_config(
         &sdk,
-        AutoScalingSettings::default()
+        AwsSettings::default()
             .endpoint_url(url)
             .cache_ttl(Duration::ZERO)
             .call_timeout(call_timeout)
             .max_attempts(1),
     )
     .unwrap()
+}
+
+/// Every code either crate's list used to know (ECS's and Auto Scaling's), through the loop
+/// on Auto Scaling: the classification is one, so each gives the same kind on both services.
+#[tokio::test]
+async fn every_classified_code_holds_with_its_kind() {
+    use ErrorKind as K;
+    let cases: &[(&str, K, bool)] = &[
+        ("Throttling", K::Throttled, true),
+        ("ThrottlingException", K::Throttled, true),
+        ("TooManyRequestsException", K::Throttled, true),
+        ("RequestLimitExceeded", K::Throttled, true),
+        ("ServiceUnavailable", K::Other, true),
+        ("ServiceUnavailableException", K::Other, true),
+        ("ServerException", K::Other, true),
+        ("InternalFailure", K::Other, true),
+        ("InternalError", K::Other, true),
+        ("AccessDenied", K::PermissionDenied, false),
+        ("AccessDeniedException", K::PermissionDenied, false),
+        ("UnauthorizedOperation", K::PermissionDenied, false),
+        ("ExpiredToken", K::PermissionDenied, false),
+        ("ExpiredTokenException", K::PermissionDenied, false),
+        ("InvalidClientTokenId", K::PermissionDenied, false),
+        ("UnrecognizedClientException", K::PermissionDenied, false),
+        ("InvalidSignatureException", K::PermissionDenied, false),
+        ("SignatureDoesNotMatch", K::PermissionDenied, false),
+        ("MissingAuthenticationToken", K::PermissionDenied, false),
+        ("ValidationError", K::Rejected, false),
+        ("ValidationException", K::Rejected, false),
+        ("InvalidParameterException", K::Rejected, false),
+        ("ClientException", K::Rejected, false),
+    ];
+    for &(code, kind, transient) in cases {
+        describe_fault_holds_then_recovers(
+            move || generic_describe(code, "mocked"),
+            kind,
+            transient,
+            code,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use aws_sdk_autoscaling::Client;
 use celery_scale_core::config::{PolicyConfig, PolicyKind};
 use celery_scale_core::record::Outcome;
 use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryQueue, Scaler, conformance};
-use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AutoScalingSettings};
+use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 
 fn moto_url() -> Option<String> {
     conformance::service_url("CELERY_SCALE_MOTO_URL")
@@ -43,9 +43,7 @@ fn sdk_config() -> aws_config::SdkConfig {
 fn handle(url: &str, ttl: Duration) -> AutoScalingGroups {
     AutoScalingGroups::from_sdk_config(
         &sdk_config(),
-        AutoScalingSettings::default()
-            .endpoint_url(url)
-            .cache_ttl(ttl),
+        AwsSettings::default().endpoint_url(url).cache_ttl(ttl),
     )
     .unwrap()
 }

@@ -5,69 +5,23 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_config::SdkConfig;
 use aws_sdk_ecs::Client;
+use celery_scale_aws::{AwsError, AwsSettings, SetupError};
 use celery_scale_core::{Capacity, CapacityUnit, ConfigError, Scaler, SetOutcome, WorkersPerUnit};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::EcsError;
-use crate::error::ModeledCode;
+use crate::error::{DESCRIBE_SERVICES, UPDATE_SERVICE, classify, code_of};
 
 /// Services per `DescribeServices` call (the API's limit).
 pub const SERVICES_PER_CALL: usize = 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Shared settings of an [`EcsServices`] handle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EcsSettings {
-    /// How long one batched read serves every binding's `capacity()`; keep it below the poll
-    /// interval. Concurrent reads within it cost one set of `DescribeServices` calls.
-    #[serde(with = "humantime_serde")]
-    pub cache_ttl: Duration,
-    /// Timeout of each ECS call (the loop's own timeout applies too).
-    #[serde(with = "humantime_serde")]
-    pub operation_timeout: Duration,
-}
-
-impl Default for EcsSettings {
-    fn default() -> Self {
-        EcsSettings {
-            cache_ttl: Duration::from_millis(500),
-            operation_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl EcsSettings {
-    /// Sets `cache_ttl`.
-    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
-        self.cache_ttl = ttl;
-        self
-    }
-
-    /// Sets `operation_timeout`.
-    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
-        self.operation_timeout = timeout;
-        self
-    }
-
-    /// Checks the fields.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.operation_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "operation_timeout",
-                "must be greater than 0s",
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// One ECS service to scale.
@@ -132,7 +86,7 @@ struct State {
 
 struct Inner {
     client: Client,
-    settings: EcsSettings,
+    settings: AwsSettings,
     state: Mutex<State>,
     /// Serializes batch reads so that concurrent `capacity()` calls share one.
     refresh: tokio::sync::Mutex<()>,
@@ -167,8 +121,10 @@ impl fmt::Debug for EcsServices {
 }
 
 impl EcsServices {
-    /// A handle on `client` (build it with [`EcsServices::client_from_env`] or your own config).
-    pub fn new(client: Client, settings: EcsSettings) -> Result<Self, ConfigError> {
+    /// A handle on `client` (a test's mock client, or one you configured yourself). Only the
+    /// settings' `call_timeout` and `cache_ttl` apply; region, endpoint and retries are the
+    /// client's.
+    pub fn new(client: Client, settings: AwsSettings) -> Result<Self, ConfigError> {
         settings.validate()?;
         Ok(EcsServices {
             inner: Arc::new(Inner {
@@ -182,13 +138,27 @@ impl EcsServices {
         })
     }
 
-    /// A client from aws-config's default chain (environment, profile, web identity, ECS task
-    /// role, instance metadata); honours `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_ECS`.
-    pub async fn client_from_env() -> Client {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
-        Client::new(&config)
+    /// A handle whose client is configured from `sdk` (credentials, region, endpoint), with
+    /// the settings' region, endpoint and attempts on top ([`AwsSettings::apply_to`]; a set
+    /// `endpoint_url` also wins over `AWS_ENDPOINT_URL_ECS`). Makes no call; fails when a
+    /// setting is invalid or no region is set.
+    pub fn from_sdk_config(sdk: &SdkConfig, settings: AwsSettings) -> Result<Self, SetupError> {
+        let sdk = settings.apply_to(sdk)?;
+        let mut conf = aws_sdk_ecs::config::Builder::from(&sdk);
+        if let Some(url) = &settings.endpoint_url {
+            conf = conf.endpoint_url(url.clone());
+        }
+        Ok(Self::new(Client::from_conf(conf.build()), settings)?)
+    }
+
+    /// A handle configured from aws-config's default chain (environment, profile, web
+    /// identity, ECS task role, instance metadata; `AWS_ENDPOINT_URL` and
+    /// `AWS_ENDPOINT_URL_ECS` honoured) with the settings on top, checked by
+    /// [`AwsSettings::sdk_config`]: fails at start, saying what to set, when no region is set
+    /// or no credentials are found.
+    pub async fn from_settings(settings: &AwsSettings) -> Result<Self, SetupError> {
+        let sdk = settings.sdk_config().await?;
+        Self::from_sdk_config(&sdk, settings.clone())
     }
 
     /// The calls made so far.
@@ -200,7 +170,7 @@ impl EcsServices {
     }
 
     /// The shared settings.
-    pub fn settings(&self) -> &EcsSettings {
+    pub fn settings(&self) -> &AwsSettings {
         &self.inner.settings
     }
 
@@ -243,8 +213,7 @@ impl EcsServices {
         cluster: String,
         services: Vec<String>,
     ) -> Vec<(Key, Result<Capacity, EcsError>)> {
-        const OP: &str = "DescribeServices";
-        let timeout = self.inner.settings.operation_timeout;
+        let timeout = self.inner.settings.call_timeout;
         self.inner.describes.fetch_add(1, Ordering::Relaxed);
         let call = self
             .inner
@@ -256,12 +225,8 @@ impl EcsServices {
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e),
-            Err(elapsed) => {
-                let e = EcsError::Timeout {
-                    operation: OP,
-                    after: timeout,
-                    source: Arc::new(elapsed),
-                };
+            Err(_) => {
+                let e = EcsError::Aws(AwsError::timed_out(DESCRIBE_SERVICES, timeout));
                 return services
                     .into_iter()
                     .map(|s| ((cluster.clone(), s), Err(e.clone())))
@@ -272,14 +237,12 @@ impl EcsServices {
             Ok(out) => out,
             Err(e) => {
                 // A missing cluster fails the whole call; each of its services is missing.
-                let cluster_missing = aws_sdk_ecs::error::ProvideErrorMetadata::code(&e)
-                    .or_else(|| e.as_service_error().and_then(ModeledCode::modeled_code))
-                    == Some("ClusterNotFoundException");
-                let shared = (!cluster_missing).then(|| EcsError::from_sdk(OP, timeout, e));
+                let cluster_missing = code_of(&e) == Some("ClusterNotFoundException");
+                let shared = (!cluster_missing).then(|| classify(DESCRIBE_SERVICES, e));
                 return services
                     .into_iter()
                     .map(|s| {
-                        let err = shared.clone().unwrap_or_else(|| EcsError::NotFound {
+                        let err = shared.clone().unwrap_or_else(|| EcsError::ServiceNotFound {
                             cluster: cluster.clone(),
                             service: s.clone(),
                             reason: "ClusterNotFoundException".into(),
@@ -298,17 +261,13 @@ impl EcsServices {
                 });
                 let result = match found {
                     // An INACTIVE (deleted) service is described but cannot be scaled.
-                    Some(s) if s.status() != Some("INACTIVE") => Ok(Capacity {
-                        desired: s.desired_count().max(0) as u32,
-                        running: s.running_count().max(0) as u32,
-                        pending: s.pending_count().max(0) as u32,
-                    }),
-                    Some(_) => Err(EcsError::NotFound {
+                    Some(s) if s.status() != Some("INACTIVE") => capacity(&cluster, &name, s),
+                    Some(_) => Err(EcsError::ServiceNotFound {
                         cluster: cluster.clone(),
                         service: name.clone(),
                         reason: "INACTIVE".into(),
                     }),
-                    None => Err(EcsError::NotFound {
+                    None => Err(EcsError::ServiceNotFound {
                         cluster: cluster.clone(),
                         service: name.clone(),
                         reason: out
@@ -347,7 +306,7 @@ impl EcsServices {
         }
         let map = self.read_all().await;
         let result = map.get(key).cloned().unwrap_or_else(|| {
-            Err(EcsError::NotFound {
+            Err(EcsError::ServiceNotFound {
                 cluster: key.0.clone(),
                 service: key.1.clone(),
                 reason: "not registered".into(),
@@ -358,8 +317,7 @@ impl EcsServices {
     }
 
     async fn update(&self, key: &Key, desired: u32) -> Result<(), EcsError> {
-        const OP: &str = "UpdateService";
-        let timeout = self.inner.settings.operation_timeout;
+        let timeout = self.inner.settings.call_timeout;
         self.inner.updates.fetch_add(1, Ordering::Relaxed);
         let call = self
             .inner
@@ -371,28 +329,19 @@ impl EcsServices {
             .send();
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                let code = aws_sdk_ecs::error::ProvideErrorMetadata::code(&e)
-                    .or_else(|| e.as_service_error().and_then(ModeledCode::modeled_code))
-                    .map(str::to_owned);
-                match code.as_deref() {
-                    Some(
-                        "ServiceNotFoundException"
-                        | "ServiceNotActiveException"
-                        | "ClusterNotFoundException",
-                    ) => Err(EcsError::NotFound {
-                        cluster: key.0.clone(),
-                        service: key.1.clone(),
-                        reason: code.unwrap_or_default(),
-                    }),
-                    _ => Err(EcsError::from_sdk(OP, timeout, e)),
-                }
-            }
-            Err(elapsed) => Err(EcsError::Timeout {
-                operation: OP,
-                after: timeout,
-                source: Arc::new(elapsed),
-            }),
+            Ok(Err(e)) => match code_of(&e) {
+                Some(
+                    code @ ("ServiceNotFoundException"
+                    | "ServiceNotActiveException"
+                    | "ClusterNotFoundException"),
+                ) => Err(EcsError::ServiceNotFound {
+                    cluster: key.0.clone(),
+                    service: key.1.clone(),
+                    reason: code.to_owned(),
+                }),
+                _ => Err(classify(UPDATE_SERVICE, e)),
+            },
+            Err(_) => Err(EcsError::Aws(AwsError::timed_out(UPDATE_SERVICE, timeout))),
         };
         let mut state = lock(&self.inner.state);
         match (&result, state.cache.as_mut()) {
@@ -408,6 +357,36 @@ impl EcsServices {
         }
         result
     }
+}
+
+/// A described service's counts. ECS never answers a negative count; one that does is a bad
+/// answer (logged and reported as [`AwsError::InvalidResponse`]), never read as 0.
+fn capacity(
+    cluster: &str,
+    name: &str,
+    s: &aws_sdk_ecs::types::Service,
+) -> Result<Capacity, EcsError> {
+    let count = |v: i32, what: &str| {
+        u32::try_from(v).map_err(|_| {
+            tracing::warn!(
+                cluster,
+                service = name,
+                count = what,
+                value = v,
+                "ECS answered a negative count; ignoring the answer"
+            );
+            EcsError::Aws(AwsError::InvalidResponse {
+                operation: DESCRIBE_SERVICES,
+                message: format!("service '{name}' in cluster '{cluster}' has {what} {v}"),
+                source: None,
+            })
+        })
+    };
+    Ok(Capacity {
+        desired: count(s.desired_count(), "desiredCount")?,
+        running: count(s.running_count(), "runningCount")?,
+        pending: count(s.pending_count(), "pendingCount")?,
+    })
 }
 
 /// The [`Scaler`] for one ECS service: unit = ECS task running `workers_per_task` worker
@@ -507,26 +486,6 @@ mod tests {
                 .unwrap_err()
                 .field,
             "workers_per_task"
-        );
-    }
-
-    #[test]
-    fn settings_are_humantime_and_validated() {
-        let s: EcsSettings =
-            toml::from_str("cache_ttl = \"1s\"\noperation_timeout = \"2s\"\n").unwrap();
-        assert_eq!(
-            s,
-            EcsSettings::default()
-                .cache_ttl(Duration::from_secs(1))
-                .operation_timeout(Duration::from_secs(2))
-        );
-        assert_eq!(
-            EcsSettings::default()
-                .operation_timeout(Duration::ZERO)
-                .validate()
-                .unwrap_err()
-                .field,
-            "operation_timeout"
         );
     }
 }

@@ -18,7 +18,7 @@ use celery_scale_core::record::{Outcome, RecordLog};
 use celery_scale_core::{
     Autoscaler, Binding, CancellationToken, ErrorKind, LoopSettings, MemoryQueue,
 };
-use celery_scale_ecs::{EcsCalls, EcsError, EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale_ecs::{AwsError, AwsSettings, EcsCalls, EcsError, EcsServiceConfig, EcsServices};
 
 const CLUSTER: &str = "prod";
 const SERVICE: &str = "workers";
@@ -70,7 +70,7 @@ fn mocked_client(rules: &[&Rule]) -> Client {
 fn services_with(rules: &[&Rule]) -> EcsServices {
     EcsServices::new(
         mocked_client(rules),
-        EcsSettings::default().cache_ttl(Duration::ZERO),
+        AwsSettings::default().cache_ttl(Duration::ZERO),
     )
     .unwrap()
 }
@@ -125,7 +125,7 @@ async fn fault_holds_then_recovers(
 
     let e = scaler.read().await.expect_err("the fault");
     assert!(typed(&e), "unexpected EcsError: {e:?}");
-    assert_eq!(e.is_transient(), transient, "{e}");
+    assert_eq!(transient_(&e), transient, "{e}");
 
     let r = b.tick().await;
     assert!(matches!(r.outcome, Outcome::Held { .. }), "{:?}", r.outcome);
@@ -165,6 +165,11 @@ async fn fault_holds_then_recovers(
     );
 }
 
+/// Whether the loop backs off on `e`: core's classification of the mapped error, the only one.
+fn transient_(e: &EcsError) -> bool {
+    celery_scale_core::Error::from(e.clone()).is_transient()
+}
+
 fn twice_then_ok(fault: impl Fn() -> DescribeServicesError + Send + Sync + 'static) -> Rule {
     mock!(Client::describe_services)
         .sequence()
@@ -182,10 +187,8 @@ async fn throttling_is_transient() {
         |e| {
             matches!(
                 e,
-                EcsError::Throttled {
-                    operation: "DescribeServices",
-                    ..
-                }
+                EcsError::Aws(AwsError::Throttled { operation, .. })
+                    if operation.name == "DescribeServices"
             )
         },
         ErrorKind::Throttled,
@@ -202,15 +205,7 @@ async fn server_exceptions_are_transient() {
                 ServerException::builder().message("mocked").build(),
             )
         }),
-        |e| {
-            matches!(
-                e,
-                EcsError::Other {
-                    transient: true,
-                    ..
-                }
-            )
-        },
+        |e| matches!(e, EcsError::Aws(AwsError::ServiceFault { .. })),
         ErrorKind::Other,
         true,
     )
@@ -228,15 +223,7 @@ async fn a_raw_503_is_transient() {
         .build();
     fault_holds_then_recovers(
         describe,
-        |e| {
-            matches!(
-                e,
-                EcsError::Other {
-                    transient: true,
-                    ..
-                }
-            )
-        },
+        |e| matches!(e, EcsError::Aws(AwsError::ServiceFault { .. })),
         ErrorKind::Other,
         true,
     )
@@ -253,11 +240,73 @@ async fn access_denied_is_permanent() {
                     .build(),
             )
         }),
-        |e| matches!(e, EcsError::AccessDenied { message, .. } if message.contains("ecs:DescribeServices")),
+        |e| matches!(e, EcsError::Aws(AwsError::PermissionDenied { message, .. }) if message.contains("ecs:DescribeServices")),
         ErrorKind::PermissionDenied,
         false,
     )
     .await;
+}
+
+/// Every code either crate's list used to know (ECS's and Auto Scaling's), through the loop
+/// on ECS: the classification is one, so each gives the same kind on both services.
+#[tokio::test]
+async fn every_classified_code_holds_with_its_kind() {
+    use ErrorKind as K;
+    let cases: &[(&str, K, bool)] = &[
+        ("ThrottlingException", K::Throttled, true),
+        ("Throttling", K::Throttled, true),
+        ("TooManyRequestsException", K::Throttled, true),
+        ("RequestLimitExceeded", K::Throttled, true),
+        ("ServiceUnavailable", K::Other, true),
+        ("ServiceUnavailableException", K::Other, true),
+        ("InternalFailure", K::Other, true),
+        ("InternalError", K::Other, true),
+        ("AccessDenied", K::PermissionDenied, false),
+        ("UnauthorizedOperation", K::PermissionDenied, false),
+        ("ExpiredToken", K::PermissionDenied, false),
+        ("ExpiredTokenException", K::PermissionDenied, false),
+        ("InvalidClientTokenId", K::PermissionDenied, false),
+        ("UnrecognizedClientException", K::PermissionDenied, false),
+        ("InvalidSignatureException", K::PermissionDenied, false),
+        ("SignatureDoesNotMatch", K::PermissionDenied, false),
+        ("MissingAuthenticationToken", K::PermissionDenied, false),
+        ("ValidationError", K::Rejected, false),
+        ("ValidationException", K::Rejected, false),
+        ("InvalidParameterException", K::Rejected, false),
+        ("ClientException", K::Rejected, false),
+    ];
+    for &(code, kind, transient) in cases {
+        let describe = mock!(Client::describe_services)
+            .sequence()
+            .error(move || generic(code))
+            .output(|| describe_ok(3))
+            .repeatedly()
+            .build();
+        let update =
+            mock!(Client::update_service).then_output(|| UpdateServiceOutput::builder().build());
+        let services = services_with(&[&describe, &update]);
+        let (mut b, _) = binding(&services);
+        let r = b.tick().await;
+        assert!(
+            matches!(r.outcome, Outcome::Held { .. }),
+            "{code}: {:?}",
+            r.outcome
+        );
+        let e = r.capacity_error.expect("recorded");
+        assert_eq!(
+            (e.kind, e.transient),
+            (kind, transient),
+            "{code}: {}",
+            e.message
+        );
+        assert_eq!(update.num_calls(), 0, "{code}: a fault never scales in");
+        let r = b.tick().await;
+        assert!(
+            matches!(r.outcome, Outcome::Set { from: 3, to: 0, .. }),
+            "{code}: {:?}",
+            r.outcome
+        );
+    }
 }
 
 #[tokio::test]
@@ -272,7 +321,7 @@ async fn a_missing_service_is_not_found_and_held() {
     fault_holds_then_recovers(
         describe,
         |e| {
-            matches!(e, EcsError::NotFound { cluster, service, reason }
+            matches!(e, EcsError::ServiceNotFound { cluster, service, reason }
                 if cluster == CLUSTER && service == SERVICE && reason == "MISSING")
         },
         ErrorKind::NotFound,
@@ -291,7 +340,7 @@ async fn a_missing_cluster_is_not_found() {
                     .build(),
             )
         }),
-        |e| matches!(e, EcsError::NotFound { reason, .. } if reason == "ClusterNotFoundException"),
+        |e| matches!(e, EcsError::ServiceNotFound { reason, .. } if reason == "ClusterNotFoundException"),
         ErrorKind::NotFound,
         false,
     )
@@ -394,18 +443,18 @@ async fn a_hung_endpoint_times_out_holds_and_recovers() {
         .endpoint_url(endpoint)
         .retry_config(RetryConfig::disabled())
         .build();
-    let settings = EcsSettings::default()
+    let settings = AwsSettings::default()
         .cache_ttl(Duration::ZERO)
-        .operation_timeout(Duration::from_millis(300));
+        .call_timeout(Duration::from_millis(300));
     let services = EcsServices::new(Client::from_conf(config), settings).unwrap();
     let (mut b, scaler) = binding(&services);
 
     let e = scaler.read().await.expect_err("hangs");
     assert!(
-        matches!(e, EcsError::Timeout { after, .. } if after == Duration::from_millis(300)),
+        matches!(e, EcsError::Aws(AwsError::Timeout { after: Some(after), .. }) if after == Duration::from_millis(300)),
         "{e:?}"
     );
-    assert!(e.is_transient());
+    assert!(transient_(&e));
 
     let r = b.tick().await;
     let recorded = r.capacity_error.expect("recorded");
@@ -476,7 +525,7 @@ async fn twenty_five_services_cost_three_describes_per_round() {
         mock!(Client::update_service).then_output(|| UpdateServiceOutput::builder().build());
     let services = EcsServices::new(
         mocked_client(&[&describe, &update]),
-        EcsSettings::default().cache_ttl(Duration::from_millis(100)),
+        AwsSettings::default().cache_ttl(Duration::from_millis(100)),
     )
     .unwrap();
     let mut auto = Autoscaler::new();
@@ -542,7 +591,7 @@ async fn bindings_on_their_own_tasks_share_the_reads_too() {
         mock!(Client::update_service).then_output(|| UpdateServiceOutput::builder().build());
     let services = EcsServices::new(
         mocked_client(&[&describe, &update]),
-        EcsSettings::default().cache_ttl(Duration::from_millis(100)),
+        AwsSettings::default().cache_ttl(Duration::from_millis(100)),
     )
     .unwrap();
     let log = Arc::new(RecordLog::new());
@@ -571,5 +620,49 @@ async fn bindings_on_their_own_tasks_share_the_reads_too() {
             describe_services: 3 * rounds,
             update_service: 0
         }
+    );
+}
+
+/// A negative count is a bad answer, never read as 0 tasks: the tick holds with `invalid_data`.
+#[tokio::test]
+async fn a_negative_count_is_invalid_data_not_zero() {
+    let describe = mock!(Client::describe_services)
+        .sequence()
+        .output(|| {
+            DescribeServicesOutput::builder()
+                .services(
+                    Service::builder()
+                        .service_name(SERVICE)
+                        .status("ACTIVE")
+                        .desired_count(3)
+                        .running_count(-1)
+                        .pending_count(0)
+                        .build(),
+                )
+                .build()
+        })
+        .output(|| describe_ok(3))
+        .repeatedly()
+        .build();
+    let update =
+        mock!(Client::update_service).then_output(|| UpdateServiceOutput::builder().build());
+    let services = services_with(&[&describe, &update]);
+    let (mut b, _) = binding(&services);
+    let r = b.tick().await;
+    assert!(matches!(r.outcome, Outcome::Held { .. }), "{:?}", r.outcome);
+    let e = r.capacity_error.expect("recorded");
+    assert_eq!(
+        (e.kind, e.transient),
+        (ErrorKind::InvalidData, false),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("runningCount -1"), "{}", e.message);
+    assert_eq!(update.num_calls(), 0);
+    let r = b.tick().await;
+    assert!(
+        matches!(r.outcome, Outcome::Set { from: 3, to: 0, .. }),
+        "{:?}",
+        r.outcome
     );
 }

@@ -7,7 +7,7 @@ use aws_sdk_ecs::Client;
 use aws_sdk_ecs::types::ContainerDefinition;
 use celery_scale_core::conformance;
 use celery_scale_core::{Error, Scaler};
-use celery_scale_ecs::{EcsServiceConfig, EcsServices, EcsSettings};
+use celery_scale_ecs::{AwsSettings, EcsError, EcsServiceConfig, EcsServices};
 
 async fn client() -> Option<Client> {
     let url = conformance::service_url("CELERY_SCALE_MOTO_URL")?;
@@ -70,7 +70,7 @@ async fn conforms_on_moto() {
     let cluster = unique("conformance");
     create(&client, &cluster, &["workers".to_string()]).await;
     let services =
-        EcsServices::new(client, EcsSettings::default().cache_ttl(Duration::ZERO)).unwrap();
+        EcsServices::new(client, AwsSettings::default().cache_ttl(Duration::ZERO)).unwrap();
     let scaler = services
         .scaler(
             EcsServiceConfig::new(&cluster, "workers")
@@ -87,7 +87,7 @@ async fn a_missing_service_is_a_typed_error() {
     let Some(client) = client().await else { return };
     let cluster = unique("missing");
     create(&client, &cluster, &[]).await;
-    let services = EcsServices::new(client, EcsSettings::default()).unwrap();
+    let services = EcsServices::new(client, AwsSettings::default()).unwrap();
     let scaler = services
         .scaler(EcsServiceConfig::new(&cluster, "no-such-service"))
         .unwrap();
@@ -104,7 +104,7 @@ async fn many_services_share_one_handle() {
     let cluster = unique("many");
     let names: Vec<String> = (0..12).map(|i| format!("svc-{i}")).collect();
     create(&client, &cluster, &names).await;
-    let services = EcsServices::new(client.clone(), EcsSettings::default()).unwrap();
+    let services = EcsServices::new(client.clone(), AwsSettings::default()).unwrap();
     let scalers: Vec<_> = names
         .iter()
         .map(|n| services.scaler(EcsServiceConfig::new(&cluster, n)).unwrap())
@@ -141,7 +141,7 @@ async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_serv
     // A long TTL: this test counts calls, whatever the machine's load.
     let services = EcsServices::new(
         client,
-        EcsSettings::default().cache_ttl(Duration::from_secs(60)),
+        AwsSettings::default().cache_ttl(Duration::from_secs(60)),
     )
     .unwrap();
     let mut scalers: Vec<_> = in_a
@@ -162,7 +162,7 @@ async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_serv
             .all(|r| r.as_ref().is_ok_and(|c| c.desired == 1))
     );
     match lost.read().await {
-        Err(celery_scale_ecs::EcsError::NotFound {
+        Err(EcsError::ServiceNotFound {
             cluster, reason, ..
         }) => {
             assert_eq!(
@@ -170,7 +170,7 @@ async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_serv
                 (gone.as_str(), "ClusterNotFoundException")
             )
         }
-        other => panic!("expected NotFound, got {other:?}"),
+        other => panic!("expected ServiceNotFound, got {other:?}"),
     }
     // Cluster a: 2 calls (10 + 2), cluster b: 1, the missing cluster: 1; all in one read.
     assert_eq!(services.calls().describe_services, 4);
@@ -186,9 +186,38 @@ async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_serv
         "served by the patched read"
     );
     match lost.update(1).await {
-        Err(celery_scale_ecs::EcsError::NotFound { reason, .. }) => {
+        Err(EcsError::ServiceNotFound { reason, .. }) => {
             assert_eq!(reason, "ClusterNotFoundException")
         }
         other => panic!("expected NotFound, got {other:?}"),
     }
+}
+
+/// The settings path a daemon takes: `AwsSettings::sdk_config_from` (here with fixed test
+/// credentials instead of the host's chain) and `from_sdk_config`, the settings' region and
+/// endpoint applied by the handle itself.
+#[tokio::test]
+async fn a_handle_from_settings_reaches_the_endpoint_they_name() {
+    let Some(url) = conformance::service_url("CELERY_SCALE_MOTO_URL") else {
+        return;
+    };
+    let Some(client) = client().await else { return };
+    let cluster = unique("settings");
+    create(&client, &cluster, &["workers".to_string()]).await;
+    let settings = AwsSettings::default()
+        .region("us-east-1")
+        .endpoint_url(url)
+        .max_attempts(1)
+        .cache_ttl(Duration::ZERO);
+    let loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).credentials_provider(
+        aws_sdk_ecs::config::Credentials::new("testing", "testing", None, None, "test"),
+    );
+    let sdk = settings.sdk_config_from(loader).await.unwrap();
+    let services = EcsServices::from_sdk_config(&sdk, settings).unwrap();
+    let scaler = services
+        .scaler(EcsServiceConfig::new(&cluster, "workers"))
+        .unwrap();
+    assert_eq!(scaler.read().await.unwrap().desired, 1);
+    scaler.update(2).await.unwrap();
+    assert_eq!(scaler.read().await.unwrap().desired, 2);
 }
