@@ -1,0 +1,129 @@
+//! The daemon's configuration file: backend-wide settings and the bindings, each of which picks
+//! its queue source and compute target at run time by `kind`.
+//!
+//! ```toml
+//! [aws]                       # optional: shared by every ECS and EC2 binding
+//! region = "eu-west-1"
+//!
+//! [[bindings]]
+//! loop = { name = "emails", interval = "5s" }
+//! policy = { max_workers = 40 }
+//! source = { kind = "redis", url_env = "BROKER_URL", queues = ["emails"] }
+//! scaler = { kind = "ecs", cluster = "prod", service = "email-workers", workers_per_task = 4 }
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use celery_scale_amqp::AmqpSourceConfig;
+use celery_scale_aws::AwsSettings;
+use celery_scale_core::ConfigError;
+use celery_scale_core::config::{BindingConfig, Config};
+use celery_scale_ec2::AutoScalingGroupConfig;
+use celery_scale_ecs::EcsServiceConfig;
+use celery_scale_redis::RedisSourceConfig;
+use serde::{Deserialize, Serialize};
+
+/// Where a binding reads its backlog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// Celery on Redis.
+    Redis(RedisSourceConfig),
+    /// Celery on RabbitMQ (or Amazon MQ for RabbitMQ).
+    Amqp(AmqpSourceConfig),
+}
+
+/// What a binding scales.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScalerConfig {
+    /// An ECS service.
+    Ecs(EcsServiceConfig),
+    /// An EC2 Auto Scaling Group.
+    Ec2(AutoScalingGroupConfig),
+}
+
+impl SourceConfig {
+    /// What kind of source this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Redis(_) => "redis",
+            SourceConfig::Amqp(_) => "amqp",
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            SourceConfig::Redis(c) => c.validate(),
+            SourceConfig::Amqp(c) => c.validate(),
+        }
+    }
+}
+
+impl ScalerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            ScalerConfig::Ecs(c) => c.validate(),
+            ScalerConfig::Ec2(c) => c.validate(),
+        }
+    }
+}
+
+/// One binding of the daemon.
+pub type DaemonBinding = BindingConfig<SourceConfig, ScalerConfig>;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// AWS settings shared by every ECS and EC2 binding: region, endpoint, retries, call
+    /// timeout and the cache TTL of the one batched read per service per tick.
+    #[serde(default)]
+    pub aws: AwsSettings,
+    /// The bindings.
+    pub bindings: Vec<DaemonBinding>,
+}
+
+impl DaemonConfig {
+    /// Reads, parses (TOML, or JSON when the name ends in `.json`) and validates `path`.
+    /// Errors name the file and the field path.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the configuration {}: {e}", path.display()))?;
+        let json = path.extension().is_some_and(|e| e == "json");
+        Self::parse(&text, json).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str, json: bool) -> Result<Self, ConfigError> {
+        let config: DaemonConfig = if json {
+            celery_scale_core::config::parse_json(text)?
+        } else {
+            celery_scale_core::config::parse_toml(text)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every section; errors name the path (`bindings[1].source.url`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.aws.validate().map_err(|e| e.within("aws"))?;
+        let bindings = Config {
+            bindings: self.bindings.clone(),
+        };
+        bindings.validate(&|source: &SourceConfig, scaler: &ScalerConfig| {
+            source.validate().map_err(|e| e.within("source"))?;
+            scaler.validate().map_err(|e| e.within("scaler"))
+        })
+    }
+
+    /// The shortest interval of the bindings that use `uses`.
+    pub fn shortest_interval(&self, uses: impl Fn(&ScalerConfig) -> bool) -> Option<Duration> {
+        self.bindings
+            .iter()
+            .filter(|b| uses(&b.scaler))
+            .map(|b| b.settings.interval)
+            .min()
+    }
+}

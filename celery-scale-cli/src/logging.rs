@@ -1,0 +1,37 @@
+//! Logs: `RUST_LOG` filters (default `info`); text without ANSI colours unless stderr is a
+//! terminal, or JSON lines. Dependencies that print credentials at their most verbose levels are
+//! capped whatever `RUST_LOG` says.
+
+use std::io::IsTerminal;
+
+/// Filter directives added after `RUST_LOG`'s, so they win for their targets: lapin and its
+/// protocol crate log every frame at trace level, the connection's login frame (with the
+/// password in its bytes) included.
+pub const SECRET_SAFE_DIRECTIVES: &[&str] = &["lapin=debug", "amq_protocol=info"];
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the tracing subscriber on stderr.
+pub fn init(format: LogFormat) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for directive in SECRET_SAFE_DIRECTIVES {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,140 @@
+//! The `celery-scale` binary end to end, for all four source x target combinations: real
+//! Celery publishes a burst to real Redis or RabbitMQ, the daemon (a child process, configured
+//! by file) sets an ECS service's or Auto Scaling Group's desired count on moto, a real Celery
+//! worker drains the queue, and the daemon scales back in and exits 0 on SIGTERM.
+//!
+//! Needs the services `scripts/test.sh` starts (Redis, RabbitMQ, moto, the Celery venv).
+
+use std::path::Path;
+use std::time::Duration;
+
+use celery_scale_testing::{
+    Daemon, MotoTarget, Services, TempDir, Worker, publish, python_unchecked, unique, wait_for,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_celery-scale");
+
+/// Workers per ECS task or EC2 instance in these tests.
+const PER_UNIT: u32 = 2;
+
+#[derive(Debug, Clone, Copy)]
+enum Broker {
+    /// Redis, in its own database.
+    Redis(u32),
+    Amqp,
+}
+
+impl Broker {
+    fn url(self, s: &Services) -> String {
+        match self {
+            Broker::Redis(db) => s.redis_db(db),
+            Broker::Amqp => s.amqp.clone(),
+        }
+    }
+
+    fn source_toml(self, s: &Services, queue: &str) -> String {
+        let kind = match self {
+            Broker::Redis(_) => "redis",
+            Broker::Amqp => "amqp",
+        };
+        format!(
+            "kind = \"{kind}\"\nurl = \"{}\"\nqueues = [\"{queue}\"]\nworker_hostnames = [\"{queue}@*\"]\n",
+            self.url(s)
+        )
+    }
+
+    /// Deletes the test's queue.
+    fn cleanup(self, s: &Services, queue: &str) {
+        let code = match self {
+            Broker::Redis(_) => format!(
+                "import redis, os; redis.Redis.from_url(os.environ['CELERY_SCALE_TEST_BROKER']).delete({queue:?})"
+            ),
+            Broker::Amqp => format!(
+                "from app import app\nwith app.connection_for_write() as c:\n    c.default_channel.queue_delete({queue:?})"
+            ),
+        };
+        let _ = python_unchecked(&s.python, &self.url(s), &["-c", &code], &[]);
+    }
+}
+
+/// One binding on `queue` scaling `target`: 5 messages per worker, back to 0 three seconds
+/// after the queue is idle.
+fn config(source: &str, scaler: &str) -> String {
+    format!(
+        r#"[[bindings]]
+loop = {{ name = "e2e", interval = "1s" }}
+policy = {{ kind = "target_backlog", messages_per_worker = 5.0, max_workers = 8, stabilize_down = "3s", scale_to_zero_after = "3s" }}
+
+[bindings.source]
+{source}
+[bindings.scaler]
+{scaler}"#
+    )
+}
+
+fn burst_scales_out_and_back_in(broker: Broker, target: impl Fn(&Services) -> MotoTarget) {
+    let Some(s) = Services::get() else { return };
+    let queue = unique("cli-e2e");
+    let target = target(&s);
+    let dir = TempDir::new("cli-e2e");
+    let path = dir.join("celery-scale.toml");
+    std::fs::write(
+        &path,
+        config(
+            &broker.source_toml(&s, &queue),
+            &target.scaler_toml(PER_UNIT),
+        ),
+    )
+    .unwrap();
+
+    // 20 tasks of 0.3 s: 20 / 5 = 4 workers = 2 units of 2.
+    publish(&s.python, &broker.url(&s), &queue, 20, 0.3);
+    let mut daemon = Daemon::start(
+        Path::new(BIN),
+        &["run", "--config", path.to_str().unwrap()],
+        &s.aws_env(),
+        &dir.join("daemon.log"),
+    );
+    wait_for(
+        Duration::from_secs(40),
+        "scale out to 2 units",
+        || (target.desired() == 2).then_some(()),
+        || daemon.tail(20),
+    );
+
+    // A real worker drains the queue; three seconds of idle later the target is back at 0.
+    let _worker = Worker::start(&s.python, &broker.url(&s), &queue, &[]);
+    wait_for(
+        Duration::from_secs(60),
+        "scale back in to 0",
+        || (target.desired() == 0).then_some(()),
+        || daemon.tail(20),
+    );
+    let status = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {}", daemon.tail(20));
+    let log = daemon.output();
+    assert!(log.contains("celery-scale decision"), "{log}");
+    broker.cleanup(&s, &queue);
+}
+
+#[test]
+fn redis_to_ecs() {
+    burst_scales_out_and_back_in(Broker::Redis(12), |s| MotoTarget::ecs(s, "cli-redis-ecs"));
+}
+
+#[test]
+fn redis_to_ec2() {
+    burst_scales_out_and_back_in(Broker::Redis(13), |s| {
+        MotoTarget::ec2(s, "cli-redis-ec2", 4)
+    });
+}
+
+#[test]
+fn amqp_to_ecs() {
+    burst_scales_out_and_back_in(Broker::Amqp, |s| MotoTarget::ecs(s, "cli-amqp-ecs"));
+}
+
+#[test]
+fn amqp_to_ec2() {
+    burst_scales_out_and_back_in(Broker::Amqp, |s| MotoTarget::ec2(s, "cli-amqp-ec2", 4));
+}

@@ -1,0 +1,450 @@
+//! Test helpers shared by celery-scale's crates (unpublished): unique names, the services the
+//! test script starts, the Celery test app (`testing/celery`) as producer and worker, moto
+//! fixtures made through boto3, and the daemon binary as a child process.
+//!
+//! Everything is blocking: tests call it from any runtime or none.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A name no other test (or test run) uses: `prefix-pid-nanos-counter`.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The value of `var` (set by `scripts/test.sh`). Without it the test is skipped (`None`),
+/// except under `CI=true`, where a missing service fails the test.
+pub fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("{var} is not set and CI=true: a test service is missing (run scripts/test.sh)")
+        }
+        _ => {
+            eprintln!("skipping: {var} is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// The services the end-to-end tests use, or `None` to skip (see [`service`]).
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// `redis://127.0.0.1:6379` (no database).
+    pub redis: String,
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp: String,
+    /// moto's server, `http://127.0.0.1:5000`.
+    pub moto: String,
+    /// The test venv's python (with Celery, kombu, boto3).
+    pub python: String,
+}
+
+impl Services {
+    /// Every service, or `None` to skip.
+    pub fn get() -> Option<Self> {
+        Some(Services {
+            redis: service("CELERY_SCALE_REDIS_URL")?,
+            amqp: service("CELERY_SCALE_AMQP_URL")?,
+            moto: service("CELERY_SCALE_MOTO_URL")?,
+            python: service("CELERY_SCALE_PYTHON")?,
+        })
+    }
+
+    /// The Redis URL of database `db`.
+    pub fn redis_db(&self, db: u32) -> String {
+        format!("{}/{db}", self.redis.trim_end_matches('/'))
+    }
+
+    /// The environment the AWS SDK (ours and boto3) needs to talk to moto.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.moto.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+}
+
+/// `testing/celery`: the Celery test app, the publisher and the moto set-up scripts.
+pub fn celery_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testing/celery")
+}
+
+/// Runs a Python script (or `-c` snippet) of the Celery test app against `broker`, whatever
+/// its exit status.
+pub fn python_unchecked(
+    py: &str,
+    broker: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> std::process::Output {
+    Command::new(py)
+        .args(args)
+        .current_dir(celery_dir())
+        .env("PYTHONPATH", celery_dir())
+        .env("CELERY_SCALE_TEST_BROKER", broker)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run the Celery test app's python")
+}
+
+/// As [`python_unchecked`]; the script must succeed. Returns its stdout.
+pub fn python(py: &str, broker: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let out = python_unchecked(py, broker, args, env);
+    assert!(
+        out.status.success(),
+        "python {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Publishes `count` tasks sleeping `seconds` each on `queue`.
+pub fn publish(py: &str, broker: &str, queue: &str, count: u32, seconds: f64) {
+    python(
+        py,
+        broker,
+        &[
+            "publish.py",
+            "--queue",
+            queue,
+            "--count",
+            &count.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+        &[],
+    );
+}
+
+/// A Celery worker process in its own process group, killed with its pool when dropped.
+#[derive(Debug)]
+pub struct Worker(Child);
+
+impl Worker {
+    /// `celery -A app worker -c 4 --prefetch-multiplier 1 -Q queue -n queue@%h`, plus `args`.
+    pub fn start(py: &str, broker: &str, queue: &str, args: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let celery = PathBuf::from(py).with_file_name("celery");
+        let child = Command::new(celery)
+            .args([
+                "-A",
+                "app",
+                "worker",
+                "-c",
+                "4",
+                "--prefetch-multiplier",
+                "1",
+            ])
+            .args(["-Q", queue, "-n", &format!("{queue}@%h")])
+            .args(["--without-mingle", "--without-gossip"])
+            .args(args)
+            .current_dir(celery_dir())
+            .env("PYTHONPATH", celery_dir())
+            .env("CELERY_SCALE_TEST_BROKER", broker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start a Celery worker");
+        Worker(child)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, or panics naming `what` (with `context()`'s
+/// text) after `within`.
+pub fn wait_for<T>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not reached within {within:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Which moto target a test scales.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An ECS service (cluster, service).
+    Ecs {
+        /// The cluster.
+        cluster: String,
+        /// The service.
+        service: String,
+    },
+    /// An Auto Scaling Group.
+    Ec2 {
+        /// The group.
+        group: String,
+    },
+}
+
+/// A target made on moto through boto3, deleted when dropped.
+#[derive(Debug)]
+pub struct MotoTarget {
+    /// What it is.
+    pub target: Target,
+    services: Services,
+}
+
+impl MotoTarget {
+    /// A new ECS service `workers` in a new cluster named after `prefix`, at desired 0.
+    pub fn ecs(services: &Services, prefix: &str) -> Self {
+        let t = MotoTarget {
+            target: Target::Ecs {
+                cluster: unique(prefix),
+                service: "workers".into(),
+            },
+            services: services.clone(),
+        };
+        t.script("create", &["--desired", "0"]);
+        t
+    }
+
+    /// A new Auto Scaling Group named after `prefix`, sized 0..=`max`, at desired 0.
+    pub fn ec2(services: &Services, prefix: &str, max: u32) -> Self {
+        let t = MotoTarget {
+            target: Target::Ec2 {
+                group: unique(prefix),
+            },
+            services: services.clone(),
+        };
+        t.script(
+            "create",
+            &["--min", "0", "--max", &max.to_string(), "--desired", "0"],
+        );
+        t
+    }
+
+    fn script(&self, command: &str, extra: &[&str]) -> String {
+        let mut args: Vec<String> = match &self.target {
+            Target::Ecs { cluster, service } => vec![
+                "ecs_setup.py".into(),
+                command.into(),
+                "--cluster".into(),
+                cluster.clone(),
+                "--service".into(),
+                service.clone(),
+            ],
+            Target::Ec2 { group } => vec![
+                "ec2_setup.py".into(),
+                command.into(),
+                "--group".into(),
+                group.clone(),
+            ],
+        };
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        python(
+            &self.services.python,
+            "memory://",
+            &args,
+            &self.services.aws_env(),
+        )
+    }
+
+    /// The target's desired count now.
+    pub fn desired(&self) -> u64 {
+        let out = self.script("show", &[]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("set-up script JSON");
+        v["desired"].as_u64().expect("a desired count")
+    }
+
+    /// The `[bindings.scaler]` TOML table for this target with `per_unit` workers per unit.
+    pub fn scaler_toml(&self, per_unit: u32) -> String {
+        match &self.target {
+            Target::Ecs { cluster, service } => format!(
+                "kind = \"ecs\"\ncluster = \"{cluster}\"\nservice = \"{service}\"\nworkers_per_task = {per_unit}\n"
+            ),
+            Target::Ec2 { group } => format!(
+                "kind = \"ec2\"\ngroup_name = \"{group}\"\nworkers_per_instance = {per_unit}\nhonor_cooldown = false\n"
+            ),
+        }
+    }
+}
+
+impl Drop for MotoTarget {
+    fn drop(&mut self) {
+        let (script, args): (&str, Vec<String>) = match &self.target {
+            Target::Ecs { cluster, service } => (
+                "ecs_setup.py",
+                vec![
+                    "--cluster".into(),
+                    cluster.clone(),
+                    "--service".into(),
+                    service.clone(),
+                ],
+            ),
+            Target::Ec2 { group } => ("ec2_setup.py", vec!["--group".into(), group.clone()]),
+        };
+        let mut all = vec![script.to_string(), "delete".into()];
+        all.extend(args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let _ = python_unchecked(
+            &self.services.python,
+            "memory://",
+            &all,
+            &self.services.aws_env(),
+        );
+    }
+}
+
+/// The daemon binary run as a child process, its output (stdout and stderr) in a file; killed
+/// when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `binary` with `args` and `env` (on top of this process's environment), writing
+    /// its output to `log`.
+    pub fn start(binary: &Path, args: &[&str], env: &[(&str, String)], log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("create the daemon's log file");
+        let err = out.try_clone().expect("clone the log file");
+        let child = Command::new(binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start the daemon");
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Everything it wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` lines it wrote.
+    pub fn tail(&self, n: usize) -> String {
+        let out = self.output();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends `signal` (e.g. `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status();
+    }
+
+    /// SIGTERM, then waits up to `within` for it to exit; its exit status.
+    pub fn stop(&mut self, within: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(within)
+    }
+
+    /// Waits up to `within` for it to exit (killing it after that); its exit status.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("the daemon is running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait for the killed daemon");
+                panic!(
+                    "the daemon did not exit within {within:?} (killed: {status}); its output:\n{}",
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `binary` with `args` and `env` to completion; (status, stdout, stderr).
+pub fn run(binary: &Path, args: &[&str], env: &[(&str, String)]) -> (ExitStatus, String, String) {
+    let out = Command::new(binary)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the binary");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh temporary directory for one test, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new directory under the system's temporary directory.
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        TempDir(dir)
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
