@@ -4,11 +4,6 @@
 
 use std::io::IsTerminal;
 
-/// Filter directives added after `RUST_LOG`'s, so they win for their targets: lapin and its
-/// protocol crate log every frame at trace level, the connection's login frame (with the
-/// password in its bytes) included.
-pub const SECRET_SAFE_DIRECTIVES: &[&str] = &["lapin=debug", "amq_protocol=info"];
-
 /// How logs are written.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
@@ -22,7 +17,9 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for directive in SECRET_SAFE_DIRECTIVES {
+    // Added after RUST_LOG's, so they win for their targets: lapin logs every frame at trace
+    // level, the connection's login frame (with the password in its bytes) included.
+    for directive in celery_scale_amqp::LOG_FILTER_DIRECTIVES.split(',') {
         if let Ok(d) = directive.parse() {
             filter = filter.add_directive(d);
         }

@@ -41,6 +41,7 @@ struct Cli {
         long,
         global = true,
         env = "CELERY_SCALE_LOG_FORMAT",
+        hide_env_values = true,
         default_value = "text"
     )]
     log_format: logging::LogFormat,
@@ -53,20 +54,20 @@ enum Command {
     /// Run every binding until SIGTERM or SIGINT (finishing the tick in progress).
     Run {
         /// Configuration file (TOML, or JSON when it ends in .json).
-        #[arg(long, env = "CELERY_SCALE_CONFIG")]
+        #[arg(long, env = "CELERY_SCALE_CONFIG", hide_env_values = true)]
         config: PathBuf,
         /// Decide and log, never set capacity (on top of each binding's `loop.dry_run`).
-        #[arg(long, env = "CELERY_SCALE_DRY_RUN")]
+        #[arg(long, env = "CELERY_SCALE_DRY_RUN", hide_env_values = true)]
         dry_run: bool,
         /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9090.
-        #[arg(long, env = "CELERY_SCALE_LISTEN")]
+        #[arg(long, env = "CELERY_SCALE_LISTEN", hide_env_values = true)]
         listen: Option<SocketAddr>,
     },
     /// Validate, connect, wait for the worker-event warm-up, and print what each binding would
     /// do and why. Sets nothing.
     Check {
         /// Configuration file (TOML, or JSON when it ends in .json).
-        #[arg(long, env = "CELERY_SCALE_CONFIG")]
+        #[arg(long, env = "CELERY_SCALE_CONFIG", hide_env_values = true)]
         config: PathBuf,
         /// How long to wait for every binding's worker-event feed to warm up.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]

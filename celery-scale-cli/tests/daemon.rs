@@ -138,3 +138,53 @@ fn amqp_to_ecs() {
 fn amqp_to_ec2() {
     burst_scales_out_and_back_in(Broker::Amqp, |s| MotoTarget::ec2(s, "cli-amqp-ec2", 4));
 }
+
+#[test]
+fn serves_metrics_health_and_readiness() {
+    let Some(s) = Services::get() else { return };
+    let queue = unique("cli-serve");
+    let target = MotoTarget::ecs(&s, "cli-serve");
+    let dir = TempDir::new("cli-serve");
+    let path = dir.join("celery-scale.toml");
+    std::fs::write(
+        &path,
+        config(
+            &Broker::Redis(12).source_toml(&s, &queue),
+            &target.scaler_toml(PER_UNIT),
+        ),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", celery_scale_testing::free_port());
+    let mut daemon = Daemon::start(
+        Path::new(BIN),
+        &["run", "--config", path.to_str().unwrap(), "--listen", &addr],
+        &s.aws_env(),
+        &dir.join("daemon.log"),
+    );
+    let get = |p: &str| celery_scale_testing::http_get(&addr, p);
+    wait_for(
+        Duration::from_secs(30),
+        "/readyz answers 200",
+        || get("/readyz").filter(|(code, _)| *code == 200),
+        || daemon.tail(20),
+    );
+    assert_eq!(get("/healthz").map(|(c, _)| c), Some(200));
+    let (code, metrics) = get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "celery_scale_ready_messages",
+        "celery_scale_desired_units",
+        "celery_scale_decisions_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "{name}:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("celery_scale_observation_fresh{binding=\"e2e\"} 1"),
+        "{metrics}"
+    );
+    let status = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {}", daemon.tail(20));
+}

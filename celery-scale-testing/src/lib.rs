@@ -218,6 +218,9 @@ pub struct MotoTarget {
     /// What it is.
     pub target: Target,
     services: Services,
+    /// Whether dropping it deletes it (not for fixed names that tests running at the same time
+    /// may share).
+    owned: bool,
 }
 
 impl MotoTarget {
@@ -229,8 +232,48 @@ impl MotoTarget {
                 service: "workers".into(),
             },
             services: services.clone(),
+            owned: true,
         };
         t.script("create", &["--desired", "0"]);
+        t
+    }
+
+    /// The ECS service `service` in cluster `cluster` (as a sample configuration names them),
+    /// made if missing, at desired `desired`.
+    pub fn ecs_named(services: &Services, cluster: &str, service: &str, desired: u32) -> Self {
+        let t = MotoTarget {
+            target: Target::Ecs {
+                cluster: cluster.into(),
+                service: service.into(),
+            },
+            services: services.clone(),
+            owned: false,
+        };
+        let out = t.script_unchecked("show", &[]);
+        if !out.status.success() {
+            t.script("create", &["--desired", &desired.to_string()]);
+        }
+        t
+    }
+
+    /// The Auto Scaling Group `group` (as a sample configuration names it), made if missing.
+    pub fn ec2_named(services: &Services, group: &str, max: u32) -> Self {
+        let t = MotoTarget {
+            target: Target::Ec2 {
+                group: group.into(),
+            },
+            services: services.clone(),
+            owned: false,
+        };
+        let shown = t.script_unchecked("show", &[]);
+        if !shown.status.success()
+            || String::from_utf8_lossy(&shown.stdout).contains("\"missing\": true")
+        {
+            t.script(
+                "create",
+                &["--min", "0", "--max", &max.to_string(), "--desired", "0"],
+            );
+        }
         t
     }
 
@@ -241,6 +284,7 @@ impl MotoTarget {
                 group: unique(prefix),
             },
             services: services.clone(),
+            owned: true,
         };
         t.script(
             "create",
@@ -250,6 +294,17 @@ impl MotoTarget {
     }
 
     fn script(&self, command: &str, extra: &[&str]) -> String {
+        let out = self.script_unchecked(command, extra);
+        assert!(
+            out.status.success(),
+            "{command} {:?} failed: {}",
+            self.target,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn script_unchecked(&self, command: &str, extra: &[&str]) -> std::process::Output {
         let mut args: Vec<String> = match &self.target {
             Target::Ecs { cluster, service } => vec![
                 "ecs_setup.py".into(),
@@ -268,7 +323,7 @@ impl MotoTarget {
         };
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        python(
+        python_unchecked(
             &self.services.python,
             "memory://",
             &args,
@@ -298,6 +353,9 @@ impl MotoTarget {
 
 impl Drop for MotoTarget {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let (script, args): (&str, Vec<String>) = match &self.target {
             Target::Ecs { cluster, service } => (
                 "ecs_setup.py",
@@ -447,4 +505,28 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `GET path` on `addr` (HTTP/1.0, no TLS): (status code, body), or `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
