@@ -13,10 +13,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the tracing subscriber on stderr.
-pub fn init(format: LogFormat) {
+/// Installs the tracing subscriber on stderr; `default` filters when `RUST_LOG` is unset.
+pub fn init(format: LogFormat, default: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Added after RUST_LOG's, so they win for their targets: lapin logs every frame at trace
     // level, the connection's login frame (with the password in its bytes) included.
     for directive in celery_scale_amqp::LOG_FILTER_DIRECTIVES.split(',') {

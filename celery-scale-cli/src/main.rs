@@ -15,6 +15,7 @@ mod check;
 mod config;
 mod logging;
 mod serve;
+mod simulate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +77,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay a trace through exactly the configured policies, units and prefetch, in virtual
+    /// time; connects to nothing. Prints each binding's cost and queue wait.
+    Simulate {
+        /// Configuration file (TOML, or JSON when it ends in .json). Sources are not read.
+        #[arg(long, env = "CELERY_SCALE_CONFIG", hide_env_values = true)]
+        config: PathBuf,
+        /// A trace in celery-scale's CSV format (`at_s,count,duration_s,queue`); default: a
+        /// built-in burst of 300 ten-second tasks, then a trickle of one-minute tasks.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Only the binding of this name.
+        #[arg(long)]
+        binding: Option<String>,
+        /// Seed of the simulator's random choices (which unit stops, which worker takes a task).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Time from asking for a unit to its workers taking tasks.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        startup: Duration,
+    },
 }
 
 /// Why the process ends, and with which status.
@@ -88,7 +109,12 @@ pub(crate) enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // A simulation's thousands of virtual ticks are its output's noise: warnings only.
+    let default_filter = match cli.command {
+        Command::Simulate { .. } => "warn",
+        _ => "info",
+    };
+    logging::init(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -111,6 +137,21 @@ fn main() -> ExitCode {
                 warmup_timeout,
                 json,
             } => check::check(&config, warmup_timeout, json).await,
+            Command::Simulate {
+                config,
+                trace,
+                binding,
+                seed,
+                startup,
+            } => simulate::simulate(
+                &config,
+                simulate::SimulateArgs {
+                    trace: trace.as_deref(),
+                    binding: binding.as_deref(),
+                    seed,
+                    startup,
+                },
+            ),
         }
     });
     // Background tasks (worker-event feeds) end with the runtime.
