@@ -1,72 +1,56 @@
-//! The EC2 + RabbitMQ daemon: watches Celery's queues in RabbitMQ and sets EC2 Auto Scaling
-//! Groups' desired capacity.
+//! Embedding celery-scale: one binding from Celery's queue on RabbitMQ to an EC2 Auto Scaling
+//! Group, run until Ctrl-C. The deployable daemon is the `celery-scale` binary (`cargo install
+//! celery-scale-cli`); this is the same loop in a program of your own.
 //!
 //! ```sh
-//! cargo run --features ec2,amqp --example ec2_rabbitmq -- --config examples/ec2_rabbitmq.toml --once
+//! CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f ASG_NAME=celery-workers \
+//!   cargo run --features ec2,amqp --example ec2_rabbitmq
 //! ```
 //!
-//! Credentials and region come from aws-config's default chain; `AWS_ENDPOINT_URL` points it
-//! at another endpoint (moto, LocalStack). `--amqp-url` / `CELERY_SCALE_AMQP_URL` overrides
-//! every binding's `source.url`. Every group of every binding is read in one shared
-//! `DescribeAutoScalingGroups` round per tick.
+//! Region and credentials come from AWS's default chain (`AWS_ENDPOINT_URL` points it at moto).
 
-#[path = "daemon/mod.rs"]
-mod daemon;
-
-use std::error::Error;
 use std::time::Duration;
 
 use celery_scale::amqp::{AmqpQueueSource, AmqpSourceConfig};
+use celery_scale::config::PolicyConfig;
 use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
-use celery_scale::{QueueSource, Scaler, SecretUrl};
-use clap::Parser;
-
-#[derive(Debug, Parser)]
-#[command(
-    about = "Autoscale EC2 Auto Scaling Groups of Celery workers from their RabbitMQ backlog"
-)]
-struct Args {
-    #[command(flatten)]
-    daemon: daemon::DaemonArgs,
-    /// RabbitMQ broker URL for every binding (overrides `source.url`).
-    #[arg(long, env = "CELERY_SCALE_AMQP_URL")]
-    amqp_url: Option<SecretUrl>,
-    /// How long one DescribeAutoScalingGroups answer serves every group (keep it below the
-    /// shortest interval), e.g. `1s`.
-    #[arg(long, env = "CELERY_SCALE_ASG_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "1s")]
-    asg_cache_ttl: Duration,
-    /// Timeout of each Auto Scaling API call, e.g. `4s`.
-    #[arg(long, env = "CELERY_SCALE_ASG_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "4s")]
-    asg_call_timeout: Duration,
-}
+use celery_scale::{Autoscaler, Binding, CancellationToken, LoopSettings, SecretUrl};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    let args = Args::parse();
-    daemon::init_logging(args.daemon.log_format);
-    let mut config = daemon::load_config::<AmqpSourceConfig, AutoScalingGroupConfig>(
-        &args.daemon.config,
-        |source, scaler| {
-            source.validate().map_err(|e| e.within("source"))?;
-            scaler.validate().map_err(|e| e.within("scaler"))
-        },
-    )?;
-    if let Some(url) = &args.amqp_url {
-        for b in &mut config.bindings {
-            b.source.url = url.clone();
-        }
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt().with_env_filter("info").init();
+
+    // Where the backlog is: Celery's default queue (passive declares, worker heartbeats).
+    let broker = SecretUrl::from_env("CELERY_BROKER_URL")?;
+    let source = AmqpQueueSource::new(AmqpSourceConfig::builder(broker).queue("celery").build()?)?;
+
+    // What to scale: a group whose instances each run `celery worker --concurrency 4`.
+    let groups = AutoScalingGroups::from_settings(&AwsSettings::default()).await?;
+    let group = std::env::var("ASG_NAME").unwrap_or_else(|_| "celery-workers".into());
+    let scaler = groups.scaler(AutoScalingGroupConfig::new(group).workers_per_instance(4))?;
+
+    // The shipped default policy, at most 20 worker processes (5 instances).
+    let policy = PolicyConfig {
+        max_workers: 20,
+        ..PolicyConfig::default()
     }
-    let groups = AutoScalingGroups::from_settings(
-        &AwsSettings::default()
-            .cache_ttl(args.asg_cache_ttl)
-            .call_timeout(args.asg_call_timeout),
-    )
-    .await?;
-    let bindings = daemon::build_bindings(
-        &config,
-        &args.daemon,
-        |source| Ok(Box::new(AmqpQueueSource::new(source.clone())?) as Box<dyn QueueSource>),
-        |scaler| Ok(Box::new(groups.scaler(scaler.clone())?) as Box<dyn Scaler>),
-    )?;
-    daemon::run(&args.daemon, bindings).await
+    .build()?;
+    let settings = LoopSettings {
+        name: "celery-workers".into(),
+        interval: Duration::from_secs(5),
+        ..LoopSettings::default()
+    };
+    let binding = Binding::new(settings, Box::new(source), Box::new(scaler), policy)?;
+
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_ctrl_c.cancel();
+    });
+    let report = Autoscaler::new().with_binding(binding).run(cancel).await;
+    if !report.is_clean() {
+        return Err(format!("the binding failed: {report:?}").into());
+    }
+    Ok(())
 }

@@ -1,83 +1,61 @@
-//! The ECS + Redis daemon: watches Celery's queues in Redis and sets ECS services' desired
-//! counts.
+//! Embedding celery-scale: one binding from Celery's queue on Redis to an ECS service, run until
+//! Ctrl-C. The deployable daemon is the `celery-scale` binary (`cargo install
+//! celery-scale-cli`); this is the same loop in a program of your own.
 //!
 //! ```sh
-//! cargo run --features ecs,redis --example ecs_redis -- --config examples/ecs_redis.toml --once
+//! CELERY_BROKER_URL=redis://127.0.0.1:6379/0 ECS_CLUSTER=celery ECS_SERVICE=workers \
+//!   cargo run --features ecs,redis --example ecs_redis
 //! ```
 //!
-//! Credentials and region come from aws-config's default chain; `AWS_ENDPOINT_URL` points it
-//! at another endpoint (moto, LocalStack). `--redis-url` / `CELERY_SCALE_REDIS_URL` overrides
-//! every binding's `source.url`.
+//! Region and credentials come from AWS's default chain (`AWS_ENDPOINT_URL` points it at moto).
 
-#[path = "daemon/mod.rs"]
-mod daemon;
-
-use std::error::Error;
 use std::time::Duration;
 
+use celery_scale::config::PolicyConfig;
 use celery_scale::ecs::{AwsSettings, EcsServiceConfig, EcsServices};
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
-use celery_scale::{QueueSource, Scaler, SecretUrl};
-use clap::Parser;
-
-#[derive(Debug, Parser)]
-#[command(about = "Autoscale ECS services of Celery workers from their Redis backlog")]
-struct Args {
-    #[command(flatten)]
-    daemon: daemon::DaemonArgs,
-    /// Redis broker URL for every binding (overrides `source.url`).
-    #[arg(long, env = "CELERY_SCALE_REDIS_URL")]
-    redis_url: Option<SecretUrl>,
-    /// How long one batched DescribeServices read serves every binding (keep it below the
-    /// shortest interval), e.g. `500ms`.
-    #[arg(long, env = "CELERY_SCALE_ECS_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "500ms")]
-    ecs_cache_ttl: Duration,
-    /// Timeout of each ECS call, e.g. `5s`.
-    #[arg(long, env = "CELERY_SCALE_ECS_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
-    ecs_call_timeout: Duration,
-}
+use celery_scale::{Autoscaler, Binding, CancellationToken, LoopSettings, SecretUrl};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    let args = Args::parse();
-    daemon::init_logging(args.daemon.log_format);
-    let mut config = daemon::load_config::<RedisSourceConfig, EcsServiceConfig>(
-        &args.daemon.config,
-        |source, scaler| {
-            source.validate().map_err(|e| e.within("source"))?;
-            scaler.validate().map_err(|e| e.within("scaler"))
-        },
-    )?;
-    if let Some(url) = &args.redis_url {
-        for b in &mut config.bindings {
-            b.source.url = url.clone();
-        }
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt().with_env_filter("info").init();
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+
+    // Where the backlog is: Celery's default queue on the broker Celery uses.
+    let broker = SecretUrl::from_env("CELERY_BROKER_URL")?;
+    let source =
+        RedisQueueSource::new(RedisSourceConfig::builder(broker).queue("celery").build()?)?;
+
+    // What to scale: an ECS service whose tasks each run `celery worker --concurrency 4`.
+    let aws = AwsSettings::default();
+    let services = EcsServices::from_settings(&aws).await?;
+    let service =
+        EcsServiceConfig::new(env("ECS_CLUSTER", "celery"), env("ECS_SERVICE", "workers"))
+            .workers_per_task(4)?;
+    let scaler = services.scaler(service)?;
+
+    // The shipped default policy (5 outstanding tasks per worker, 30 s windows), at most 40.
+    let policy = PolicyConfig {
+        max_workers: 40,
+        ..PolicyConfig::default()
     }
-    // A shared read must not outlive a tick: keep its TTL below the shortest interval.
-    let shortest = config.bindings.iter().map(|b| b.settings.interval).min();
-    let mut cache_ttl = args.ecs_cache_ttl;
-    if let Some(shortest) = shortest.filter(|i| cache_ttl >= *i) {
-        cache_ttl = shortest / 2;
-        tracing::warn!(
-            ?shortest,
-            ?cache_ttl,
-            "--ecs-cache-ttl is not below the shortest interval; using half of it"
-        );
+    .build()?;
+    let settings = LoopSettings {
+        name: "default-queue".into(),
+        interval: Duration::from_secs(5),
+        ..LoopSettings::default()
+    };
+    let binding = Binding::new(settings, Box::new(source), Box::new(scaler), policy)?;
+
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_ctrl_c.cancel();
+    });
+    let report = Autoscaler::new().with_binding(binding).run(cancel).await;
+    if !report.is_clean() {
+        return Err(format!("the binding failed: {report:?}").into());
     }
-    // One ECS client and one shared handle: every service of every binding is read together,
-    // ceil(n / 10) DescribeServices calls per cluster per tick.
-    let services = EcsServices::from_settings(
-        &AwsSettings::default()
-            .cache_ttl(cache_ttl)
-            .call_timeout(args.ecs_call_timeout),
-    )
-    .await
-    .map_err(|e| format!("--ecs-*: {e}"))?;
-    let bindings = daemon::build_bindings(
-        &config,
-        &args.daemon,
-        |source| Ok(Box::new(RedisQueueSource::new(source.clone())?) as Box<dyn QueueSource>),
-        |scaler| Ok(Box::new(services.scaler(scaler.clone())?) as Box<dyn Scaler>),
-    )?;
-    daemon::run(&args.daemon, bindings).await
+    Ok(())
 }
