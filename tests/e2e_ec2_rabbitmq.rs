@@ -212,7 +212,7 @@ async fn burst_on_rabbitmq_scales_an_auto_scaling_group_out_and_back_in() {
     );
 
     // A real worker drains the queue; after the idle window the group returns to its minimum.
-    let _worker = Worker::start(&py, &amqp, &queue);
+    let _worker = Worker::start(&py, &amqp, &queue, &[]);
     let down = tick_until(&mut b, Duration::from_secs(40), "scale in", |r| {
         matches!(r.outcome, Outcome::Set { to: 0, .. })
     })

@@ -137,6 +137,17 @@ pub struct Worker(Child);
 impl Worker {
     /// `celery -A app worker -c 4 --prefetch-multiplier 1 -Q queue -n queue@%h`, plus `args`.
     pub fn start(py: &str, broker: &str, queue: &str, args: &[&str]) -> Self {
+        Worker::start_with_env(py, broker, queue, args, &[])
+    }
+
+    /// As [`Worker::start`], with extra environment variables.
+    pub fn start_with_env(
+        py: &str,
+        broker: &str,
+        queue: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::os::unix::process::CommandExt as _;
         let celery = PathBuf::from(py).with_file_name("celery");
         let child = Command::new(celery)
@@ -152,6 +163,7 @@ impl Worker {
             .args(["-Q", queue, "-n", &format!("{queue}@%h")])
             .args(["--without-mingle", "--without-gossip"])
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(celery_dir())
             .env("PYTHONPATH", celery_dir())
             .env("CELERY_SCALE_TEST_BROKER", broker)
