@@ -188,3 +188,55 @@ fn serves_metrics_health_and_readiness() {
     let status = daemon.stop(Duration::from_secs(20));
     assert!(status.success(), "{status}: {}", daemon.tail(20));
 }
+
+/// Unknown is never zero, in the daemon: it starts while two workers run long tasks (the queue
+/// empty, the service at 2). Its first ticks cannot see them (the worker-event warm-up), and a
+/// fresh loop remembers nothing: it must not scale in under them.
+#[test]
+fn a_daemon_started_under_busy_workers_never_scales_them_in() {
+    let Some(s) = Services::get() else { return };
+    let broker = Broker::Redis(12);
+    let queue = unique("cli-busy");
+    let target = MotoTarget::ecs_at(&s, "cli-busy", 2);
+    let _worker = Worker::start(&s.python, &broker.url(&s), &queue, &["-c", "2"]);
+    publish(&s.python, &broker.url(&s), &queue, 2, 45.0);
+    let dir = TempDir::new("cli-busy");
+    let path = dir.join("celery-scale.toml");
+    // The shipped default policy; one worker process per task.
+    std::fs::write(
+        &path,
+        format!(
+            "[[bindings]]\nloop = {{ name = \"busy\", interval = \"1s\" }}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
+            broker.source_toml(&s, &queue),
+            target.scaler_toml(1)
+        ),
+    )
+    .unwrap();
+    // Let the worker take both tasks before the daemon starts.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut daemon = Daemon::start(
+        Path::new(BIN),
+        &["run", "--config", path.to_str().unwrap()],
+        &s.aws_env(),
+        &dir.join("daemon.log"),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(25);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            target.desired(),
+            2,
+            "scaled in under busy workers:\n{}",
+            daemon.tail(10)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = daemon.output();
+    assert!(
+        log.contains("executing=2"),
+        "the daemon heard the busy workers:\n{}",
+        daemon.tail(10)
+    );
+    let status = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    broker.cleanup(&s, &queue);
+}

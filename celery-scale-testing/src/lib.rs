@@ -238,6 +238,11 @@ pub struct MotoTarget {
 impl MotoTarget {
     /// A new ECS service `workers` in a new cluster named after `prefix`, at desired 0.
     pub fn ecs(services: &Services, prefix: &str) -> Self {
+        Self::ecs_at(services, prefix, 0)
+    }
+
+    /// As [`MotoTarget::ecs`], at desired `desired`.
+    pub fn ecs_at(services: &Services, prefix: &str, desired: u32) -> Self {
         let t = MotoTarget {
             target: Target::Ecs {
                 cluster: unique(prefix),
@@ -246,7 +251,7 @@ impl MotoTarget {
             services: services.clone(),
             owned: true,
         };
-        t.script("create", &["--desired", "0"]);
+        t.script("create", &["--desired", &desired.to_string()]);
         t
     }
 
