@@ -240,3 +240,62 @@ fn a_daemon_started_under_busy_workers_never_scales_them_in() {
     assert!(status.success(), "{status}");
     broker.cleanup(&s, &queue);
 }
+
+/// The same for `-P solo` workers, which send no heartbeat while a task runs: heard idle, then
+/// silent while busy; the daemon holds them.
+#[test]
+fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
+    let Some(s) = Services::get() else { return };
+    let broker = Broker::Redis(13);
+    let queue = unique("cli-solo");
+    let target = MotoTarget::ecs_at(&s, "cli-solo", 2);
+    let solo = ["-P", "solo", "--prefetch-multiplier", "1"];
+    let _workers = [
+        Worker::start(&s.python, &broker.url(&s), &queue, &solo),
+        Worker::start(&s.python, &broker.url(&s), &queue, &solo),
+    ];
+    let dir = TempDir::new("cli-solo");
+    let path = dir.join("celery-scale.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[bindings]]\nloop = {{ name = \"solo\", interval = \"1s\" }}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
+            broker.source_toml(&s, &queue),
+            target.scaler_toml(1)
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        Path::new(BIN),
+        &["run", "--config", path.to_str().unwrap()],
+        &s.aws_env(),
+        &dir.join("daemon.log"),
+    );
+    // Heard before the tasks arrive (both are named `queue@host` on this one machine, so the
+    // feed hears them as one node; what matters is that it hears it go silent).
+    wait_for(
+        Duration::from_secs(40),
+        "the solo workers heard",
+        || daemon.output().contains("live_workers=").then_some(()),
+        || daemon.tail(10),
+    );
+    publish(&s.python, &broker.url(&s), &queue, 2, 40.0);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            target.desired(),
+            2,
+            "scaled in under busy solo workers:\n{}",
+            daemon.tail(10)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        daemon.output().contains("silent") || daemon.output().contains("no worker heard"),
+        "the busy solo workers were unknown, not idle:\n{}",
+        daemon.tail(10)
+    );
+    let status = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    broker.cleanup(&s, &queue);
+}
