@@ -299,3 +299,57 @@ fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
     assert!(status.success(), "{status}");
     broker.cleanup(&s, &queue);
 }
+
+/// And through a Redis outage: Redis goes away for 12 s while two workers run long tasks, and
+/// comes back empty; the daemon holds through the outage and through the worker-event warm-up
+/// after it.
+#[test]
+fn a_daemon_holds_busy_workers_through_a_redis_outage() {
+    let Some(s) = Services::get() else { return };
+    let mut redis = celery_scale_testing::RedisServer::start();
+    let url = redis.url(0);
+    let queue = unique("cli-outage");
+    let target = MotoTarget::ecs_at(&s, "cli-outage", 2);
+    let _worker = Worker::start(&s.python, &url, &queue, &["-c", "2"]);
+    publish(&s.python, &url, &queue, 2, 60.0);
+    let dir = TempDir::new("cli-outage");
+    let path = dir.join("celery-scale.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[bindings]]\nloop = {{ name = \"outage\", interval = \"1s\" }}\n\n[bindings.source]\nkind = \"redis\"\nurl = \"{url}\"\nqueues = [\"{queue}\"]\nworker_hostnames = [\"{queue}@*\"]\n\n[bindings.scaler]\n{}",
+            target.scaler_toml(1)
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        Path::new(BIN),
+        &["run", "--config", path.to_str().unwrap()],
+        &s.aws_env(),
+        &dir.join("daemon.log"),
+    );
+    let hold = |secs: u64, daemon: &Daemon| {
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            assert_eq!(
+                target.desired(),
+                2,
+                "scaled in under busy workers:\n{}",
+                daemon.tail(10)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the busy workers heard",
+        || daemon.output().contains("executing=2").then_some(()),
+        || daemon.tail(10),
+    );
+    redis.kill();
+    hold(12, &daemon);
+    redis.restart();
+    hold(15, &daemon);
+    let status = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
