@@ -14,5 +14,5 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 echo "== cargo test"
-cargo test --workspace --all-features --all-targets
+cargo test --workspace --all-features --all-targets --no-fail-fast
 cargo test --workspace --all-features --doc

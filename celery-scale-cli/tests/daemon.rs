@@ -37,8 +37,13 @@ impl Broker {
             Broker::Redis(_) => "redis",
             Broker::Amqp => "amqp",
         };
+        // Held messages counted per queue: other tests share the database.
+        let in_flight = match self {
+            Broker::Redis(_) => "in_flight = \"per_queue\"\n",
+            Broker::Amqp => "",
+        };
         format!(
-            "kind = \"{kind}\"\nurl = \"{}\"\nqueues = [\"{queue}\"]\nworker_hostnames = [\"{queue}@*\"]\n",
+            "kind = \"{kind}\"\nurl = \"{}\"\nqueues = [\"{queue}\"]\nworker_hostnames = [\"{queue}@*\"]\n{in_flight}",
             self.url(s)
         )
     }
@@ -144,12 +149,13 @@ fn serves_metrics_health_and_readiness() {
     let Some(s) = Services::get() else { return };
     let queue = unique("cli-serve");
     let target = MotoTarget::ecs(&s, "cli-serve");
+    let broker = Broker::Redis(9);
     let dir = TempDir::new("cli-serve");
     let path = dir.join("celery-scale.toml");
     std::fs::write(
         &path,
         config(
-            &Broker::Redis(12).source_toml(&s, &queue),
+            &broker.source_toml(&s, &queue),
             &target.scaler_toml(PER_UNIT),
         ),
     )
@@ -195,7 +201,7 @@ fn serves_metrics_health_and_readiness() {
 #[test]
 fn a_daemon_started_under_busy_workers_never_scales_them_in() {
     let Some(s) = Services::get() else { return };
-    let broker = Broker::Redis(12);
+    let broker = Broker::Redis(15);
     let queue = unique("cli-busy");
     let target = MotoTarget::ecs_at(&s, "cli-busy", 2);
     let _worker = Worker::start(&s.python, &broker.url(&s), &queue, &["-c", "2"]);
@@ -246,7 +252,7 @@ fn a_daemon_started_under_busy_workers_never_scales_them_in() {
 #[test]
 fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
     let Some(s) = Services::get() else { return };
-    let broker = Broker::Redis(13);
+    let broker = Broker::Redis(10);
     let queue = unique("cli-solo");
     let target = MotoTarget::ecs_at(&s, "cli-solo", 2);
     let solo = ["-P", "solo", "--prefetch-multiplier", "1"];
