@@ -8,6 +8,9 @@ use celery_scale_core::record::{DecisionRecord, Outcome};
 
 use crate::{Failure, backends, load};
 
+/// The longest warm-up wait accepted (a larger `--warmup-timeout` is cut to it).
+const MAX_WARMUP: Duration = Duration::from_secs(600);
+
 /// Validates, connects, waits up to `warmup` for every binding's worker-event feed, ticks every
 /// binding once without setting anything, and prints the records. Fails when a binding could
 /// not observe its queues or read its capacity.
@@ -19,7 +22,7 @@ pub async fn check(path: &Path, warmup: Duration, json: bool) -> Result<(), Fail
         bindings.push(build().map_err(|e| Failure::Setup(e.to_string()))?);
     }
     // The feeds warm up in the background together: one deadline for all of them.
-    let deadline = tokio::time::Instant::now() + warmup;
+    let deadline = tokio::time::Instant::now() + warmup.min(MAX_WARMUP);
     let mut records = Vec::with_capacity(bindings.len());
     for b in &mut bindings {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

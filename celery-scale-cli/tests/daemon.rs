@@ -107,8 +107,14 @@ fn burst_scales_out_and_back_in(broker: Broker, target: impl Fn(&Services) -> Mo
         || daemon.tail(20),
     );
 
-    // A real worker drains the queue; three seconds of idle later the target is back at 0.
-    let _worker = Worker::start(&s.python, &broker.url(&s), &queue, &[]);
+    // Real workers, one per unit as on ECS or EC2 (the daemon holds units whose worker it does
+    // not hear), drain the queue; three seconds of idle later the target is back at 0.
+    let _workers: Vec<Worker> = (1..=2)
+        .map(|n| {
+            let name = format!("{queue}@w{n}");
+            Worker::start(&s.python, &broker.url(&s), &queue, &["-n", &name])
+        })
+        .collect();
     wait_for(
         Duration::from_secs(60),
         "scale back in to 0",

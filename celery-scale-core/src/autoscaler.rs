@@ -205,10 +205,13 @@ impl Binding {
     pub async fn tick(&mut self) -> DecisionRecord {
         let started = Instant::now();
         let wall = SystemTime::now();
-        let (observed, capacity) = tokio::join!(
+        let (mut observed, capacity) = tokio::join!(
             self.timed("observe", self.source.observe()),
             self.timed("capacity", self.scaler.capacity())
         );
+        if let (Ok(obs), Ok(units)) = (&mut observed, &capacity) {
+            mark_unheard_units(obs, units.running);
+        }
         let now = Instant::now();
         let mut had_transient = false;
 
@@ -366,10 +369,35 @@ impl Binding {
         true
     }
 
-    /// Closes the source (its background tasks and connections).
+    /// Closes the source (its background tasks and connections), waiting at most the call
+    /// timeout (a dead broker must not hold up a shutdown).
     pub async fn close(self) {
-        self.source.close().await;
+        let _ = tokio::time::timeout(self.settings.timeout, self.source.close()).await;
     }
+}
+
+/// Each running unit runs a Celery worker node: when fewer nodes are heard than units run, the
+/// ones not heard may be busy and silent (a `-P solo` pool or a task blocking the event loop
+/// sends no heartbeat; a fresh feed never hears such a worker), or still starting. The worker
+/// figures are then unknown, with the executing tasks heard as a floor.
+fn mark_unheard_units(obs: &mut crate::Observation, running_units: u32) {
+    let Some(live) = obs.live_workers else {
+        return;
+    };
+    if obs.workers_unknown.is_some() || live >= running_units {
+        return;
+    }
+    let heard = obs.executing.unwrap_or(0);
+    obs.executing = None;
+    obs.live_workers = None;
+    obs.throughput_per_worker = None;
+    obs.workers_unknown = Some(crate::WorkersUnknown {
+        why: format!(
+            "{running_units} unit(s) running but {live} worker node(s) heard: a busy solo pool, \
+             a blocked event loop or a worker still starting sends no heartbeat"
+        ),
+        executing_at_least: heard,
+    });
 }
 
 /// Logs a record through `tracing` and updates `metrics`.
@@ -414,7 +442,13 @@ fn emit(r: &DecisionRecord) {
     // A figure we do not have this tick is NaN (Prometheus's "no value"), never the last value
     // seen: a frozen gauge reads as a fact.
     let known = |v: Option<f64>| v.unwrap_or(f64::NAN);
-    let obs = r.observation.as_ref();
+    // A stale observation is recorded but is not data we have now.
+    let obs = r
+        .observation
+        .as_ref()
+        .filter(|_| r.observation_error.is_none());
+    let ready = obs.map(|o| o.ready);
+    let in_flight = obs.and_then(|o| o.in_flight);
     let units = r.capacity.as_ref().map(|c| c.units);
     metrics::gauge!("celery_scale_ready_messages", &labels).set(known(ready.map(|v| v as f64)));
     metrics::gauge!("celery_scale_in_flight_messages", &labels)
@@ -595,6 +629,9 @@ async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<St
         let Some(binding) = next.take() else {
             return (failures, Some(slot.name));
         };
+        if cancel.is_cancelled() {
+            return (failures, None);
+        }
         let started = Instant::now();
         let outcome = tokio::spawn(binding.run(cancel.clone())).await;
         let Err(e) = outcome else {
@@ -614,11 +651,21 @@ async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<St
         loop {
             tracing::error!(binding = %slot.name, error = %e, retry_in = ?backoff, "a binding's task ended abnormally; rebuilding it");
             tokio::select! {
-                _ = cancel.cancelled() => return (failures, None),
+                // Cancelled before it could be brought back: it ended lost.
+                _ = cancel.cancelled() => return (failures, Some(slot.name)),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(slot.max_backoff.max(FIRST_BACKOFF));
-            match factory() {
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory()))
+                .unwrap_or_else(|_| {
+                    Err(Error::Other {
+                        backend: "celery-scale",
+                        message: "building the binding panicked".into(),
+                        transient: true,
+                        source: None,
+                    })
+                });
+            match built {
                 Ok(b) => {
                     metrics::counter!("celery_scale_binding_restarts_total", "binding" => slot.name.clone())
                         .increment(1);

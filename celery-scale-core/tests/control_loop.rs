@@ -557,3 +557,59 @@ async fn a_binding_whose_task_panics_is_rebuilt_and_the_run_reports_it() {
         .await;
     assert_eq!(report.bindings_lost, ["test"]);
 }
+
+/// Heartbeats heard from fewer worker nodes than units run (a restart while `-P solo` workers
+/// are busy: the fresh feed hears the idle ones only, and nothing is held or in the queue).
+#[derive(Debug)]
+struct HeardFew {
+    live: u32,
+}
+
+#[async_trait]
+impl QueueSource for HeardFew {
+    async fn observe(&self) -> Result<Observation> {
+        let mut obs = Observation::new(0, Instant::now());
+        obs.in_flight = None; // e.g. RabbitMQ without the management API
+        obs.executing = Some(0);
+        obs.live_workers = Some(self.live);
+        Ok(obs)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn units_whose_workers_are_not_heard_are_never_scaled_in() {
+    let scaler = MemoryScaler::new(8);
+    let mut b = Binding::new(
+        settings(5),
+        Box::new(HeardFew { live: 4 }),
+        Box::new(scaler.clone()),
+        PolicyConfig::default().build().unwrap(),
+    )
+    .unwrap();
+    for _ in 0..30 {
+        let r = b.tick().await;
+        assert_eq!(scaler.desired(), 8, "{:?}", r.decision);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let r = b.tick().await;
+    let unknown = r.observation.unwrap().workers_unknown.unwrap();
+    assert!(
+        unknown.why.contains("8 unit(s) running but 4"),
+        "{}",
+        unknown.why
+    );
+
+    // Every unit's worker heard and idle: scales in after the windows.
+    let mut b = Binding::new(
+        settings(5),
+        Box::new(HeardFew { live: 8 }),
+        Box::new(scaler.clone()),
+        PolicyConfig::default().build().unwrap(),
+    )
+    .unwrap();
+    for _ in 0..30 {
+        b.tick().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(scaler.desired() < 8);
+}

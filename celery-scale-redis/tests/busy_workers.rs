@@ -73,9 +73,29 @@ async fn never_below(
     records
 }
 
-/// Waits until a separate source sees the worker executing `n` tasks with an empty queue.
-async fn wait_executing(broker: &str, queue: &str, worker: &CeleryWorker, n: u64) {
-    let watch = source(broker, queue, &worker.hostname);
+/// Two worker nodes (one per unit, as on ECS or EC2), named `{name}-a@host` and
+/// `{name}-b@host`, each with one process and one message at a time: with `acks_late` the
+/// executing task counts against the prefetch, so the first node up cannot reserve the
+/// second task while it runs the first (with the early ack it could).
+fn two_nodes(py: &str, broker: &str, queue: &str, name: &str) -> [CeleryWorker; 2] {
+    let one = ["-c", "1", "--prefetch-multiplier", "1"];
+    ["a", "b"].map(|n| {
+        CeleryWorker::start_with(
+            py,
+            broker,
+            &json!({}),
+            &json!({"task_acks_late": true}),
+            queue,
+            &format!("{name}-{n}"),
+            &one,
+        )
+    })
+}
+
+/// Waits until a separate source sees the workers named `name*` executing `n` tasks with an
+/// empty queue.
+async fn wait_executing(broker: &str, queue: &str, name: &str, n: u64) {
+    let watch = source(broker, queue, name);
     poll(
         "the worker executing its tasks",
         Duration::from_secs(40),
@@ -96,7 +116,8 @@ async fn a_fresh_loop_keeps_busy_workers_through_its_warm_up() {
     let broker = with_db(&redis, DB);
     let queue = unique("busy-start");
     let name = unique("busy-start-w");
-    let worker = CeleryWorker::start(&py, &broker, &json!({}), &json!({}), &queue, &name);
+    let workers = two_nodes(&py, &broker, &queue, &name);
+    let worker = &workers[0];
     celery_publish(
         &py,
         &broker,
@@ -104,13 +125,13 @@ async fn a_fresh_loop_keeps_busy_workers_through_its_warm_up() {
         &["--queue", &queue, "--count", "2", "--seconds", "40"],
     )
     .await;
-    wait_executing(&broker, &queue, &worker, 2).await;
+    wait_executing(&broker, &queue, &name, 2).await;
 
-    // Two units of one worker each, both busy, the queue empty. A daemon starts (or restarts)
+    // Two units (one worker node each), both busy, the queue empty. A daemon starts (or restarts)
     // now: its first ticks know nothing of the executing tasks.
     let target = MemoryScaler::new(2);
     let mut b = binding("busy-start", source(&broker, &queue, &name), &target);
-    let records = never_below(&mut b, &target, 2, Duration::from_secs(15), &worker).await;
+    let records = never_below(&mut b, &target, 2, Duration::from_secs(15), worker).await;
     let first = records[0].observation.as_ref().unwrap();
     assert!(
         first.workers_unknown.is_some(),
@@ -129,7 +150,8 @@ async fn a_redis_outage_and_a_cut_subscription_never_scale_in_under_busy_workers
     let broker = format!("redis://127.0.0.1:{}/0", server.port);
     let queue = unique("busy-outage");
     let name = unique("busy-outage-w");
-    let worker = CeleryWorker::start(&py, &broker, &json!({}), &json!({}), &queue, &name);
+    let workers = two_nodes(&py, &broker, &queue, &name);
+    let worker = &workers[0];
     celery_publish(
         &py,
         &broker,
@@ -137,10 +159,10 @@ async fn a_redis_outage_and_a_cut_subscription_never_scale_in_under_busy_workers
         &["--queue", &queue, "--count", "2", "--seconds", "75"],
     )
     .await;
-    wait_executing(&broker, &queue, &worker, 2).await;
+    wait_executing(&broker, &queue, &name, 2).await;
     let target = MemoryScaler::new(2);
     let mut b = binding("busy-outage", source(&broker, &queue, &name), &target);
-    never_below(&mut b, &target, 2, Duration::from_secs(8), &worker).await;
+    never_below(&mut b, &target, 2, Duration::from_secs(8), worker).await;
 
     // The worker-event subscription is cut every 2 s for 16 s (the worker's own PUB/SUB
     // connections too; it reconnects).
@@ -154,18 +176,18 @@ async fn a_redis_outage_and_a_cut_subscription_never_scale_in_under_busy_workers
             .query_async(&mut conn)
             .await
             .unwrap();
-        never_below(&mut b, &target, 2, Duration::from_secs(2), &worker).await;
+        never_below(&mut b, &target, 2, Duration::from_secs(2), worker).await;
     }
 
     // Redis goes away for 15 s and comes back empty; the worker's tasks run on.
     server.kill();
-    let during = never_below(&mut b, &target, 2, Duration::from_secs(15), &worker).await;
+    let during = never_below(&mut b, &target, 2, Duration::from_secs(15), worker).await;
     assert!(
         during.iter().any(|r| r.observation_error.is_some()),
         "observations failed while Redis was down"
     );
     server.restart();
-    let after = never_below(&mut b, &target, 2, Duration::from_secs(15), &worker).await;
+    let after = never_below(&mut b, &target, 2, Duration::from_secs(15), worker).await;
     assert!(
         after.iter().any(|r| r
             .observation
