@@ -943,9 +943,13 @@ fn missing_queue_depth(
     now_wall: SystemTime,
 ) -> QueueDepth {
     match stats.and_then(|s| s.get(name)) {
-        Some(s) if s.ready.is_some() => QueueDepth {
+        Some(
+            s @ QueueStats {
+                ready: Some(ready), ..
+            },
+        ) => QueueDepth {
             queue: name.to_string(),
-            ready: s.ready.unwrap_or_default(),
+            ready: *ready,
             in_flight: s.unacknowledged,
             oldest_age: s.head_message_age(now_wall),
             consumers: s.consumers,

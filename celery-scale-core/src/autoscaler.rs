@@ -387,11 +387,9 @@ fn mark_unheard_units(obs: &mut crate::Observation, running_units: u32) {
     if obs.workers_unknown.is_some() || live >= running_units {
         return;
     }
+    // Known here (the live count is), so the tasks heard are a true floor.
     let heard = obs.executing.unwrap_or(0);
-    obs.executing = None;
-    obs.live_workers = None;
-    obs.throughput_per_worker = None;
-    obs.workers_unknown = Some(crate::WorkersUnknown {
+    obs.set_workers_unknown(crate::WorkersUnknown {
         why: format!(
             "{running_units} unit(s) running but {live} worker node(s) heard: a busy solo pool, \
              a blocked event loop or a worker still starting sends no heartbeat"

@@ -171,13 +171,19 @@ impl Observation {
         match reading {
             Ok(summary) => self.with_workers(&summary),
             Err(unknown) => {
-                self.executing = None;
-                self.live_workers = None;
-                self.throughput_per_worker = None;
-                self.workers_unknown = Some(unknown);
+                self.set_workers_unknown(unknown);
                 self
             }
         }
+    }
+
+    /// Makes the worker figures unknown for `unknown`'s reason: `executing`, `live_workers` and
+    /// `throughput_per_worker` become `None`.
+    pub fn set_workers_unknown(&mut self, unknown: WorkersUnknown) {
+        self.executing = None;
+        self.live_workers = None;
+        self.throughput_per_worker = None;
+        self.workers_unknown = Some(unknown);
     }
 }
 

@@ -157,32 +157,29 @@ impl WorkerFeed {
     /// a floor (see [`WorkersUnknown`]).
     pub fn reading(&self, now: Instant) -> Result<WorkerSummary, WorkersUnknown> {
         let mut state = self.sink.shared.lock();
-        let Some(since) = state.up_since else {
-            return Err(WorkersUnknown {
-                why: "the worker-event feed is down".into(),
-                executing_at_least: state.registry.reading(now).map_or_else(
-                    |unknown| unknown.executing_at_least,
-                    |summary| summary.executing,
-                ),
-            });
-        };
-        let up_for = now.saturating_duration_since(since);
-        if up_for < self.warmup {
-            return Err(WorkersUnknown {
-                why: format!(
+        let why = match state.up_since {
+            None => "the worker-event feed is down".to_string(),
+            Some(since) if now.saturating_duration_since(since) < self.warmup => {
+                let up_for = now.saturating_duration_since(since);
+                format!(
                     "the worker-event feed is warming up ({} of {})",
                     humantime::format_duration(Duration::from_millis(
                         u64::try_from(up_for.as_millis()).unwrap_or(u64::MAX)
                     )),
                     humantime::format_duration(self.warmup)
-                ),
-                executing_at_least: state.registry.reading(now).map_or_else(
-                    |unknown| unknown.executing_at_least,
-                    |summary| summary.executing,
-                ),
-            });
-        }
-        state.registry.reading(now)
+                )
+            }
+            Some(_) => return state.registry.reading(now),
+        };
+        // Not ready to answer: the tasks heard so far still count as a floor.
+        let executing_at_least = state
+            .registry
+            .reading(now)
+            .map_or_else(|u| u.executing_at_least, |s| s.executing);
+        Err(WorkersUnknown {
+            why,
+            executing_at_least,
+        })
     }
 
     /// The live workers' figures, or `None` whenever [`WorkerFeed::reading`] says they are
