@@ -51,6 +51,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2 || { apt_install python3-venv python3-pip && python3 -m venv "$venv" >&2; }
 fi
 if ! cmp -s "$req" "$venv/.requirements-installed" 2>/dev/null; then
+  # kombu's SQS transport needs pycurl; where pip finds no wheel it builds from libcurl and
+  # OpenSSL (Debian's dev packages).
+  dpkg -s libcurl4-openssl-dev libssl-dev >/dev/null 2>&1 || apt_install libcurl4-openssl-dev libssl-dev
   log "installing pinned Python packages into .venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
   cp "$req" "$venv/.requirements-installed"
