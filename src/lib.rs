@@ -17,6 +17,11 @@ pub use celery_scale_redis as redis;
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub use celery_scale_amqp as amqp;
 
+/// Celery on Amazon SQS (`sqs` feature).
+#[cfg(feature = "sqs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+pub use celery_scale_sqs as sqs;
+
 /// Amazon ECS services (`ecs` feature).
 #[cfg(feature = "ecs")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ecs")))]
