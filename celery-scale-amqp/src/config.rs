@@ -1,26 +1,40 @@
 //! Configuration of an [`AmqpQueueSource`](crate::AmqpQueueSource): serde (TOML, JSON) and a
 //! builder, validated with errors that name the field.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::str::FromStr as _;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, SecretUrl, wildcard_match};
-use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::{Deserialize, Serialize};
+
+use crate::broker_url::{BrokerAddress, parse_broker_url, percent_encode};
+use crate::transport_options::{self, ManagerOptions};
 
 /// The RabbitMQ management API (plugin `rabbitmq_management`, port 15672 by default).
 ///
 /// With it the source reads `messages_unacknowledged` (in flight), the message rates and the
 /// head message timestamp of each queue, and can discover queues. Its figures are statistics that
 /// RabbitMQ refreshes every `collect_statistics_interval` (5 s by default): they lag.
+///
+/// **On by default**, at the AMQP URL's host with its credentials: `http://host:15672` for
+/// `amqp://`, `https://host:15671` for `amqps://` (one per broker of a failover list; the one of
+/// the broker connected to is read), with kombu's `manager_hostname`, `manager_port`,
+/// `manager_userid` and `manager_password` transport options taking precedence. Set `url` to
+/// read another one, or turn it off with `management = false` (TOML) or
+/// [`ManagementConfig::disabled`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagementConfig {
+    /// Whether to read the management API at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// The API's base URL with the credentials of a user tagged `monitoring` (or `management`),
     /// e.g. `http://celery-scale:secret@rabbit.internal:15672` (`https://` for TLS). A path is
-    /// kept as a prefix (e.g. behind a reverse proxy: `https://h/rabbitmq`).
-    pub url: SecretUrl,
+    /// kept as a prefix (e.g. behind a reverse proxy: `https://h/rabbitmq`). Unset: derived from
+    /// the AMQP URL (see above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<SecretUrl>,
     /// Deadline of one management read (all its HTTP requests).
     #[serde(default = "default_management_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -31,15 +45,29 @@ pub struct ManagementConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+impl Default for ManagementConfig {
+    /// On, at the URL derived from the AMQP URL.
+    fn default() -> Self {
+        ManagementConfig {
+            enabled: true,
+            url: None,
+            timeout: default_management_timeout(),
+            ca_file: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for ManagementConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ManagementConfig {
+            enabled,
             url,
             timeout,
             ca_file,
         } = self;
         f.debug_struct("ManagementConfig")
-            .field("url", &url.redacted())
+            .field("enabled", enabled)
+            .field("url", &url.as_ref().map(SecretUrl::redacted))
             .field("timeout", timeout)
             .field("ca_file", ca_file)
             .finish()
@@ -50,9 +78,17 @@ impl ManagementConfig {
     /// The management API at `url` with the default timeout.
     pub fn new(url: impl Into<SecretUrl>) -> Self {
         ManagementConfig {
-            url: url.into(),
-            timeout: default_management_timeout(),
-            ca_file: None,
+            url: Some(url.into()),
+            ..ManagementConfig::default()
+        }
+    }
+
+    /// No management API: in-flight counts, rates and head timestamps are unknown, and
+    /// discovery is not possible.
+    pub fn disabled() -> Self {
+        ManagementConfig {
+            enabled: false,
+            ..ManagementConfig::default()
         }
     }
 
@@ -66,6 +102,17 @@ impl ManagementConfig {
     pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_file = Some(path.into());
         self
+    }
+}
+
+/// `management = false` / `true`, or a `[management]` table.
+fn management_setting<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ManagementConfig, D::Error> {
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Bool(true) => Ok(ManagementConfig::default()),
+        serde_json::Value::Bool(false) => Ok(ManagementConfig::disabled()),
+        table => serde_json::from_value(table).map_err(serde::de::Error::custom),
     }
 }
 
@@ -186,11 +233,12 @@ impl TlsConfig {
     }
 
     /// Checks how the fields combine (the files themselves are read when the source is made).
-    fn validate(&self, scheme: &AMQPScheme) -> Result<(), ConfigError> {
-        if *scheme != AMQPScheme::AMQPS {
+    fn validate(&self, any_tls: bool) -> Result<(), ConfigError> {
+        if !any_tls {
             return Err(ConfigError::new(
                 "tls",
-                "is set but the URL scheme is \"amqp\", not \"amqps\"",
+                "is set but no broker of the URL uses TLS (amqps://, or ssl in the URL or \
+                 the transport options)",
             ));
         }
         let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
@@ -245,16 +293,34 @@ impl TlsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSourceConfig {
-    /// The broker URL, as Celery's `broker_url`: `amqp://user:password@host[:port]/vhost`,
-    /// `amqps://...` for TLS. The vhost is URL-encoded: `/` is `%2f` (an URL without a path means
-    /// `/`; a bare trailing `/` means the empty vhost, as in lapin and pika).
+    /// The broker URL, Celery's `broker_url` verbatim, read as kombu reads it:
+    /// `amqp://`, `pyamqp://`, `librabbitmq://` or `amqps://` (TLS)
+    /// `user:password@host[:port]/vhost`, with kombu's defaults (`localhost`, `guest`/`guest`,
+    /// port 5672 or 5671 with TLS, vhost `/`: `amqp://host`, `amqp://host/` and
+    /// `amqp://host//` all mean vhost `/`; `/prod` is `prod`, `/%2fprod` and `//prod` are
+    /// `/prod`), the query options kombu takes (`ssl`, `heartbeat`, `connect_timeout`,
+    /// `login_method`, `insist`), and Celery's `;`-separated failover lists
+    /// (`amqp://u:p@h1//;amqp://u:p@h2//`): the first broker that answers is used, and the next
+    /// one when it fails.
     pub url: SecretUrl,
+    /// Celery's `broker_transport_options` verbatim (`broker_transport_options` is accepted as
+    /// the key too). Options that change where to connect or what to read are honoured,
+    /// kombu's others are accepted and ignored
+    /// ([`ignored_transport_options`](Self::ignored_transport_options)), an unknown key is an
+    /// error naming it. See the README's table.
+    #[serde(
+        default,
+        alias = "broker_transport_options",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub transport_options: BTreeMap<String, serde_json::Value>,
     /// The Celery queue names to watch.
     #[serde(default)]
     pub queues: Vec<String>,
-    /// The management API, for in-flight counts, rates, head timestamps and discovery.
-    #[serde(default)]
-    pub management: Option<ManagementConfig>,
+    /// The management API, for in-flight counts, rates, head timestamps and discovery: on by
+    /// default at the AMQP URL's host with its credentials; `management = false` turns it off.
+    #[serde(default, deserialize_with = "management_setting")]
+    pub management: ManagementConfig,
     /// List the vhost's queues through the management API, in addition to `queues`.
     #[serde(default)]
     pub discovery: Option<DiscoveryConfig>,
@@ -296,6 +362,7 @@ impl std::fmt::Debug for AmqpSourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let AmqpSourceConfig {
             url,
+            transport_options,
             queues,
             management,
             discovery,
@@ -311,6 +378,20 @@ impl std::fmt::Debug for AmqpSourceConfig {
         } = self;
         f.debug_struct("AmqpSourceConfig")
             .field("url", &url.redacted())
+            .field(
+                "transport_options",
+                &transport_options
+                    .iter()
+                    .map(|(k, v)| {
+                        let shown = if crate::transport_options::is_secret(k) {
+                            "\"***\"".to_string()
+                        } else {
+                            v.to_string()
+                        };
+                        (k.as_str(), shown)
+                    })
+                    .collect::<BTreeMap<_, _>>(),
+            )
             .field("queues", queues)
             .field("management", management)
             .field("discovery", discovery)
@@ -395,37 +476,6 @@ fn within(field: &str, value: Duration, (low, high, low_ok): Bounds) -> Result<(
     Ok(())
 }
 
-/// Parses an AMQP URL without ever putting the password in the error.
-pub(crate) fn parse_amqp_url(url: &SecretUrl) -> Result<AMQPUri, ConfigError> {
-    let raw = url.expose();
-    AMQPUri::from_str(raw).map_err(|reason| {
-        // The parser quotes its input; put the redacted URL in its place.
-        let reason = reason.replace(raw, &url.redacted());
-        let reason = if reason.contains(raw) || password_of(raw).is_some_and(|p| reason.contains(p))
-        {
-            "not a valid URL".to_string()
-        } else {
-            reason
-        };
-        ConfigError::new(
-            "url",
-            format!(
-                "{} is not an AMQP URL (amqp://user:password@host:port/vhost): {reason}",
-                url.redacted()
-            ),
-        )
-    })
-}
-
-/// The password part of `scheme://user:password@host`, when there is one.
-fn password_of(raw: &str) -> Option<&str> {
-    let rest = &raw[raw.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then_some(password)
-}
-
 /// Parses the management base URL (`http(s)://[user:password@]host[:port][/prefix]`).
 pub(crate) fn parse_management_url(url: &SecretUrl) -> Result<url::Url, ConfigError> {
     let bad = |rule: String| ConfigError::new("management.url", rule);
@@ -454,8 +504,9 @@ impl AmqpSourceConfig {
     pub fn new(url: impl Into<SecretUrl>) -> Self {
         AmqpSourceConfig {
             url: url.into(),
+            transport_options: BTreeMap::new(),
             queues: Vec::new(),
-            management: None,
+            management: ManagementConfig::default(),
             discovery: None,
             heartbeats: true,
             worker_hostnames: Vec::new(),
@@ -476,9 +527,59 @@ impl AmqpSourceConfig {
         }
     }
 
-    /// The vhost the URL names (`/` for `%2f` or no path).
+    /// The vhost, as kombu reads it from the URL and the transport options (`/` for no path,
+    /// `/`, `//` or `/%2f`).
     pub fn vhost(&self) -> Result<String, ConfigError> {
-        Ok(parse_amqp_url(&self.url)?.vhost)
+        Ok(self.resolve()?.brokers[0].vhost().to_string())
+    }
+
+    /// The brokers of the URL in the order they are tried (one, or several for a failover
+    /// list), with kombu's defaults and the transport options applied.
+    pub fn brokers(&self) -> Result<Vec<BrokerAddress>, ConfigError> {
+        Ok(self.resolve()?.brokers)
+    }
+
+    /// The transport options accepted and ignored (they do not change what exists or is
+    /// counted), sorted by key, each with why.
+    pub fn ignored_transport_options(&self) -> Result<Vec<(String, &'static str)>, ConfigError> {
+        Ok(self.resolve()?.ignored)
+    }
+
+    /// The management API base URLs to read, one per broker (the one of the broker connected
+    /// to is read), or one when `management.url` is set; empty when it is turned off.
+    pub fn management_urls(&self) -> Result<Vec<SecretUrl>, ConfigError> {
+        Ok(self.resolve()?.management_urls)
+    }
+
+    /// The URL, the transport options and the management settings, resolved and checked.
+    pub(crate) fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let mut brokers = parse_broker_url(self.url.expose())?;
+        let options = transport_options::apply(&self.transport_options, &mut brokers)?;
+        let vhosts: HashSet<&str> = brokers.iter().map(BrokerAddress::vhost).collect();
+        if vhosts.len() > 1 {
+            let mut vhosts: Vec<&str> = vhosts.into_iter().collect();
+            vhosts.sort_unstable();
+            return Err(ConfigError::new(
+                "url",
+                format!(
+                    "the brokers of the failover list are in different vhosts ({vhosts:?}); \
+                     one source watches one vhost"
+                ),
+            ));
+        }
+        let management_urls = if !self.management.enabled {
+            Vec::new()
+        } else if let Some(url) = &self.management.url {
+            vec![url.clone()]
+        } else {
+            derived_management_urls(&brokers, &options.manager)
+        };
+        Ok(Resolved {
+            brokers,
+            ignored: options.ignored,
+            management_urls,
+            management_derived: self.management.enabled && self.management.url.is_none(),
+        })
     }
 
     /// Checks every field, the URLs included; the error names the field.
@@ -486,13 +587,14 @@ impl AmqpSourceConfig {
         if self.url.expose().trim().is_empty() {
             return Err(ConfigError::new("url", "must not be empty"));
         }
-        let uri = parse_amqp_url(&self.url)?;
+        let resolved = self.resolve()?;
         if self.queues.is_empty() && self.discovery.is_none() {
             return Err(ConfigError::new(
                 "queues",
                 "is empty: name at least one queue or enable discovery",
             ));
         }
+        let mut seen = HashSet::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if q.is_empty() {
                 return Err(ConfigError::new(
@@ -506,25 +608,31 @@ impl AmqpSourceConfig {
                     format!("is {} bytes long; AMQP allows {MAX_QUEUE_NAME}", q.len()),
                 ));
             }
-            if self.queues[..i].contains(q) {
+            if !seen.insert(q.as_str()) {
                 return Err(ConfigError::new(
                     format!("queues[{i}]"),
                     format!("{q:?} is listed twice"),
                 ));
             }
         }
-        if let Some(m) = &self.management {
-            parse_management_url(&m.url)?;
+        let m = &self.management;
+        if m.enabled {
+            if let Some(url) = &m.url {
+                parse_management_url(url)?;
+            }
+            for url in &resolved.management_urls {
+                parse_management_url(url)?;
+            }
             within("management.timeout", m.timeout, TIMEOUTS)?;
             if m.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(ConfigError::new("management.ca_file", "must not be empty"));
             }
         }
         if let Some(d) = &self.discovery {
-            if self.management.is_none() {
+            if !m.enabled {
                 return Err(ConfigError::new(
                     "discovery",
-                    "needs the management API: set management.url",
+                    "needs the management API, which is turned off (management = false)",
                 ));
             }
             within("discovery.refresh", d.refresh, DISCOVERY_REFRESH)?;
@@ -564,10 +672,51 @@ impl AmqpSourceConfig {
             ));
         }
         if let Some(tls) = &self.tls {
-            tls.validate(&uri.scheme)?;
+            tls.validate(resolved.brokers.iter().any(BrokerAddress::tls))?;
         }
         Ok(())
     }
+}
+
+/// A configuration's URL, transport options and management settings, resolved.
+pub(crate) struct Resolved {
+    /// The brokers, in the order they are tried.
+    pub(crate) brokers: Vec<BrokerAddress>,
+    /// The transport options accepted and ignored.
+    pub(crate) ignored: Vec<(String, &'static str)>,
+    /// One management base URL per broker (derived), or the configured one; empty when off.
+    pub(crate) management_urls: Vec<SecretUrl>,
+    /// Whether the management URLs were derived from the broker URL (not configured).
+    pub(crate) management_derived: bool,
+}
+
+/// The management API of each broker: its host (or `manager_hostname`), `http` and 15672, or
+/// `https` and 15671 with TLS (or `manager_port`), and the broker's credentials (or
+/// `manager_userid`, `manager_password`), as kombu's `get_manager` picks them.
+fn derived_management_urls(brokers: &[BrokerAddress], manager: &ManagerOptions) -> Vec<SecretUrl> {
+    brokers
+        .iter()
+        .map(|b| {
+            let (scheme, port) = if b.tls() {
+                ("https", 15671)
+            } else {
+                ("http", 15672)
+            };
+            let host = match &manager.hostname {
+                Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+                Some(h) => h.clone(),
+                None => b.url_host(),
+            };
+            let user = manager.userid.as_deref().unwrap_or(b.user());
+            let password = manager.password.as_deref().unwrap_or(b.password());
+            SecretUrl::new(format!(
+                "{scheme}://{}:{}@{host}:{}",
+                percent_encode(user),
+                percent_encode(password),
+                manager.port.unwrap_or(port)
+            ))
+        })
+        .collect()
 }
 
 /// Builds an [`AmqpSourceConfig`]; [`AmqpSourceConfigBuilder::build`] validates it.
@@ -609,9 +758,21 @@ impl AmqpSourceConfigBuilder {
         self
     }
 
-    /// Reads the management API too.
+    /// Sets how the management API is read (on by default, at the AMQP URL's host).
     pub fn management(mut self, management: ManagementConfig) -> Self {
-        self.config.management = Some(management);
+        self.config.management = management;
+        self
+    }
+
+    /// Turns the management API off.
+    pub fn no_management(mut self) -> Self {
+        self.config.management = ManagementConfig::disabled();
+        self
+    }
+
+    /// Sets one of Celery's `broker_transport_options`.
+    pub fn transport_option(mut self, key: impl Into<String>, value: serde_json::Value) -> Self {
+        self.config.transport_options.insert(key.into(), value);
         self
     }
 
@@ -752,8 +913,16 @@ mod tests {
             "heartbeat_window"
         );
         assert_eq!(
-            field(b().discovery(DiscoveryConfig::default())),
+            field(b().no_management().discovery(DiscoveryConfig::default())),
             "discovery"
+        );
+        assert_eq!(
+            field(b().transport_option("confirm_publsh", serde_json::json!(true))),
+            "transport_options.confirm_publsh"
+        );
+        assert_eq!(
+            field(AmqpSourceConfig::builder("amqp://h/a;amqp://h2/b").queue("a")),
+            "url"
         );
         assert_eq!(
             field(b().management(ManagementConfig::new("amqp://u:p@h"))),
@@ -938,6 +1107,120 @@ mod tests {
         assert_eq!(back, c);
         let shown = format!("{c:?}");
         assert!(!shown.contains("pw"), "{shown}");
+    }
+
+    #[test]
+    fn celery_settings_pasted_into_toml() {
+        let c: AmqpSourceConfig = toml::from_str(
+            r#"
+            url = "pyamqp://celery:pw@rabbit1//;pyamqp://celery:pw@rabbit2//"
+            queues = ["celery"]
+            [broker_transport_options]
+            confirm_publish = true
+            max_retries = 3
+            interval_start = 0
+            visibility_timeout = 3600
+            manager_port = 8080
+            manager_password = "hunter2"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.vhost().unwrap(), "/");
+        let brokers = c.brokers().unwrap();
+        assert_eq!(
+            brokers.iter().map(|b| b.host()).collect::<Vec<_>>(),
+            ["rabbit1", "rabbit2"]
+        );
+        let ignored: Vec<String> = c
+            .ignored_transport_options()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            ignored,
+            [
+                "confirm_publish",
+                "interval_start",
+                "max_retries",
+                "visibility_timeout"
+            ]
+        );
+        // The management API: one per broker, at its host, with the manager_* options.
+        let urls: Vec<String> = c
+            .management_urls()
+            .unwrap()
+            .iter()
+            .map(|u| u.expose().to_string())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "http://celery:hunter2@rabbit1:8080",
+                "http://celery:hunter2@rabbit2:8080"
+            ]
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        // Written back and read again, the same.
+        let back: AmqpSourceConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn management_defaults_to_the_broker_and_can_be_turned_off() {
+        let urls = |toml_text: &str| -> Vec<String> {
+            let c: AmqpSourceConfig = toml::from_str(toml_text).unwrap();
+            c.validate().unwrap();
+            c.management_urls()
+                .unwrap()
+                .iter()
+                .map(|u| u.expose().to_string())
+                .collect()
+        };
+        assert_eq!(
+            urls("url = \"amqp://u:p%40ss@rabbit/prod\"\nqueues = [\"a\"]"),
+            ["http://u:p%40ss@rabbit:15672"]
+        );
+        assert_eq!(
+            urls("url = \"amqps://rabbit\"\nqueues = [\"a\"]"),
+            ["https://guest:guest@rabbit:15671"]
+        );
+        assert_eq!(
+            urls("url = \"amqp://[::1]\"\nqueues = [\"a\"]"),
+            ["http://guest:guest@[::1]:15672"]
+        );
+        assert!(urls("url = \"amqp://h\"\nqueues = [\"a\"]\nmanagement = false").is_empty());
+        assert_eq!(
+            urls("url = \"amqp://h\"\nqueues = [\"a\"]\nmanagement = true"),
+            ["http://guest:guest@h:15672"]
+        );
+        assert!(
+            urls("url = \"amqp://h\"\nqueues = [\"a\"]\n[management]\nenabled = false").is_empty()
+        );
+        assert_eq!(
+            urls("url = \"amqp://h\"\nqueues = [\"a\"]\n[management]\ntimeout = \"1s\""),
+            ["http://guest:guest@h:15672"]
+        );
+        assert_eq!(
+            urls("url = \"amqp://h\"\nqueues = [\"a\"]\n[management]\nurl = \"http://m:15672\""),
+            ["http://m:15672"]
+        );
+        let e = toml::from_str::<AmqpSourceConfig>(
+            "url = \"amqp://h\"\nqueues = [\"a\"]\n[management]\nurll = \"x\"",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("urll"), "{e}");
+        let discovery_without = AmqpSourceConfig::builder("amqp://h")
+            .no_management()
+            .discovery(DiscoveryConfig::default())
+            .build()
+            .unwrap_err();
+        assert_eq!(discovery_without.field, "discovery");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod broker_url;
 mod config;
 mod error;
 mod heartbeats;
 mod management;
 mod source;
 mod tls;
+mod transport_options;
 
+pub use broker_url::BrokerAddress;
 pub use config::{
     AmqpSourceConfig, AmqpSourceConfigBuilder, DiscoveryConfig, ManagementConfig, TlsConfig,
 };
@@ -16,6 +19,9 @@ pub use management::{
     MAX_CLOCK_SKEW, MAX_COUNT, MIN_HEAD_TIMESTAMP_SECS, ManagementClient, QueueStats,
 };
 pub use source::AmqpQueueSource;
+pub use transport_options::{
+    HONOURED as HONOURED_TRANSPORT_OPTIONS, IGNORED as IGNORED_TRANSPORT_OPTIONS,
+};
 
 /// `tracing` filter directives that keep the AMQP client's own logs below the level at which
 /// they print protocol frames, to add to the process's filter **after** the user's `RUST_LOG`

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use celery_scale_core::SecretUrl;
 use serde::Deserialize;
 
+use crate::broker_url::percent_encode;
 use crate::config::{ManagementConfig, parse_management_url};
 use crate::error::AmqpSourceError;
 
@@ -306,15 +307,23 @@ impl fmt::Debug for ManagementClient {
 
 impl ManagementClient {
     /// A client for the API that `config` names (validated here too).
+    ///
+    /// `config.url` must be set (the source derives it from the AMQP URL when it is not).
     pub fn new(config: &ManagementConfig) -> Result<Self, AmqpSourceError> {
-        let mut base = parse_management_url(&config.url)?;
+        let url = config.url.as_ref().ok_or_else(|| {
+            AmqpSourceError::Config(celery_scale_core::ConfigError::new(
+                "management.url",
+                "is not set (the source derives it from the AMQP URL; a client needs it)",
+            ))
+        })?;
+        let mut base = parse_management_url(url)?;
         let decode = |s: &str| {
             percent_decode(s).ok_or_else(|| {
                 AmqpSourceError::Config(celery_scale_core::ConfigError::new(
                     "management.url",
                     format!(
                         "{}: the user or password is not valid percent-encoded UTF-8",
-                        config.url.redacted()
+                        url.redacted()
                     ),
                 ))
             })
@@ -346,7 +355,7 @@ impl ManagementClient {
             base,
             user,
             password,
-            shown: SecretUrl::redacted(&config.url),
+            shown: SecretUrl::redacted(url),
             timeout: config.timeout,
             reported: Arc::default(),
         })
@@ -357,13 +366,19 @@ impl ManagementClient {
         &self.shown
     }
 
+    /// The URL of `segments` under the base URL, each segment percent-encoded whole: every
+    /// byte but RFC 3986's unreserved characters, so `/` is `%2F` (vhost `/`), and `[`, `]`,
+    /// space, `%`, `#`, `?` and non-ASCII names reach RabbitMQ as the name they are (the `url`
+    /// crate's path encoding leaves `[` and `]` alone, which RabbitMQ answers with 400).
     fn endpoint(&self, segments: &[&str]) -> url::Url {
         let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty();
-            // Each segment is percent-encoded, `/` included: vhost `/` is `%2F`.
-            path.extend(segments);
+        let mut path = url.path().trim_end_matches('/').to_string();
+        for segment in segments {
+            path.push('/');
+            path.push_str(&percent_encode(segment));
         }
+        // Only unreserved characters, `%XX` and `/` are left: `set_path` keeps them as they are.
+        url.set_path(&path);
         url
     }
 
@@ -560,6 +575,24 @@ mod tests {
         assert_eq!(
             url.as_str(),
             "http://rabbit:15672/prefix/api/queues/%2F/a%2Fb%20c"
+        );
+        for (name, encoded) in [
+            ("a[1]", "a%5B1%5D"),
+            ("ü", "%C3%BC"),
+            ("50%", "50%25"),
+            ("a?b#c", "a%3Fb%23c"),
+            ("x.y-z_~", "x.y-z_~"),
+        ] {
+            let url = c.endpoint(&["api", "queues", "v h", name]);
+            assert_eq!(
+                url.as_str(),
+                format!("http://rabbit:15672/prefix/api/queues/v%20h/{encoded}")
+            );
+        }
+        let bare = ManagementClient::new(&ManagementConfig::new("http://h:15672")).unwrap();
+        assert_eq!(
+            bare.endpoint(&["api", "queues", "/"]).as_str(),
+            "http://h:15672/api/queues/%2F"
         );
         let shown = format!("{c:?}");
         assert!(

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,10 +16,12 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
+
+use crate::config::ManagementConfig;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
 
-use crate::config::{AmqpSourceConfig, is_internal_queue, parse_amqp_url};
+use crate::config::{AmqpSourceConfig, is_internal_queue};
 use crate::error::{AmqpSourceError, amqp_kind, is_unavailable};
 use crate::management::{ManagementClient, QueueStats};
 
@@ -29,6 +31,10 @@ const DEFAULT_AMQP_HEARTBEAT: u16 = 10;
 /// Up to this many queues the management API is asked one queue at a time (concurrently);
 /// above it, one list call with only the needed columns.
 const PER_QUEUE_HTTP_MAX: usize = 8;
+
+/// How long a management API derived from the AMQP URL (not configured) is left alone after it
+/// failed: it may simply not be there (no plugin, another port), and each try costs a timeout.
+const DERIVED_MANAGEMENT_RETRY: Duration = Duration::from_secs(60);
 
 /// How long a replaced connection is given to answer its `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,10 +95,21 @@ struct QueueSet {
     refreshed: Option<Instant>,
 }
 
+/// One broker of the URL's failover list.
+struct Broker {
+    uri: AMQPUri,
+    /// `amqp://user:***@host:port/vhost`.
+    shown: String,
+    connect_timeout: Duration,
+}
+
 /// What the source shares with its worker-event task.
 pub(crate) struct Inner {
     config: AmqpSourceConfig,
-    uri: AMQPUri,
+    /// The brokers of the URL, in the order kombu tries them.
+    brokers: Vec<Broker>,
+    /// The broker in use, or the one to try first at the next connection.
+    current: AtomicUsize,
     /// The CA and client identity for `amqps://` (empty: the web PKI roots, no identity).
     /// Its `Debug` prints the PKCS#12 password and the key: never derive `Debug` for `Inner`.
     tls: OwnedTLSConfig,
@@ -104,7 +121,15 @@ pub(crate) struct Inner {
     channels: AtomicU64,
     /// Watched queues known to be missing.
     missing: Mutex<HashMap<String, MissingQueue>>,
-    management: Option<ManagementClient>,
+    /// The management API of each broker (derived), or the configured one; empty when off.
+    management: Vec<ManagementClient>,
+    /// Whether `management` was derived from the AMQP URL (then a failing one is left alone
+    /// for [`DERIVED_MANAGEMENT_RETRY`]).
+    management_derived: bool,
+    /// Until when a failing derived management API is not read.
+    management_paused: Mutex<Option<Instant>>,
+    /// Whether the derived management API's failure was logged (once, until it answers).
+    management_failing: AtomicBool,
     queues: Mutex<QueueSet>,
     discovery_lock: tokio::sync::Mutex<()>,
     last_stats: Mutex<Option<Arc<Vec<QueueStats>>>>,
@@ -125,15 +150,49 @@ impl Inner {
         &self.url
     }
 
+    /// Connects to the first broker of the failover list that answers, starting with the
+    /// current one (kombu's round-robin failover: the list in order, from where it is).
     async fn connect(&self) -> Result<Link, AmqpSourceError> {
-        let after = self.config.connect_timeout;
+        let start = self.current.load(Ordering::Relaxed) % self.brokers.len();
+        let mut last_error = None;
+        for k in 0..self.brokers.len() {
+            let i = (start + k) % self.brokers.len();
+            match self.connect_to(&self.brokers[i]).await {
+                Ok(link) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n > 1 {
+                        tracing::info!(url = %self.brokers[i].shown, connections = n, "reconnected to RabbitMQ");
+                    } else {
+                        tracing::debug!(url = %self.brokers[i].shown, "connected to RabbitMQ");
+                    }
+                    return Ok(link);
+                }
+                Err(e) => {
+                    if self.brokers.len() > 1 {
+                        tracing::warn!(url = %self.brokers[i].shown, error = %e, "cannot connect to this broker of the failover list; trying the next");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        // The list is never empty, so some attempt failed.
+        Err(last_error.unwrap_or_else(|| AmqpSourceError::Timeout {
+            url: self.url.clone(),
+            operation: "connect",
+            after: self.config.connect_timeout,
+        }))
+    }
+
+    async fn connect_to(&self, broker: &Broker) -> Result<Link, AmqpSourceError> {
+        let after = broker.connect_timeout;
         let props = ConnectionProperties::default()
             .with_connection_name(self.config.connection_name.as_str().into());
         let attempt = async {
-            let connect_error = |e| AmqpSourceError::from_connect(&self.url, &self.vhost, e);
+            let connect_error = |e| AmqpSourceError::from_connect(&broker.shown, &self.vhost, e);
             let runtime = lapin::runtime::default_runtime().map_err(connect_error)?;
             let connection = Connection::connect_uri_with_config(
-                self.uri.clone(),
+                broker.uri.clone(),
                 props,
                 self.tls.clone(),
                 runtime,
@@ -147,20 +206,67 @@ impl Inner {
                 busy: false,
             })
         };
-        let link = tokio::time::timeout(after, attempt).await.map_err(|_| {
-            AmqpSourceError::Timeout {
-                url: self.url.clone(),
+        tokio::time::timeout(after, attempt)
+            .await
+            .map_err(|_| AmqpSourceError::Timeout {
+                url: broker.shown.clone(),
                 operation: "connect",
                 after,
-            }
-        })??;
-        let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > 1 {
-            tracing::info!(url = %self.url, connections = n, "reconnected to RabbitMQ");
-        } else {
-            tracing::debug!(url = %self.url, "connected to RabbitMQ");
+            })?
+    }
+
+    /// After the connection in use failed: the next connection starts with the next broker
+    /// of the list, as kombu's failover moves on.
+    fn move_on(&self) {
+        if self.brokers.len() > 1 {
+            let next = (self.current.load(Ordering::Relaxed) + 1) % self.brokers.len();
+            self.current.store(next, Ordering::Relaxed);
         }
-        Ok(link)
+    }
+
+    /// The broker in use (or to try first), redacted.
+    pub(crate) fn current_broker(&self) -> &str {
+        &self.brokers[self.current.load(Ordering::Relaxed) % self.brokers.len()].shown
+    }
+
+    /// The management API to read now (the current broker's, when derived for each).
+    fn management_client(&self) -> Option<&ManagementClient> {
+        if self.management.is_empty() {
+            return None;
+        }
+        let paused = *lock(&self.management_paused);
+        if self.management_derived && paused.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        let i = self.current.load(Ordering::Relaxed) % self.management.len();
+        self.management.get(i)
+    }
+
+    /// Notes how a read of the management API went: a derived one that fails is logged once
+    /// and left alone for [`DERIVED_MANAGEMENT_RETRY`].
+    fn management_outcome(&self, client: &ManagementClient, error: Option<&AmqpSourceError>) {
+        match error {
+            None => {
+                if self.management_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(url = %client.url(), "the management API answers again");
+                }
+            }
+            Some(e) if self.management_derived => {
+                *lock(&self.management_paused) = Some(Instant::now() + DERIVED_MANAGEMENT_RETRY);
+                if !self.management_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        url = %client.url(),
+                        error = %e,
+                        retry = ?DERIVED_MANAGEMENT_RETRY,
+                        "the management API at the broker's host does not answer: in-flight \
+                         counts unknown; set management.url, or management = false to stop trying"
+                    );
+                }
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "management API read failed; observing without in-flight counts");
+            }
+        }
     }
 
     /// Opens a channel on `connection`, counting it.
@@ -180,6 +286,7 @@ impl Inner {
     fn discard(&self, slot: &mut Option<Link>) {
         if let Some(old) = slot.take() {
             self.close_in_background(old);
+            self.move_on();
         }
     }
 
@@ -222,8 +329,9 @@ impl Inner {
             Some(link) if link.connection.status().connected() => slot.insert(link),
             old => {
                 if let Some(old) = old {
-                    tracing::warn!(url = %self.url, "the RabbitMQ connection is gone; reconnecting");
+                    tracing::warn!(url = %self.current_broker(), "the RabbitMQ connection is gone; reconnecting");
                     self.close_in_background(old);
+                    self.move_on();
                 }
                 fresh = true;
                 slot.insert(self.connect().await?)
@@ -554,11 +662,7 @@ impl Inner {
         client: &ManagementClient,
         names: &[String],
     ) -> Result<HashMap<String, QueueStats>, AmqpSourceError> {
-        let after = self
-            .config
-            .management
-            .as_ref()
-            .map_or(self.config.timeout, |m| m.timeout);
+        let after = self.config.management.timeout;
         let read = async {
             if names.len() <= PER_QUEUE_HTTP_MAX {
                 let replies =
@@ -598,7 +702,12 @@ impl Inner {
 
     /// The queues to read now, listing the vhost's queues first when discovery is due.
     async fn current_queues(&self) -> Result<Arc<Vec<String>>, AmqpSourceError> {
-        let (Some(discovery), Some(client)) = (&self.config.discovery, &self.management) else {
+        // Discovery reads the API even while a failing derived one is paused (at most once
+        // per refresh), so that a source with no configured queues reports the failure.
+        let client = self
+            .management
+            .get(self.current.load(Ordering::Relaxed) % self.management.len().max(1));
+        let (Some(discovery), Some(client)) = (&self.config.discovery, client) else {
             return Ok(Arc::clone(&lock(&self.queues).names));
         };
         let due = |q: &QueueSet| q.refreshed.is_none_or(|t| t.elapsed() >= discovery.refresh);
@@ -715,10 +824,19 @@ impl AmqpQueueSource {
     pub fn new(config: AmqpSourceConfig) -> Result<Self, AmqpSourceError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(AmqpSourceError::NoRuntime)?;
-        let mut uri = parse_amqp_url(&config.url)?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_AMQP_HEARTBEAT);
+        let resolved = config.resolve()?;
+        for (key, why) in &resolved.ignored {
+            tracing::info!(option = %key, why, "ignoring a transport option that does not change what is counted");
         }
+        let brokers: Vec<Broker> = resolved
+            .brokers
+            .iter()
+            .map(|b| Broker {
+                uri: b.to_uri(DEFAULT_AMQP_HEARTBEAT),
+                shown: b.to_string(),
+                connect_timeout: b.connect_timeout().unwrap_or(config.connect_timeout),
+            })
+            .collect();
         let tls = config
             .tls
             .as_ref()
@@ -726,27 +844,34 @@ impl AmqpQueueSource {
             .transpose()?
             .unwrap_or_default();
         // The management API trusts the broker's CA too unless it names its own.
-        let management = config
-            .management
-            .as_ref()
-            .map(|m| {
-                let mut m = m.clone();
+        let management = resolved
+            .management_urls
+            .iter()
+            .map(|url| {
+                let mut m = ManagementConfig {
+                    url: Some(url.clone()),
+                    ..config.management.clone()
+                };
                 if m.ca_file.is_none() {
                     m.ca_file = config.tls.as_ref().and_then(|t| t.ca_file.clone());
                 }
                 ManagementClient::new(&m)
             })
-            .transpose()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let inner = Arc::new(Inner {
             tls,
             url: config.url.redacted(),
-            vhost: uri.vhost.clone(),
-            uri,
+            vhost: resolved.brokers[0].vhost().to_string(),
+            brokers,
+            current: AtomicUsize::new(0),
             link: tokio::sync::Mutex::new(None),
             connections: AtomicU64::new(0),
             channels: AtomicU64::new(0),
             missing: Mutex::new(HashMap::new()),
             management,
+            management_derived: resolved.management_derived,
+            management_paused: Mutex::new(None),
+            management_failing: AtomicBool::new(false),
             queues: Mutex::new(QueueSet {
                 names: Arc::new(config.queues.clone()),
                 discovered: HashSet::new(),
@@ -771,6 +896,23 @@ impl AmqpQueueSource {
     /// The vhost, decoded from the URL (`/` for `%2f`).
     pub fn vhost(&self) -> &str {
         &self.inner.vhost
+    }
+
+    /// The broker in use (or to be tried first at the next connection), redacted
+    /// (`amqp://user:***@host:port/vhost`): with a failover list, the first that answered, and
+    /// the next one after it failed.
+    pub fn current_broker(&self) -> String {
+        self.inner.current_broker().to_string()
+    }
+
+    /// The management API base URLs this source reads, redacted (one per broker when derived
+    /// from the AMQP URL; the current broker's is read); empty when it is turned off.
+    pub fn management_urls(&self) -> Vec<String> {
+        self.inner
+            .management
+            .iter()
+            .map(|m| m.url().to_string())
+            .collect()
     }
 
     /// The queues watched now: the configured ones, then those discovery found.
@@ -849,8 +991,9 @@ impl AmqpQueueSource {
     async fn observe_inner(&self, at: Instant) -> Result<Observation, AmqpSourceError> {
         let inner = &self.inner;
         let names = inner.current_queues().await?;
+        let client = inner.management_client();
         let management = async {
-            match &inner.management {
+            match client {
                 Some(client) => Some(inner.read_management(client, &names).await),
                 None => None,
             }
@@ -858,11 +1001,16 @@ impl AmqpQueueSource {
         let (declared, stats) = tokio::join!(inner.declare_all(&names), management);
         let stats = match stats {
             Some(Ok(stats)) => {
+                if let Some(client) = client {
+                    inner.management_outcome(client, None);
+                }
                 inner.learn_from_management(&stats);
                 Some(stats)
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "management API read failed; observing without in-flight counts");
+                if let Some(client) = client {
+                    inner.management_outcome(client, Some(&e));
+                }
                 None
             }
             None => None,

@@ -20,6 +20,7 @@ async fn amqp_only_source_conforms() {
         AmqpSourceConfig::builder(amqp.as_str())
             .queue(queue.as_str())
             .heartbeats(false)
+            .no_management()
             .build()
             .unwrap(),
     )

@@ -38,6 +38,7 @@ async fn a_missing_queue_is_named_and_the_others_keep_working() {
             .queues(order.iter().map(|q| q.as_str()))
             .heartbeats(false)
             .missing_queue_recheck(Duration::from_secs(1))
+            .no_management()
             .build()
             .unwrap(),
     )
@@ -182,6 +183,7 @@ async fn reconnects_after_the_broker_closes_the_connection() {
             AmqpSourceConfig::builder(amqp.as_str())
                 .queue(queue.as_str())
                 .connection_name(name.as_str())
+                .no_management()
                 .build()
                 .unwrap(),
         )
@@ -261,6 +263,7 @@ async fn the_loop_holds_while_the_broker_is_unreachable_then_recovers() {
                 .queue(queue.as_str())
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(2))
+                .no_management()
                 .build()
                 .unwrap(),
         )
@@ -316,6 +319,7 @@ async fn rabbitmq_restarted_mid_run_the_loop_holds_then_recovers() {
                 .queues([celery, emails])
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(5))
+                .no_management()
                 .build()
                 .unwrap(),
         )

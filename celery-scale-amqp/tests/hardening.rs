@@ -164,6 +164,7 @@ async fn fifty_missing_queues_cost_no_channel_per_observation_nor_threads() {
             .heartbeats(false)
             .connection_name(name.as_str())
             .missing_queue_recheck(Duration::from_secs(3600))
+            .no_management()
             .build()
             .unwrap(),
     )
@@ -210,6 +211,7 @@ async fn fifty_missing_queues_cost_no_channel_per_observation_nor_threads() {
             .queues(queues)
             .heartbeats(false)
             .missing_queue_recheck(Duration::from_secs(1))
+            .no_management()
             .build()
             .unwrap(),
     )
@@ -307,6 +309,7 @@ async fn the_first_observation_after_an_outage_reads_and_replaced_connections_ar
             AmqpSourceConfig::builder(via(&amqp, proxy.port))
                 .queue(queue.as_str())
                 .connect_timeout(Duration::from_secs(2))
+                .no_management()
                 .build()
                 .unwrap(),
         )
@@ -352,6 +355,7 @@ async fn the_first_observation_after_a_rabbitmq_restart_reads_it() {
         AmqpSourceConfig::builder(url.as_str())
             .queue("celery")
             .connect_timeout(Duration::from_secs(2))
+            .no_management()
             .build()
             .unwrap(),
     )
@@ -480,6 +484,7 @@ async fn log_filter_directives_keep_the_password_out_of_trace_output() {
         let source = AmqpQueueSource::new(
             AmqpSourceConfig::builder(url.as_str())
                 .queue(queue)
+                .no_management()
                 .build()
                 .unwrap(),
         )
