@@ -1,12 +1,14 @@
 //! Configuration of a [`RedisQueueSource`](crate::RedisQueueSource): serde (TOML, JSON) and a
 //! builder, validated with errors that name the field.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, SecretUrl};
 
-use crate::error::RedisSourceError;
+use crate::broker::{Broker, BrokerUrl};
+use crate::options::TransportOptions;
 use serde::{Deserialize, Serialize};
 
 /// kombu's default priority steps (`PRIORITY_STEPS`).
@@ -27,10 +29,15 @@ pub enum InFlightMode {
     ///
     /// [`Observation::in_flight`]: celery_scale_core::Observation::in_flight
     Off,
+    /// The default: `global` while kombu's binding tables (`_kombu.binding.*`, listed at most
+    /// every 60 s) name no queue but this source's, `per_queue` as soon as they name another
+    /// one (or cannot be read), so two bindings on one database never count each other's held
+    /// messages.
+    #[default]
+    Auto,
     /// `HLEN unacked`, one command in the observation's pipeline: O(1) on the server, a few
     /// bytes on the wire. It counts every queue of the Redis database (and key prefix), so the
     /// per-queue breakdown has no in-flight figure and the total is the whole transport's.
-    #[default]
     Global,
     /// `HSCAN unacked` and attribute each message to a queue by its routing key (falling back
     /// to the exchange's `_kombu.binding.*` table). Transfers every unacknowledged message (their
@@ -92,9 +99,20 @@ pub struct TlsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSourceConfig {
-    /// The broker URL, as Celery's `broker_url`: `redis://[[user]:password@]host[:port][/db]`,
-    /// `rediss://...` for TLS, `redis+unix:///path/redis.sock?db=N` (or `unix://`) for a socket.
+    /// The broker URL, Celery's `broker_url` verbatim: `redis://[[user]:password@]host[:port][/db]`,
+    /// `rediss://...` (or `?ssl_cert_reqs=...`) for TLS, `redis+socket:///path?virtual_host=N`
+    /// (or `unix:///path?db=N`) for a socket, `sentinel://host:26379;sentinel://host2:26379` with
+    /// `master_name`, and `;`-separated failover lists; see the crate docs.
     pub url: SecretUrl,
+    /// Celery's `broker_transport_options` verbatim (alias `transport_options`): every option
+    /// that changes keys, channels or counts is honoured, the others are ignored (and logged),
+    /// an unknown one is an error. See the crate docs for the table.
+    #[serde(
+        default,
+        alias = "transport_options",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub broker_transport_options: BTreeMap<String, serde_json::Value>,
     /// The Celery queue names to watch (without key prefix or priority suffix).
     #[serde(default)]
     pub queues: Vec<String>,
@@ -169,6 +187,7 @@ impl std::fmt::Debug for RedisSourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let RedisSourceConfig {
             url,
+            broker_transport_options,
             queues,
             priority_steps,
             sep,
@@ -187,6 +206,10 @@ impl std::fmt::Debug for RedisSourceConfig {
         } = self;
         f.debug_struct("RedisSourceConfig")
             .field("url", &redact(url))
+            .field(
+                "broker_transport_options",
+                &redact_options(broker_transport_options),
+            )
             .field("queues", queues)
             .field("priority_steps", priority_steps)
             .field("sep", sep)
@@ -204,6 +227,33 @@ impl std::fmt::Debug for RedisSourceConfig {
             .field("tls", tls)
             .finish()
     }
+}
+
+/// The transport options with every `sentinel_kwargs` value hidden (it holds a password).
+fn redact_options(options: &BTreeMap<String, serde_json::Value>) -> BTreeMap<&str, String> {
+    options
+        .iter()
+        .map(|(k, v)| {
+            let shown = match (k.as_str(), v) {
+                ("sentinel_kwargs", serde_json::Value::Object(m)) => {
+                    let keys: Vec<String> = m.keys().map(|k| format!("{k}: ***")).collect();
+                    format!("{{{}}}", keys.join(", "))
+                }
+                ("sentinel_kwargs", _) => "***".into(),
+                _ => v.to_string(),
+            };
+            (k.as_str(), shown)
+        })
+        .collect()
+}
+
+/// What a configuration resolves to: the parsed URL, the transport options (typed fields
+/// merged in) and the TLS files (the URL's `ssl_*` merged in).
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub url: BrokerUrl,
+    pub transport: TransportOptions,
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_steps() -> Vec<u32> {
@@ -233,6 +283,7 @@ impl RedisSourceConfig {
     pub fn new(url: impl Into<SecretUrl>) -> Self {
         RedisSourceConfig {
             url: url.into(),
+            broker_transport_options: BTreeMap::new(),
             queues: Vec::new(),
             priority_steps: default_steps(),
             sep: default_sep(),
@@ -263,18 +314,37 @@ impl RedisSourceConfig {
     /// the error names the field. The URL itself is parsed by
     /// [`RedisQueueSource::new`](crate::RedisQueueSource::new).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.check_fields()?;
-        if let Some(tls) = &self.tls {
+        let resolved = self.check_fields()?;
+        if let Some(tls) = &resolved.tls {
             crate::tls::load(tls).map_err(|e| tls_config_error(&e))?;
         }
         Ok(())
     }
 
-    /// Every check of [`validate`](Self::validate) but the TLS files' contents.
-    pub(crate) fn check_fields(&self) -> Result<(), ConfigError> {
+    /// The transport options given that celery-scale accepts and ignores (they do not change
+    /// what is counted), and the URL's query parameters of that kind; empty when the
+    /// configuration is invalid.
+    pub fn ignored_options(&self) -> Vec<String> {
+        match self.check_fields() {
+            Ok(r) => {
+                let mut all = r.transport.ignored;
+                all.extend(r.url.ignored.iter().map(|q| format!("url ?{q}")));
+                all
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Every check of [`validate`](Self::validate) but the TLS files' contents; the resolved
+    /// URL, transport options and TLS files.
+    pub(crate) fn check_fields(&self) -> Result<Resolved, ConfigError> {
         if self.url.expose().trim().is_empty() {
             return Err(ConfigError::new("url", "must not be empty"));
         }
+        let url = crate::broker::parse(self.url.expose())
+            .map_err(|rule| ConfigError::new("url", rule))?;
+        let mut transport = crate::options::resolve(&self.broker_transport_options)?;
+        self.merge_typed(&mut transport)?;
         if self.queues.is_empty() && self.discovery.is_none() {
             return Err(ConfigError::new(
                 "queues",
@@ -290,6 +360,7 @@ impl RedisSourceConfig {
                 ),
             ));
         }
+        let mut seen: HashSet<&str> = HashSet::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if q.is_empty() {
                 return Err(ConfigError::new(
@@ -297,34 +368,39 @@ impl RedisSourceConfig {
                     "must not be empty",
                 ));
             }
-            if self.queues[..i].contains(q) {
+            if !seen.insert(q.as_str()) {
                 return Err(ConfigError::new(
                     format!("queues[{i}]"),
                     format!("{q:?} is listed twice"),
                 ));
             }
         }
-        if self.priority_steps.is_empty() {
-            return Err(ConfigError::new("priority_steps", "must not be empty"));
+        let steps_field = if self.broker_transport_options.contains_key("priority_steps") {
+            "broker_transport_options.priority_steps"
+        } else {
+            "priority_steps"
+        };
+        if transport.priority_steps.is_empty() {
+            return Err(ConfigError::new(steps_field, "must not be empty"));
         }
-        if !self.priority_steps.windows(2).all(|w| w[0] < w[1]) {
+        if !transport.priority_steps.windows(2).all(|w| w[0] < w[1]) {
             return Err(ConfigError::new(
-                "priority_steps",
+                steps_field,
                 format!(
                     "{:?} must be strictly increasing, as kombu bisects them",
-                    self.priority_steps
+                    transport.priority_steps
                 ),
             ));
         }
-        if let Some(&top) = self.priority_steps.last()
+        if let Some(&top) = transport.priority_steps.last()
             && top > MAX_PRIORITY_STEP
         {
             return Err(ConfigError::new(
-                "priority_steps",
+                steps_field,
                 format!("{top} is above {MAX_PRIORITY_STEP}, the highest message priority"),
             ));
         }
-        if self.sep.is_empty() {
+        if transport.sep.is_empty() {
             return Err(ConfigError::new(
                 "sep",
                 "must not be empty (priority keys would collide with queue names)",
@@ -374,7 +450,138 @@ impl RedisSourceConfig {
             MAX_TIMEOUT,
             "the deadline of one connection attempt",
         )?;
-        if let Some(tls) = &self.tls {
+        let tls = self.check_tls(&url)?;
+        self.check_broker(&url, &transport, tls.as_ref())?;
+        Ok(Resolved {
+            url,
+            transport,
+            tls,
+        })
+    }
+
+    /// The typed `priority_steps`, `sep` and `global_keyprefix` fields and their transport
+    /// options are one setting: a typed field left at its default takes the option; both set
+    /// and different is an error.
+    fn merge_typed(&self, t: &mut TransportOptions) -> Result<(), ConfigError> {
+        let opts = &self.broker_transport_options;
+        let conflict = |name: &str| {
+            ConfigError::new(
+                name.to_string(),
+                format!(
+                    "is set both here and in broker_transport_options.{name}, differently: \
+                     keep one"
+                ),
+            )
+        };
+        if self.priority_steps != DEFAULT_PRIORITY_STEPS {
+            if opts.contains_key("priority_steps") && t.priority_steps != self.priority_steps {
+                return Err(conflict("priority_steps"));
+            }
+            t.priority_steps = self.priority_steps.clone();
+        }
+        if self.sep != DEFAULT_SEP {
+            if opts.contains_key("sep") && t.sep != self.sep {
+                return Err(conflict("sep"));
+            }
+            t.sep = self.sep.clone();
+        }
+        if !self.global_keyprefix.is_empty() {
+            if opts.contains_key("global_keyprefix") && t.global_keyprefix != self.global_keyprefix
+            {
+                return Err(conflict("global_keyprefix"));
+            }
+            t.global_keyprefix = self.global_keyprefix.clone();
+        }
+        Ok(())
+    }
+
+    /// Sentinel, failover and in-flight rules that involve the URL and the options together.
+    fn check_broker(
+        &self,
+        url: &BrokerUrl,
+        t: &TransportOptions,
+        tls: Option<&TlsConfig>,
+    ) -> Result<(), ConfigError> {
+        match &url.broker {
+            Broker::Sentinel { .. } => {
+                if t.master_name.is_none() {
+                    return Err(ConfigError::new(
+                        "broker_transport_options.master_name",
+                        "is required with a sentinel:// URL (kombu: \"'master_name' transport \
+                         option must be specified\")",
+                    ));
+                }
+                if tls.is_some_and(|t| t.ca_file.is_some() || t.client_cert_file.is_some()) {
+                    return Err(ConfigError::new(
+                        "tls",
+                        "certificate files are not supported with sentinel:// (the master is \
+                         reached over TLS with the web PKI roots only)",
+                    ));
+                }
+            }
+            Broker::Direct(nodes) => {
+                if let Some(n) = nodes.iter().position(|n| n.db != url.db()) {
+                    return Err(ConfigError::new(
+                        "url",
+                        format!(
+                            "entry {} of the failover list names database {}, the first {}: \
+                             every entry must name the same database",
+                            n + 1,
+                            nodes[n].db,
+                            url.db()
+                        ),
+                    ));
+                }
+            }
+        }
+        if !t.ack_emulation
+            && matches!(
+                self.in_flight,
+                InFlightMode::Global | InFlightMode::PerQueue
+            )
+        {
+            return Err(ConfigError::new(
+                "in_flight",
+                "reads kombu's unacked hash, which kombu does not keep with \
+                 broker_transport_options.ack_emulation = False: in-flight messages are \
+                 unknown; remove in_flight (or set it to \"off\")",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The TLS files: `tls` merged with the URL's `ssl_ca_certs`, `ssl_certfile` and
+    /// `ssl_keyfile` (the same file in both is fine, different files an error).
+    fn check_tls(&self, url: &BrokerUrl) -> Result<Option<TlsConfig>, ConfigError> {
+        let mut merged = self.tls.clone();
+        if url.tls_on {
+            let from_url = [
+                ("tls.ca_file", "ssl_ca_certs", &url.tls.ca_certs),
+                ("tls.client_cert_file", "ssl_certfile", &url.tls.certfile),
+                ("tls.client_key_file", "ssl_keyfile", &url.tls.keyfile),
+            ];
+            if from_url.iter().any(|(_, _, p)| p.is_some()) {
+                let m = merged.get_or_insert_with(TlsConfig::default);
+                for (field, query, path) in from_url {
+                    let Some(path) = path else { continue };
+                    let slot = match field {
+                        "tls.ca_file" => &mut m.ca_file,
+                        "tls.client_cert_file" => &mut m.client_cert_file,
+                        _ => &mut m.client_key_file,
+                    };
+                    match slot {
+                        Some(existing) if existing != path => {
+                            return Err(ConfigError::new(
+                                field,
+                                format!("names another file than the URL's {query}: keep one"),
+                            ));
+                        }
+                        _ => *slot = Some(path.clone()),
+                    }
+                }
+            }
+        }
+        if let Some(tls) = &merged {
             for (field, path) in [
                 ("tls.ca_file", &tls.ca_file),
                 ("tls.client_cert_file", &tls.client_cert_file),
@@ -390,15 +597,14 @@ impl RedisSourceConfig {
                     "client_cert_file and client_key_file go together",
                 ));
             }
-            let scheme = self.url.expose().split("://").next().unwrap_or_default();
-            if scheme != "rediss" {
+            if !url.tls_on {
                 return Err(ConfigError::new(
                     "tls",
-                    format!("is set but the URL scheme is {scheme:?}, not \"rediss\""),
+                    "is set but the URL does not use TLS (rediss://, or an ssl_* query parameter)",
                 ));
             }
         }
-        Ok(())
+        Ok(merged)
     }
 }
 
@@ -447,24 +653,8 @@ fn patterns(field: &str, patterns: &[String]) -> Result<(), ConfigError> {
 }
 
 /// A TLS file error as a configuration error naming its field, with every reason in the chain.
-fn tls_config_error(e: &RedisSourceError) -> ConfigError {
-    let field = match e {
-        RedisSourceError::TlsFile { field, .. } | RedisSourceError::TlsContent { field, .. } => {
-            *field
-        }
-        _ => "tls",
-    };
-    let mut rule = e.to_string();
-    // The message starts with the field: keep the rest.
-    if let Some(rest) = rule.strip_prefix(&format!("{field}: ")) {
-        rule = rest.to_string();
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        rule.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    ConfigError::new(field, rule)
+fn tls_config_error(e: &celery_scale_tls::TlsFileError) -> ConfigError {
+    ConfigError::new(e.field(), e.problem())
 }
 
 /// Builds a [`RedisSourceConfig`]; [`RedisSourceConfigBuilder::build`] validates it.
@@ -503,6 +693,15 @@ impl RedisSourceConfigBuilder {
         self.config
             .queues
             .extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets one of Celery's `broker_transport_options` (as in the Celery app, e.g.
+    /// `("fanout_prefix", json!(false))`).
+    pub fn transport_option(mut self, name: impl Into<String>, value: serde_json::Value) -> Self {
+        self.config
+            .broker_transport_options
+            .insert(name.into(), value);
         self
     }
 
@@ -607,7 +806,7 @@ mod tests {
             serde_json::from_str(r#"{"url": "redis://h", "queues": ["celery"]}"#).unwrap();
         assert_eq!(c.priority_steps, vec![0, 3, 6, 9]);
         assert_eq!(c.sep, "\u{6}\u{16}");
-        assert_eq!(c.in_flight, InFlightMode::Global);
+        assert_eq!(c.in_flight, InFlightMode::Auto);
         assert!(c.heartbeats && c.oldest_age);
         assert_eq!(
             c,

@@ -1,9 +1,9 @@
 //! What can go wrong reading Celery's queues on Redis, by meaning.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, Error};
+use celery_scale_tls::TlsFileError;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 const BACKEND: &str = "redis";
@@ -29,32 +29,11 @@ pub enum RedisSourceError {
         #[source]
         source: RedisError,
     },
-    /// A TLS certificate or key file could not be read.
-    #[error("{field}: cannot read {path:?}")]
-    TlsFile {
-        /// The configuration field, e.g. `tls.ca_file`.
-        field: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A TLS certificate or key file was read but is not what the field needs: no PEM
+    /// A TLS certificate or key file cannot be read or is not what its field needs: no PEM
     /// certificate (or key) in it, a certificate rustls rejects, or a key that is not the
-    /// client certificate's.
-    #[error("{field}: {path:?} {detail}")]
-    TlsContent {
-        /// The configuration field, e.g. `tls.client_key_file`.
-        field: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        detail: String,
-        /// The parser's reason, when it gave one.
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
+    /// client certificate's. The error names the field (`tls.ca_file`, ...).
+    #[error(transparent)]
+    TlsFile(#[from] TlsFileError),
     /// The source was created outside a Tokio runtime.
     #[error("RedisQueueSource::new must be called within a Tokio runtime")]
     NoRuntime(#[source] tokio::runtime::TryCurrentError),
@@ -95,6 +74,15 @@ pub enum RedisSourceError {
         /// The underlying error.
         #[source]
         source: RedisError,
+    },
+    /// With Redis Sentinel: the server the Sentinels named answered `ROLE` with something other
+    /// than `master` (a failover demoted it). The next observation asks the Sentinels again.
+    #[error("Redis at {url} is no longer the master (its role is {role:?}): a Sentinel failover")]
+    NotMaster {
+        /// The URL, redacted.
+        url: String,
+        /// The role the server reported.
+        role: String,
     },
     /// The observation did not finish within the configured `timeout`.
     #[error("Redis at {url} did not answer within {after:?}")]
@@ -175,14 +163,14 @@ impl RedisSourceError {
         match self {
             RedisSourceError::ConnectionRefused { .. }
             | RedisSourceError::Unavailable { .. }
+            | RedisSourceError::NotMaster { .. }
             | RedisSourceError::Timeout { .. } => true,
             RedisSourceError::Redis { source, .. } => {
                 !matches!(source.kind(), ErrorKind::InvalidClientConfig)
             }
             RedisSourceError::Config(_)
             | RedisSourceError::BadUrl { .. }
-            | RedisSourceError::TlsFile { .. }
-            | RedisSourceError::TlsContent { .. }
+            | RedisSourceError::TlsFile(_)
             | RedisSourceError::NoRuntime(_)
             | RedisSourceError::Auth { .. }
             | RedisSourceError::Tls { .. }
@@ -192,41 +180,10 @@ impl RedisSourceError {
     }
 }
 
-/// Whether a rustls certificate error is somewhere in the chain (a configuration problem, unlike
-/// a handshake cut short by a restarting server).
+/// Whether a rustls error that needs a change of configuration is somewhere in the chain
+/// (unlike a handshake cut short by a restarting server).
 pub(crate) fn tls_config_error(e: &RedisError) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        // The client library keeps its cause as an `Arc<dyn Error>`; tokio-rustls wraps rustls'
-        // error in an `io::Error`.
-        let err: &(dyn std::error::Error + 'static) =
-            match err.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>() {
-                Some(arc) => arc.as_ref(),
-                None => err,
-            };
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::UnsupportedNameType
-                    | rustls::Error::InvalidCertRevocationList(_)
-                    | rustls::Error::AlertReceived(
-                        rustls::AlertDescription::BadCertificate
-                            | rustls::AlertDescription::CertificateRequired
-                            | rustls::AlertDescription::UnknownCA
-                            | rustls::AlertDescription::CertificateUnknown
-                    )
-            );
-        }
-        next = err.source();
-    }
-    false
+    celery_scale_tls::is_config_problem(e)
 }
 
 impl From<RedisSourceError> for Error {
@@ -234,22 +191,22 @@ impl From<RedisSourceError> for Error {
         let message = e.to_string();
         match e {
             RedisSourceError::Config(c) => Error::Config(c),
-            RedisSourceError::BadUrl { .. }
-            | RedisSourceError::TlsFile { .. }
-            | RedisSourceError::TlsContent { .. }
-            | RedisSourceError::NoRuntime(_) => Error::Other {
+            RedisSourceError::TlsFile(file) => {
+                Error::Config(ConfigError::new(file.field(), file.problem()))
+            }
+            RedisSourceError::BadUrl { .. } | RedisSourceError::NoRuntime(_) => Error::Other {
                 backend: BACKEND,
                 message,
                 transient: false,
                 source: Some(Box::new(e)),
             },
-            RedisSourceError::ConnectionRefused { .. } | RedisSourceError::Unavailable { .. } => {
-                Error::Unavailable {
-                    backend: BACKEND,
-                    message,
-                    source: Some(Box::new(e)),
-                }
-            }
+            RedisSourceError::ConnectionRefused { .. }
+            | RedisSourceError::Unavailable { .. }
+            | RedisSourceError::NotMaster { .. } => Error::Unavailable {
+                backend: BACKEND,
+                message,
+                source: Some(Box::new(e)),
+            },
             RedisSourceError::Tls { .. } => Error::Other {
                 backend: BACKEND,
                 message,

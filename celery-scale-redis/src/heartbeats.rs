@@ -1,12 +1,15 @@
 //! The Redis transport of the worker-event feed: a PUB/SUB subscription to Celery's worker
 //! events, kept alive by [`WorkerFeed`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use celery_scale_core::celery_events::{FeedSettings, FeedSink, WorkerEvent, WorkerFeed};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
+use crate::connect::Connector;
 use crate::error::RedisSourceError;
 
 /// How often the subscriber pings the server to notice a dead connection.
@@ -14,25 +17,30 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Where and how to subscribe.
 pub(crate) struct SubscriberSettings {
-    pub client: redis::Client,
-    pub channels: [String; 3],
+    /// Where to connect: each attempt asks it for a client (the next URL of a failover list,
+    /// the master Sentinel names now).
+    pub connector: Arc<Connector>,
+    pub channels: Vec<String>,
     pub url: String,
     pub connect_timeout: Duration,
     pub window: Duration,
     pub warmup: Duration,
     pub hostnames: Vec<String>,
+    /// kombu's `visibility_timeout`: how long a silent worker's held messages stay away.
+    pub silent_limit: Duration,
 }
 
 /// Starts the worker-event subscriber on `runtime`; it stops when the feed is dropped.
 pub(crate) fn start(settings: SubscriberSettings, runtime: &tokio::runtime::Handle) -> WorkerFeed {
     let SubscriberSettings {
-        client,
+        connector,
         channels,
         url,
         connect_timeout,
         window,
         warmup,
         hostnames,
+        silent_limit,
     } = settings;
     let feed = FeedSettings {
         window,
@@ -40,19 +48,32 @@ pub(crate) fn start(settings: SubscriberSettings, runtime: &tokio::runtime::Hand
         hostnames,
         // kombu's Redis transport gives a dead worker's held messages back after
         // visibility_timeout (1 h by default).
-        silent_limit: celery_scale_core::celery_events::DEFAULT_SILENT_LIMIT,
+        silent_limit,
         transport: "worker-event subscription",
         url: url.clone(),
     };
+    let attempts = Arc::new(AtomicUsize::new(0));
     WorkerFeed::start(feed, runtime, move |sink| {
-        let (client, channels, url) = (client.clone(), channels.clone(), url.clone());
-        async move { subscribe_and_listen(&client, &channels, &url, connect_timeout, &sink).await }
+        let (connector, channels, url) = (Arc::clone(&connector), channels.clone(), url.clone());
+        let attempt = attempts.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let timeout = |_| RedisSourceError::Timeout {
+                url: url.clone(),
+                after: connect_timeout,
+            };
+            let client =
+                tokio::time::timeout(connect_timeout, connector.subscriber_client(attempt))
+                    .await
+                    .map_err(timeout)?
+                    .map_err(|e| RedisSourceError::from_redis(&url, e))?;
+            subscribe_and_listen(&client, &channels, &url, connect_timeout, &sink).await
+        }
     })
 }
 
 async fn subscribe_and_listen(
     client: &redis::Client,
-    channels: &[String; 3],
+    channels: &[String],
     url: &str,
     connect_timeout: Duration,
     sink: &FeedSink,
@@ -66,7 +87,7 @@ async fn subscribe_and_listen(
         .await
         .map_err(timeout)?
         .map_err(redis_err)?;
-    tokio::time::timeout(connect_timeout, pubsub.subscribe(channels.as_slice()))
+    tokio::time::timeout(connect_timeout, pubsub.subscribe(channels))
         .await
         .map_err(timeout)?
         .map_err(redis_err)?;

@@ -9,35 +9,59 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-/// Where kombu keeps one transport's keys: prefix, priority steps and separator.
+/// Where kombu keeps one transport's keys and channels: prefix, priority steps, separator,
+/// the unacked hash's name and the fanout (PUB/SUB) channel layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub prefix: String,
     pub steps: Vec<u32>,
     pub sep: String,
+    /// `unacked_key` (without the global prefix).
+    pub unacked_key: String,
+    /// kombu's `keyprefix_fanout` with the database put in (`/{db}.`, `""`, or custom).
+    pub fanout: String,
+    /// `fanout_patterns`: the routing key is part of the channel.
+    pub fanout_patterns: bool,
+    /// `sentinel_fanout_compat`: the literal `/{db}.` prefix of kombu < 5.4 too.
+    pub legacy_fanout: Option<String>,
+}
+
+impl Layout {
+    /// The layout with kombu's defaults for database `db`.
+    #[cfg(test)]
+    pub fn kombu_default(prefix: &str, db: i64) -> Layout {
+        Layout {
+            prefix: prefix.into(),
+            steps: vec![0, 3, 6, 9],
+            sep: "\x06\x16".into(),
+            unacked_key: "unacked".into(),
+            fanout: format!("/{db}."),
+            fanout_patterns: true,
+            legacy_fanout: None,
+        }
+    }
 }
 
 impl Layout {
     /// The keys of `queue`, one per distinct priority step (kombu's `_q_for_pri`): step 0 is the
     /// bare name, step `p` is `{queue}{sep}{p}`; all with the global prefix.
     pub fn step_keys(&self, queue: &str) -> Vec<String> {
-        let mut keys: Vec<String> = Vec::with_capacity(self.steps.len());
-        for &p in &self.steps {
-            let key = if p == 0 {
-                format!("{}{queue}", self.prefix)
-            } else {
-                format!("{}{queue}{}{p}", self.prefix, self.sep)
-            };
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
-        }
-        keys
+        // The steps are strictly increasing (validated), so the keys are distinct.
+        self.steps
+            .iter()
+            .map(|&p| {
+                if p == 0 {
+                    format!("{}{queue}", self.prefix)
+                } else {
+                    format!("{}{queue}{}{p}", self.prefix, self.sep)
+                }
+            })
+            .collect()
     }
 
     /// The hash of unacknowledged messages.
     pub fn unacked(&self) -> String {
-        format!("{}unacked", self.prefix)
+        format!("{}{}", self.prefix, self.unacked_key)
     }
 
     /// The binding table of `exchange`.
@@ -60,11 +84,29 @@ impl Layout {
         Some((routing_key, queue))
     }
 
-    /// The PUB/SUB channels of Celery's worker events on database `db`: kombu's fanout prefix
-    /// `/{db}.`, exchange `celeryev`, routing key `worker.*`.
-    pub fn worker_event_channels(&self, db: i64) -> [String; 3] {
-        ["heartbeat", "online", "offline"]
-            .map(|ev| format!("{}/{db}.celeryev/worker.{ev}", self.prefix))
+    /// The PUB/SUB channels of Celery's worker events, as kombu's `_get_publish_topic` builds
+    /// them: global prefix + fanout prefix + exchange `celeryev`, then `/` + routing key
+    /// `worker.{heartbeat,online,offline}` when `fanout_patterns` is on (without it every event
+    /// of the exchange shares the one channel). With `sentinel_fanout_compat`, the legacy
+    /// channels too.
+    pub fn worker_event_channels(&self) -> Vec<String> {
+        let mut fanouts = vec![self.fanout.as_str()];
+        if let Some(legacy) = &self.legacy_fanout
+            && *legacy != self.fanout
+        {
+            fanouts.push(legacy);
+        }
+        let mut channels = Vec::new();
+        for fanout in fanouts {
+            if self.fanout_patterns {
+                for ev in ["heartbeat", "online", "offline"] {
+                    channels.push(format!("{}{fanout}celeryev/worker.{ev}", self.prefix));
+                }
+            } else {
+                channels.push(format!("{}{fanout}celeryev", self.prefix));
+            }
+        }
+        channels
     }
 }
 
@@ -318,11 +360,7 @@ mod tests {
     use super::*;
 
     fn layout(prefix: &str) -> Layout {
-        Layout {
-            prefix: prefix.into(),
-            steps: vec![0, 3, 6, 9],
-            sep: "\x06\x16".into(),
-        }
+        Layout::kombu_default(prefix, 12)
     }
 
     #[test]
@@ -346,13 +384,34 @@ mod tests {
             "a\\*\\[b\\]:_kombu.binding.*"
         );
         assert_eq!(
-            layout("acme:").worker_event_channels(12)[0],
+            layout("acme:").worker_event_channels()[0],
             "acme:/12.celeryev/worker.heartbeat"
         );
+        let flat = Layout {
+            fanout: String::new(),
+            fanout_patterns: false,
+            ..layout("")
+        };
+        assert_eq!(flat.worker_event_channels(), ["celeryev"]);
+        let compat = Layout {
+            legacy_fanout: Some("/{db}.".into()),
+            ..layout("")
+        };
+        assert_eq!(
+            compat.worker_event_channels(),
+            [
+                "/12.celeryev/worker.heartbeat",
+                "/12.celeryev/worker.online",
+                "/12.celeryev/worker.offline",
+                "/{db}.celeryev/worker.heartbeat",
+                "/{db}.celeryev/worker.online",
+                "/{db}.celeryev/worker.offline"
+            ]
+        );
         let custom = Layout {
-            prefix: String::new(),
             steps: vec![1, 5],
             sep: ":".into(),
+            ..layout("")
         };
         assert_eq!(custom.step_keys("q"), ["q:1", "q:5"]);
         assert_eq!(

@@ -1,10 +1,13 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod broker;
 mod config;
+mod connect;
 mod error;
 mod heartbeats;
 mod layout;
+mod options;
 mod source;
 mod tls;
 
@@ -13,4 +16,5 @@ pub use config::{
     MAX_QUEUES, MAX_TIMEOUT, MIN_TIMEOUT, RedisSourceConfig, RedisSourceConfigBuilder, TlsConfig,
 };
 pub use error::RedisSourceError;
+pub use options::{DEFAULT_VISIBILITY_TIMEOUT, HONOURED_OPTIONS, IGNORED_OPTIONS};
 pub use source::RedisQueueSource;

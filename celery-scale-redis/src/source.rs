@@ -1,6 +1,6 @@
 //! [`RedisQueueSource`]: Celery's queues on Redis, read in one pipeline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -9,8 +9,10 @@ use async_trait::async_trait;
 use celery_scale_core::celery_events::{WorkerFeed, WorkerSummary};
 use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, RedisError, Value};
+use redis::{RedisError, Value};
 use tokio::time::Instant;
+
+use crate::connect::Connector;
 
 use crate::config::{InFlightMode, RedisSourceConfig};
 use crate::error::RedisSourceError;
@@ -25,6 +27,8 @@ const HSCAN_COUNT: u32 = 1000;
 const MAX_COUNT: u64 = 1 << 40;
 /// Keys asked for per `SCAN` step of discovery.
 const SCAN_COUNT: u32 = 1000;
+/// How long `in_flight = "auto"` trusts its last look at kombu's binding tables.
+const AUTO_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The commands of one observation, built once per set of queues and reused.
 struct Plan {
@@ -37,12 +41,22 @@ struct Plan {
     index: HashMap<String, usize>,
     /// Whether each key's `LLEN` is followed by its `LINDEX -1` (oldest message).
     tails: bool,
-    /// `LLEN` (and `LINDEX -1`) per key, then `HLEN` or `HSCAN` of `unacked`.
+    /// How in-flight messages are read (`Off`, `Global` or `PerQueue`).
+    in_flight: InFlightMode,
+    /// Whether the pipeline ends with `ROLE` (Sentinel: is this still the master?).
+    role: bool,
+    /// `LLEN` (and `LINDEX -1`) per key, then `HLEN` or `HSCAN` of `unacked`, then `ROLE`.
     pipe: redis::Pipeline,
 }
 
 impl Plan {
-    fn new(queues: Vec<String>, layout: &Layout, in_flight: InFlightMode, tails: bool) -> Plan {
+    fn new(
+        queues: Vec<String>,
+        layout: &Layout,
+        in_flight: InFlightMode,
+        tails: bool,
+        role: bool,
+    ) -> Plan {
         let mut keys = Vec::new();
         let mut ranges = Vec::with_capacity(queues.len());
         for q in &queues {
@@ -50,7 +64,7 @@ impl Plan {
             keys.extend(layout.step_keys(q));
             ranges.push(start..keys.len());
         }
-        let mut pipe = redis::Pipeline::with_capacity(keys.len() * (1 + usize::from(tails)) + 1);
+        let mut pipe = redis::Pipeline::with_capacity(keys.len() * (1 + usize::from(tails)) + 2);
         pipe.ignore_errors();
         for key in &keys {
             pipe.cmd("LLEN").arg(key);
@@ -59,7 +73,7 @@ impl Plan {
             }
         }
         match in_flight {
-            InFlightMode::Off => {}
+            InFlightMode::Off | InFlightMode::Auto => {}
             InFlightMode::Global => {
                 pipe.cmd("HLEN").arg(layout.unacked());
             }
@@ -70,6 +84,9 @@ impl Plan {
                     .arg("COUNT")
                     .arg(HSCAN_COUNT);
             }
+        }
+        if role {
+            pipe.cmd("ROLE");
         }
         let index = queues
             .iter()
@@ -82,6 +99,8 @@ impl Plan {
             ranges,
             index,
             tails,
+            in_flight,
+            role,
             pipe,
         }
     }
@@ -107,7 +126,12 @@ pub struct RedisQueueSource {
     url: String,
     layout: Layout,
     db: i64,
-    conn: ConnectionManager,
+    conn: Arc<Connector>,
+    /// `in_flight`, or `off` when kombu keeps no `unacked` hash (`ack_emulation` false).
+    in_flight: InFlightMode,
+    /// With `in_flight = "auto"`: when the binding tables were last read, and whether they
+    /// named only this source's queues.
+    exclusive: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// The plan for the configured queues (without discovery), or the last discovered one.
     plan: Mutex<Arc<Plan>>,
     discovered: tokio::sync::Mutex<Option<Discovered>>,
@@ -124,7 +148,8 @@ impl fmt::Debug for RedisQueueSource {
             .field("db", &self.db)
             .field("queues", &self.current_plan().queues)
             .field("global_keyprefix", &self.layout.prefix)
-            .field("in_flight", &self.config.in_flight)
+            .field("in_flight", &self.in_flight)
+            .field("server", &self.conn.current())
             .field("discovery", &self.config.discovery.is_some())
             .field("heartbeats", &self.heartbeats.is_some())
             .finish()
@@ -137,55 +162,91 @@ impl RedisQueueSource {
     /// once it is up. With heartbeats on, starts the subscriber task; must be called within a
     /// Tokio runtime.
     pub fn new(config: RedisSourceConfig) -> Result<Self, RedisSourceError> {
-        config.check_fields()?;
+        let resolved = config.check_fields()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(RedisSourceError::NoRuntime)?;
         let url = crate::config::redact(&config.url);
-        let bad_url = |source| RedisSourceError::BadUrl {
-            url: url.clone(),
-            source,
+        let t = &resolved.transport;
+        let certificates = match &resolved.tls {
+            Some(tls) => Some(crate::tls::load(tls)?),
+            None => None,
         };
-        let client = match &config.tls {
-            Some(tls) => {
-                let certificates = crate::tls::load(tls)?;
-                install_crypto_provider();
-                Client::build_with_tls(config.url.expose(), certificates).map_err(bad_url)?
+        if resolved.url.tls_on {
+            celery_scale_tls::install_crypto_provider();
+            if resolved.url.tls.no_check_hostname
+                || resolved
+                    .url
+                    .tls
+                    .cert_reqs
+                    .as_deref()
+                    .is_some_and(|r| !r.eq_ignore_ascii_case("required") && r != "CERT_REQUIRED")
+            {
+                tracing::warn!(url = %url, "the URL asks kombu not to verify the server certificate (ssl_cert_reqs / ssl_check_hostname); celery-scale always verifies it: set tls.ca_file (or ssl_ca_certs) to the server's CA");
             }
-            None => Client::open(config.url.expose()).map_err(bad_url)?,
-        };
-        if matches!(
-            client.get_connection_info().addr(),
-            ConnectionAddr::TcpTls { .. }
-        ) {
-            install_crypto_provider();
         }
-        let db = client.get_connection_info().redis_settings().db();
+        let db = resolved.url.db();
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| RedisSourceError::from_redis(&url, e))?;
+        let conn = Connector::new(
+            &resolved.url,
+            certificates.as_ref(),
+            t.master_name.as_deref(),
+            (
+                t.sentinel_username.as_deref(),
+                t.sentinel_password.as_deref(),
+            ),
+            manager_config,
+        )
+        .map_err(|source| RedisSourceError::BadUrl {
+            url: url.clone(),
+            source,
+        })?;
+        let conn = Arc::new(conn);
         let layout = Layout {
-            prefix: config.global_keyprefix.clone(),
-            steps: config.priority_steps.clone(),
-            sep: config.sep.clone(),
+            prefix: t.global_keyprefix.clone(),
+            steps: t.priority_steps.clone(),
+            sep: t.sep.clone(),
+            unacked_key: t.unacked_key.clone(),
+            fanout: t.fanout_prefix.for_db(db),
+            fanout_patterns: t.fanout_patterns,
+            legacy_fanout: (t.sentinel_fanout_compat
+                && matches!(resolved.url.broker, crate::broker::Broker::Sentinel { .. })
+                && t.fanout_prefix == crate::options::FanoutPrefix::Default)
+                .then(|| "/{db}.".to_string()),
+        };
+        let in_flight = if t.ack_emulation {
+            config.in_flight
+        } else {
+            InFlightMode::Off
+        };
+        let ignored = config.ignored_options();
+        if !ignored.is_empty() {
+            tracing::info!(options = ?ignored, "broker transport options accepted and ignored: they do not change what is counted");
+        }
+        let first_mode = match in_flight {
+            // Until the binding tables are read: per queue (right whoever shares the database).
+            InFlightMode::Auto => InFlightMode::PerQueue,
+            other => other,
         };
         let plan = Plan::new(
             config.queues.clone(),
             &layout,
-            config.in_flight,
+            first_mode,
             config.oldest_age,
+            conn.checks_role(),
         );
         let heartbeats = config.heartbeats.then(|| {
             crate::heartbeats::start(
                 SubscriberSettings {
-                    client: client.clone(),
-                    channels: layout.worker_event_channels(db),
+                    connector: Arc::clone(&conn),
+                    channels: layout.worker_event_channels(),
                     url: url.clone(),
                     connect_timeout: config.connect_timeout,
                     window: config.heartbeat_window,
                     warmup: config.heartbeat_warmup,
                     hostnames: config.worker_hostnames.clone(),
+                    silent_limit: t.visibility_timeout,
                 },
                 &runtime,
             )
@@ -197,6 +258,8 @@ impl RedisQueueSource {
             layout,
             db,
             conn,
+            in_flight,
+            exclusive: tokio::sync::Mutex::new(None),
             plan: Mutex::new(Arc::new(plan)),
             discovered: tokio::sync::Mutex::new(None),
             heartbeats,
@@ -288,20 +351,79 @@ impl RedisQueueSource {
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        match op(self.conn.clone()).await {
-            Err(e) if connection_lost(&e) => {
-                tracing::debug!(url = %self.url, error = %e, "connection lost; trying once more on a new connection");
-                op(self.conn.clone()).await.map_err(|e| self.redis_err(e))
-            }
-            result => result.map_err(|e| self.redis_err(e)),
+        self.conn.run(op).await.map_err(|e| self.redis_err(e))
+    }
+
+    /// The in-flight reading of this observation: `in_flight`, with `auto` resolved from
+    /// kombu's binding tables (re-read at most every [`AUTO_REFRESH`]).
+    async fn in_flight_now(&self) -> InFlightMode {
+        if self.in_flight != InFlightMode::Auto {
+            return self.in_flight;
         }
+        let mut exclusive = self.exclusive.lock().await;
+        if let Some((at, only_ours)) = *exclusive
+            && at.elapsed() < AUTO_REFRESH
+        {
+            return if only_ours {
+                InFlightMode::Global
+            } else {
+                InFlightMode::PerQueue
+            };
+        }
+        let plan = self.current_plan();
+        let only_ours = match self.discover().await {
+            Ok(found) => {
+                let others: Vec<&String> = found
+                    .iter()
+                    .filter(|q| !plan.index.contains_key(q.as_str()))
+                    .take(5)
+                    .collect();
+                if !others.is_empty() {
+                    tracing::debug!(other_queues = ?others, "in_flight auto: the database holds other queues; counting held messages per queue");
+                }
+                // No binding table at all: nothing says whose held messages these are.
+                others.is_empty() && !found.is_empty()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "in_flight auto: kombu's binding tables unreadable; counting held messages per queue");
+                false
+            }
+        };
+        if exclusive.is_some_and(|(_, was)| was != only_ours) {
+            tracing::info!(
+                mode = if only_ours { "global" } else { "per_queue" },
+                "in_flight auto: reading mode changed"
+            );
+        }
+        *exclusive = Some((Instant::now(), only_ours));
+        if only_ours {
+            InFlightMode::Global
+        } else {
+            InFlightMode::PerQueue
+        }
+    }
+
+    /// The current plan, rebuilt when it reads in-flight messages another way than `mode`.
+    fn plan_for(&self, mode: InFlightMode) -> Arc<Plan> {
+        let mut slot = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.in_flight != mode {
+            *slot = Arc::new(Plan::new(
+                slot.queues.clone(),
+                &self.layout,
+                mode,
+                self.config.oldest_age,
+                self.conn.checks_role(),
+            ));
+        }
+        Arc::clone(&slot)
     }
 
     async fn observe_inner(&self) -> Result<Observation, RedisSourceError> {
         if self.config.discovery.is_some() {
             self.maybe_discover().await?;
         }
-        let plan = self.current_plan();
+        let mode = self.in_flight_now().await;
+        let plan = self.plan_for(mode);
         let replies: Vec<Value> = self
             .query(|mut conn| {
                 let plan = Arc::clone(&plan);
@@ -357,10 +479,14 @@ impl RedisQueueSource {
                 depths.push(depth);
             }
         }
-        let last = &replies[plan.keys.len() * per_key..];
+        let mut last = &replies[plan.keys.len() * per_key..];
+        if plan.role {
+            self.check_role(last.last())?;
+            last = &last[..last.len().saturating_sub(1)];
+        }
         let unacked = self.layout.unacked();
-        let global_in_flight = match self.config.in_flight {
-            InFlightMode::Off => None,
+        let global_in_flight = match plan.in_flight {
+            InFlightMode::Off | InFlightMode::Auto => None,
             InFlightMode::Global => match self.count_reply(&last[0], "HLEN", &unacked, "hash") {
                 Ok(n) => Some(n),
                 // A count that is no count: in flight unknown, not zero.
@@ -386,6 +512,29 @@ impl RedisQueueSource {
             obs = obs.with_worker_reading(feed.reading(at));
         }
         Ok(obs)
+    }
+
+    /// With Sentinel: the server answered `ROLE` with `master`; otherwise (a failover demoted
+    /// it) the observation fails (unknown, never 0) and the next one asks the Sentinels again.
+    fn check_role(&self, reply: Option<&Value>) -> Result<(), RedisSourceError> {
+        let role = match reply {
+            Some(Value::Array(parts)) => match parts.first() {
+                Some(Value::BulkString(r)) => String::from_utf8_lossy(r).into_owned(),
+                Some(Value::SimpleString(r)) => r.clone(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        };
+        if role == "master" {
+            return Ok(());
+        }
+        self.conn.forget_master();
+        let role: String = role.chars().take(40).collect();
+        tracing::warn!(url = %self.url, server = ?self.conn.current(), role = %role, "the server is no longer the master (Sentinel failover?): observation failed, asking the Sentinels again");
+        Err(RedisSourceError::NotMaster {
+            url: self.url.clone(),
+            role,
+        })
     }
 
     /// The error for a reply that is not what `command` returns on a `expected` key.
@@ -578,19 +727,23 @@ impl RedisQueueSource {
         }
         let found = self.discover().await?;
         let mut queues = self.config.queues.clone();
+        let mut known: HashSet<String> = queues.iter().cloned().collect();
         for q in found {
-            if !queues.contains(&q) && !discovery.exclude.iter().any(|p| wildcard_match(p, &q)) {
+            if !known.contains(&q) && !discovery.exclude.iter().any(|p| wildcard_match(p, &q)) {
+                known.insert(q.clone());
                 queues.push(q);
             }
         }
         let changed = self.current_plan().queues != queues;
         if changed {
             tracing::info!(queues = ?queues, "redis queue discovery");
+            let mode = self.current_plan().in_flight;
             let plan = Arc::new(Plan::new(
                 queues,
                 &self.layout,
-                self.config.in_flight,
+                mode,
                 self.config.oldest_age,
+                self.conn.checks_role(),
             ));
             *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         }
@@ -681,19 +834,6 @@ fn too_many(what: &str) -> RedisSourceError {
         command: "LLEN",
         key: what.to_string(),
         detail: "the lengths add up to more than 2^64".into(),
-    }
-}
-
-/// Whether `e` says the connection itself failed (an I/O error that is not a certificate
-/// problem): the [`ConnectionManager`] then sets a new connection up.
-fn connection_lost(e: &RedisError) -> bool {
-    e.is_io_error() && !crate::error::tls_config_error(e)
-}
-
-fn install_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Another thread may install one first; either is fine.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
 }
 

@@ -118,14 +118,21 @@ async fn dead_source_gives_typed_transient_error() {
 
 #[tokio::test]
 async fn bad_url_is_rejected_at_construction() {
-    let e = RedisQueueSource::new(
-        RedisSourceConfig::builder("http://:hunter2@host/0")
-            .queue("celery")
-            .build()
-            .unwrap(),
-    )
-    .unwrap_err();
-    assert!(matches!(e, RedisSourceError::BadUrl { .. }), "{e:?}");
+    // The URL is read as kombu reads it at validation: a scheme that is no Redis transport
+    // of Celery's is a configuration error naming the field.
+    let e = RedisSourceConfig::builder("http://:hunter2@host/0")
+        .queue("celery")
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field, "url");
+    assert!(!format!("{e} {e:?}").contains("hunter2"));
+    let mut config = RedisSourceConfig::new("http://:hunter2@host/0");
+    config.queues.push("celery".into());
+    let e = RedisQueueSource::new(config).unwrap_err();
+    assert!(
+        matches!(&e, RedisSourceError::Config(c) if c.field == "url"),
+        "{e:?}"
+    );
     assert!(!format!("{e} {e:?}").contains("hunter2"));
     // A config that skipped the builder is validated again.
     match RedisQueueSource::new(RedisSourceConfig::new("redis://h")).unwrap_err() {

@@ -524,7 +524,7 @@ async fn tls_files_are_checked_before_connecting() {
                 ..TlsConfig::default()
             },
             "tls.ca_file",
-            "cannot read",
+            "cannot be read",
         ),
         (
             TlsConfig {
@@ -592,7 +592,7 @@ async fn tls_files_are_checked_before_connecting() {
                 ..TlsConfig::default()
             },
             "tls.client_key_file",
-            "cannot read",
+            "cannot be read",
         ),
     ];
     for (tls, field, says) in cases {
@@ -611,10 +611,7 @@ async fn tls_files_are_checked_before_connecting() {
         unvalidated.tls = Some(tls.clone());
         let e = RedisQueueSource::new(unvalidated).unwrap_err();
         match &e {
-            RedisSourceError::TlsFile { field: f, .. }
-            | RedisSourceError::TlsContent { field: f, .. } => {
-                assert_eq!(*f, field, "{e:?}")
-            }
+            RedisSourceError::TlsFile(file) => assert_eq!(file.field(), field, "{e:?}"),
             other => panic!("{tls:?}: {other:?}"),
         }
         let core: celery_scale_core::Error = e.into();
