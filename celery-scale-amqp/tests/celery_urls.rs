@@ -334,3 +334,56 @@ async fn queue_names_that_need_encoding_read_through_the_management_api() {
     assert_eq!((obs.ready, obs.in_flight), (12, None));
     drop(conn);
 }
+
+/// `amqps://` verbatim with Celery's `broker_use_ssl` (a private CA): Celery publishes over TLS;
+/// the source reads over TLS with the same CA in `[tls]`, and finds the management API at the
+/// URL's host over `https://`, with the URL's credentials and the port kombu's `manager_port`
+/// transport option gives (the node's API is not on 15671).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_producer_reads_right_over_tls_with_the_https_management_api_from_the_url() {
+    let Some(py) = celery_env().map(|(_, _, py)| py) else {
+        return;
+    };
+    let Some(broker) = common::scratch::ScratchBroker::start(Some(common::scratch::ScratchTls {
+        require_client_cert: false,
+        https_management: true,
+    }))
+    .await
+    else {
+        return;
+    };
+    let pki = broker.pki.as_ref().unwrap();
+    let amqps = broker.amqps_url();
+    let ssl = json!({"broker_use_ssl": {"ca_certs": pki.ca_file, "cert_reqs": 2}});
+    let out = publish(&py, &amqps, &ssl, &["--queue", "celery", "--count", "5"]);
+    assert_eq!(out["kombu_size"]["celery"], 5);
+
+    let (https_port, _) = broker.management_ports.unwrap();
+    let source = AmqpQueueSource::new(
+        AmqpSourceConfig::builder(amqps.as_str())
+            .queue("celery")
+            .heartbeats(false)
+            .transport_option("manager_port", json!(https_port))
+            .tls(celery_scale_amqp::TlsConfig::default().with_ca_file(&pki.ca_file))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let urls = source.management_urls();
+    assert_eq!(urls.len(), 1);
+    assert!(
+        urls[0].starts_with("https://") && urls[0].ends_with(&format!("@127.0.0.1:{https_port}")),
+        "{urls:?}"
+    );
+    let obs = poll(
+        "5 ready and the in-flight count from the HTTPS management API",
+        Duration::from_secs(20),
+        || async {
+            let obs = source.observe().await.ok()?;
+            (obs.in_flight.is_some()).then_some(obs)
+        },
+    )
+    .await;
+    assert_eq!((obs.ready, obs.in_flight), (5, Some(0)), "{obs:?}");
+    assert!(source.current_broker().starts_with("amqps://"));
+}
