@@ -10,7 +10,7 @@ use std::time::Duration;
 mod common;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale::conformance::service_url;
+use celery_scale_testing::service as service_url;
 use celery_scale::ec2::aws_sdk_autoscaling::Client;
 use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 use celery_scale::record::Outcome;

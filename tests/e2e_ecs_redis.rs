@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale::conformance::service_url;
+use celery_scale_testing::service as service_url;
 use celery_scale::ecs::aws_sdk_ecs::Client;
 use celery_scale::ecs::aws_sdk_ecs::types::ContainerDefinition;
 use celery_scale::ecs::{AwsSettings, EcsServiceConfig, EcsServices};

@@ -155,7 +155,21 @@ pub struct Binding {
     sink: Option<Arc<dyn DecisionSink>>,
     consecutive_failures: u32,
     transient_errors: u32,
+    protection: ProtectionState,
 }
+
+/// What the loop remembers of scale-in protection between ticks.
+#[derive(Debug, Default)]
+struct ProtectionState {
+    /// When the units were last looked at.
+    last_check: Option<Instant>,
+    /// Whether some unit was protected then (so idle ones are looked at again, to release).
+    outstanding: bool,
+}
+
+/// How often protected units are looked at again when no scale-in is due: to release those
+/// gone idle and renew busy ones whose protection ends.
+const PROTECTION_RECHECK: Duration = Duration::from_secs(30);
 
 impl Binding {
     /// A binding; fails when the settings are invalid.
@@ -174,6 +188,7 @@ impl Binding {
             sink: None,
             consecutive_failures: 0,
             transient_errors: 0,
+            protection: ProtectionState::default(),
         })
     }
 
@@ -257,6 +272,7 @@ impl Binding {
             decision: None,
             desired_units: None,
             outcome: Outcome::Held { why: String::new() },
+            protection: None,
             dry_run: self.settings.dry_run,
             duration: Duration::ZERO,
             next_tick_in: self.settings.interval,
@@ -283,7 +299,21 @@ impl Binding {
                     now,
                 };
                 let decision = decide_guarded(self.policy.as_mut(), &input);
-                let to = per_unit.units_for(decision.desired);
+                let mut to = per_unit.units_for(decision.desired);
+                if let Some(protection) = self.scaler.protection() {
+                    let (protected, held_to) = protect_units(
+                        protection,
+                        &self.settings,
+                        &mut self.protection,
+                        observation.as_ref(),
+                        units.desired,
+                        to,
+                        wall,
+                    )
+                    .await;
+                    record.protection = protected;
+                    to = held_to;
+                }
                 record.desired_units = Some(to);
                 record.decision = Some(decision);
                 record.outcome = if to == units.desired {
@@ -374,6 +404,103 @@ impl Binding {
     pub async fn close(self) {
         let _ = tokio::time::timeout(self.settings.timeout, self.source.close()).await;
     }
+}
+
+/// Scale-in protection for one tick (see [`crate::protection`]): looks at the units before the
+/// desired count drops from `current` to `to` (and every [`PROTECTION_RECHECK`] while some are
+/// protected), protects the busy ones and releases the idle ones. Returns what it did and the
+/// count to set: never below the busy units (up to `current`), and `current` when the units or
+/// their protection cannot be read or set, since which units are busy is then not known.
+async fn protect_units(
+    protection: &dyn crate::protection::UnitProtection,
+    settings: &LoopSettings,
+    state: &mut ProtectionState,
+    observation: Option<&crate::Observation>,
+    current: u32,
+    to: u32,
+    wall: SystemTime,
+) -> (Option<crate::protection::ProtectionRecord>, u32) {
+    use crate::protection::{ProtectionRecord, plan};
+    let now = Instant::now();
+    let lowering = to < current;
+    let recheck = state.outstanding
+        && state
+            .last_check
+            .is_none_or(|t| now.saturating_duration_since(t) >= PROTECTION_RECHECK);
+    if !lowering && !recheck {
+        return (None, to);
+    }
+    let skipped = |why: &str| ProtectionRecord {
+        skipped: Some(why.to_string()),
+        ..ProtectionRecord::default()
+    };
+    let Some(obs) = observation else {
+        return (Some(skipped("no observation")), to);
+    };
+    if obs.workers_are_unknown() || obs.executing.is_none() {
+        // The unknown-workers guard already holds any scale-in.
+        return (Some(skipped("worker figures unknown")), to);
+    }
+    let held = if lowering { current } else { to };
+    let timeout = settings.timeout;
+    let units = match tokio::time::timeout(timeout, protection.units()).await {
+        Ok(Ok(units)) => units,
+        Ok(Err(e)) => {
+            let error = format!("cannot read the units to protect: {e}");
+            return (Some(ProtectionRecord { error: Some(error), ..ProtectionRecord::default() }), held);
+        }
+        Err(_) => {
+            let error = format!("reading the units to protect took longer than {timeout:?}");
+            return (Some(ProtectionRecord { error: Some(error), ..ProtectionRecord::default() }), held);
+        }
+    };
+    let renew = protection.renew_within();
+    let nodes = &obs.worker_nodes;
+    // Every busy unit stays (up to the current count), then at most that many are protected.
+    let busy = plan(&units, nodes, current, lowering, wall, renew).busy_floor();
+    let to = if lowering {
+        to.max(busy.min(current))
+    } else {
+        to
+    };
+    let plan = plan(&units, nodes, to, lowering, wall, renew);
+    state.last_check = Some(now);
+    state.outstanding = units
+        .iter()
+        .any(|u| u.protected && !plan.release.contains(&u.id))
+        || !plan.protect.is_empty();
+    let mut record = ProtectionRecord {
+        plan,
+        applied: false,
+        error: None,
+        skipped: None,
+    };
+    if settings.dry_run || record.plan.is_empty() {
+        return (Some(record), to);
+    }
+    let calls = [
+        (record.plan.protect.clone(), true),
+        (record.plan.release.clone(), false),
+    ];
+    for (ids, protect) in calls {
+        if ids.is_empty() {
+            continue;
+        }
+        let verb = if protect { "protect" } else { "release" };
+        let failed = match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("cannot {verb} {}: {e}", ids.join(", "))),
+            Err(_) => Some(format!("{verb} took longer than {timeout:?}")),
+        };
+        if let Some(error) = failed {
+            record.error = Some(error);
+            // A busy unit may be unprotected: no scale-in this tick.
+            let to = if protect { held } else { to };
+            return (Some(record), to);
+        }
+    }
+    record.applied = true;
+    (Some(record), to)
 }
 
 /// Each running unit runs a Celery worker node: when fewer nodes are heard than units run, the

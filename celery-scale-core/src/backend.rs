@@ -4,6 +4,7 @@ use std::fmt::Debug;
 
 use async_trait::async_trait;
 
+use crate::protection::UnitProtection;
 use crate::{Capacity, CapacityUnit, Observation, Result, SetOutcome, WorkersPerUnit};
 
 /// Observes the backlog of one set of Celery queues.
@@ -43,6 +44,13 @@ pub trait Scaler: Send + Sync + Debug + 'static {
 
     /// Sets the desired capacity, in units. Setting the value the target already has is harmless.
     async fn set_desired(&self, units: u32) -> Result<SetOutcome>;
+
+    /// The target's scale-in protection, when it has one and it is turned on: the loop then
+    /// protects the units whose workers execute tasks before it lowers the desired count, and
+    /// releases them once idle. `None` (the default): the platform picks which units stop.
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        None
+    }
 }
 
 #[async_trait]
@@ -85,6 +93,10 @@ impl<T: Scaler + ?Sized> Scaler for Box<T> {
     async fn set_desired(&self, units: u32) -> Result<SetOutcome> {
         (**self).set_desired(units).await
     }
+
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        (**self).protection()
+    }
 }
 
 #[async_trait]
@@ -100,5 +112,9 @@ impl<T: Scaler + ?Sized> Scaler for std::sync::Arc<T> {
     }
     async fn set_desired(&self, units: u32) -> Result<SetOutcome> {
         (**self).set_desired(units).await
+    }
+
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        (**self).protection()
     }
 }

@@ -189,8 +189,17 @@ impl WorkerEvent {
     }
 }
 
-/// What the live workers say, summed.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// One live Celery worker node and the tasks it executes, as its last heartbeat said.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerNode {
+    /// Its node name (`celery@ip-10-0-1-23`, `worker@3f2a...`).
+    pub hostname: String,
+    /// Tasks it executes now (`active`).
+    pub executing: u64,
+}
+
+/// What the live workers say, summed, and node by node.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct WorkerSummary {
     /// Tasks executing now over all live workers.
     pub executing: u64,
@@ -202,6 +211,8 @@ pub struct WorkerSummary {
     /// burst arrives; over the window it converges to the completion rate. `None` until there is
     /// history with work executing.
     pub throughput_per_worker: Option<f64>,
+    /// Every live node, by name.
+    pub nodes: Vec<WorkerNode>,
 }
 
 #[derive(Debug)]
@@ -373,6 +384,14 @@ impl WorkerRegistry {
                 && completed_per_s > 0.0
                 && throughput.is_finite())
             .then_some(throughput),
+            nodes: self
+                .workers
+                .iter()
+                .map(|(hostname, w)| WorkerNode {
+                    hostname: hostname.clone(),
+                    executing: w.active,
+                })
+                .collect(),
         })
     }
 }

@@ -196,28 +196,6 @@ pub async fn dead_scaler(scaler: &dyn Scaler) {
     assert!(!e.to_string().is_empty());
 }
 
-/// The address of a service a test needs, from the environment variable `var` (set by
-/// `scripts/test.sh`). When it is unset the test should skip, except under `CI=true`, where a
-/// missing service is a failure: this panics.
-///
-/// ```no_run
-/// if let Some(url) = celery_scale_core::conformance::service_url("CELERY_SCALE_REDIS_URL") {
-///     // ... test against `url`
-/// }
-/// ```
-pub fn service_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-            panic!("{var} is not set and CI=true: a test service is missing (run scripts/test.sh)")
-        }
-        _ => {
-            eprintln!("skipping: {var} is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,15 @@ mod backend;
 mod capacity;
 pub mod celery_events;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 mod error;
 pub mod layer;
 mod memory;
 mod observation;
 pub mod policy;
+pub mod protection;
 pub mod record;
 mod redact;
 

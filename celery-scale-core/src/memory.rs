@@ -8,6 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::celery_events::WorkerNode;
+use crate::protection::{Unit, UnitProtection};
 use crate::{
     Capacity, CapacityUnit, Error, Observation, QueueDepth, QueueSource, Result, Scaler,
     SetOutcome, WorkersPerUnit, WorkersUnknown,
@@ -35,6 +37,7 @@ struct QueueState {
     in_flight: HashMap<u64, MemoryMessage>,
     executing: Option<u64>,
     workers_unknown: Option<WorkersUnknown>,
+    worker_nodes: Option<Vec<WorkerNode>>,
     next_id: u64,
     down: bool,
 }
@@ -138,9 +141,19 @@ impl MemoryQueue {
     pub fn set_executing(&self, executing: Option<u64>) {
         let mut s = lock(&self.state);
         s.executing = executing;
+        s.worker_nodes = None;
         if executing.is_some() {
             s.workers_unknown = None;
         }
+    }
+
+    /// Sets the live worker nodes observations report (as worker heartbeats would): the
+    /// executing count is their sum and the live-worker count their number.
+    pub fn set_worker_nodes(&self, nodes: Vec<WorkerNode>) {
+        let mut s = lock(&self.state);
+        s.executing = Some(nodes.iter().fold(0u64, |a, n| a.saturating_add(n.executing)));
+        s.worker_nodes = Some(nodes);
+        s.workers_unknown = None;
     }
 
     /// Makes observations say the worker figures are unknown (as a worker-event feed that is
@@ -150,6 +163,7 @@ impl MemoryQueue {
         let mut s = lock(&self.state);
         if unknown.is_some() {
             s.executing = None;
+            s.worker_nodes = None;
         }
         s.workers_unknown = unknown;
     }
@@ -219,20 +233,60 @@ impl QueueSource for MemoryQueue {
         obs.in_flight = Some(s.in_flight.len() as u64);
         obs.executing = s.executing;
         obs.workers_unknown = s.workers_unknown.clone();
+        if let Some(nodes) = &s.worker_nodes {
+            obs.live_workers = Some(u32::try_from(nodes.len()).unwrap_or(u32::MAX));
+            obs.worker_nodes = nodes.clone();
+        }
         Ok(obs)
     }
 }
 
 #[derive(Debug)]
+struct MemoryUnit {
+    id: String,
+    started: Instant,
+    protected: bool,
+}
+
+#[derive(Debug)]
 struct ScalerState {
-    /// Start time of every unit asked for, oldest first.
-    units: Vec<Instant>,
+    /// Every unit asked for and not stopped, oldest first.
+    units: Vec<MemoryUnit>,
+    desired: u32,
+    next_id: u64,
     sets: Vec<(Instant, u32)>,
+    stopped: Vec<String>,
     down: bool,
+    protection: bool,
+}
+
+impl ScalerState {
+    fn add(&mut self, started: Instant) {
+        self.units.push(MemoryUnit {
+            id: format!("unit-{}", self.next_id),
+            started,
+            protected: false,
+        });
+        self.next_id += 1;
+    }
+
+    /// Stops units above the desired count, newest first, protected ones never (as ECS and
+    /// Auto Scaling do: a protected unit stays until released).
+    fn reconcile(&mut self) {
+        while self.units.len() > self.desired as usize {
+            let Some(i) = self.units.iter().rposition(|u| !u.protected) else {
+                break;
+            };
+            let unit = self.units.remove(i);
+            self.stopped.push(unit.id);
+        }
+    }
 }
 
 /// An in-memory compute target: records every set, and brings new units into service after an
-/// optional start-up delay (they are `pending` until then).
+/// optional start-up delay (they are `pending` until then). Scale-in stops the newest units
+/// first. With [`MemoryScaler::with_protection`] it also offers [`UnitProtection`]: protected
+/// units are never stopped, so a scale-in stops the newest unprotected ones.
 ///
 /// Cheap to clone: clones share the same target.
 #[derive(Debug, Clone)]
@@ -244,15 +298,23 @@ pub struct MemoryScaler {
 }
 
 impl MemoryScaler {
-    /// A target of `initial` worker processes that start at once.
+    /// A target of `initial` worker processes that start at once, named `unit-0`, `unit-1`, ...
     pub fn new(initial: u32) -> Self {
-        let now = Instant::now();
+        let mut state = ScalerState {
+            units: Vec::new(),
+            desired: initial,
+            next_id: 0,
+            sets: Vec::new(),
+            stopped: Vec::new(),
+            down: false,
+            protection: false,
+        };
+        let long_ago = Instant::now() - Duration::from_secs(3600);
+        for _ in 0..initial {
+            state.add(long_ago);
+        }
         MemoryScaler {
-            state: Arc::new(Mutex::new(ScalerState {
-                units: vec![now - Duration::from_secs(3600); initial as usize],
-                sets: Vec::new(),
-                down: false,
-            })),
+            state: Arc::new(Mutex::new(state)),
             startup: Duration::ZERO,
             unit: CapacityUnit::WorkerProcess,
             per_unit: WorkersPerUnit::ONE,
@@ -272,6 +334,12 @@ impl MemoryScaler {
         self
     }
 
+    /// Offers scale-in protection ([`Scaler::protection`]).
+    pub fn with_protection(self) -> Self {
+        lock(&self.state).protection = true;
+        self
+    }
+
     /// Every `set_desired` call so far: when, and the value in units.
     pub fn sets(&self) -> Vec<(Instant, u32)> {
         lock(&self.state).sets.clone()
@@ -279,7 +347,27 @@ impl MemoryScaler {
 
     /// The current desired count, in units.
     pub fn desired(&self) -> u32 {
-        lock(&self.state).units.len() as u32
+        lock(&self.state).desired
+    }
+
+    /// The ids of the units not stopped, oldest first.
+    pub fn unit_ids(&self) -> Vec<String> {
+        lock(&self.state).units.iter().map(|u| u.id.clone()).collect()
+    }
+
+    /// The ids of the units stopped so far, in order.
+    pub fn stopped(&self) -> Vec<String> {
+        lock(&self.state).stopped.clone()
+    }
+
+    /// The ids of the protected units.
+    pub fn protected(&self) -> Vec<String> {
+        let s = lock(&self.state);
+        s.units
+            .iter()
+            .filter(|u| u.protected)
+            .map(|u| u.id.clone())
+            .collect()
     }
 
     /// Makes every call fail with [`Error::Unavailable`] (`true`) or succeed again.
@@ -292,7 +380,7 @@ impl MemoryScaler {
         let s = lock(&self.state);
         s.units
             .iter()
-            .filter(|t| now.saturating_duration_since(**t) >= self.startup)
+            .filter(|u| now.saturating_duration_since(u.started) >= self.startup)
             .count() as u32
     }
 
@@ -321,10 +409,11 @@ impl Scaler for MemoryScaler {
         }
         let desired = self.desired();
         let running = self.running_at(Instant::now());
+        let all = u32::try_from(lock(&self.state).units.len()).unwrap_or(u32::MAX);
         Ok(Capacity {
             desired,
             running,
-            pending: desired - running,
+            pending: all.saturating_sub(running),
         })
     }
 
@@ -335,15 +424,45 @@ impl Scaler for MemoryScaler {
         }
         let now = Instant::now();
         s.sets.push((now, units));
-        let n = units as usize;
-        if n > s.units.len() {
-            let add = n - s.units.len();
-            s.units.extend(std::iter::repeat_n(now, add));
-        } else {
-            // Scale in removes the newest units first (pending ones before running ones).
-            s.units.truncate(n);
+        s.desired = units;
+        while s.units.len() < units as usize {
+            s.add(now);
         }
+        s.reconcile();
         Ok(SetOutcome::applied(units))
+    }
+
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        lock(&self.state).protection.then_some(self as &dyn UnitProtection)
+    }
+}
+
+#[async_trait]
+impl UnitProtection for MemoryScaler {
+    async fn units(&self) -> Result<Vec<Unit>> {
+        let s = lock(&self.state);
+        if s.down {
+            return Err(Self::unavailable());
+        }
+        Ok(s.units
+            .iter()
+            .map(|u| Unit {
+                protected: u.protected,
+                ..Unit::new(u.id.clone())
+            })
+            .collect())
+    }
+
+    async fn set_protected(&self, ids: &[String], protected: bool) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(Self::unavailable());
+        }
+        for unit in s.units.iter_mut().filter(|u| ids.contains(&u.id)) {
+            unit.protected = protected;
+        }
+        s.reconcile();
+        Ok(())
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Observation {
     /// as idle. `None` when the figures are known, or when the source does not watch worker
     /// events at all (turned off by configuration).
     pub workers_unknown: Option<WorkersUnknown>,
+    /// The live worker nodes and what each executes, when the worker figures are known (empty
+    /// otherwise): what scale-in protection maps to units.
+    pub worker_nodes: Vec<crate::celery_events::WorkerNode>,
     /// The same numbers per queue.
     pub queues: Vec<QueueDepth>,
     /// When the observation was taken (the loop's clock).
@@ -73,6 +76,7 @@ impl Observation {
             oldest_age: None,
             consumers: None,
             workers_unknown: None,
+            worker_nodes: Vec::new(),
             queues: Vec::new(),
             at,
         }
@@ -143,6 +147,7 @@ impl Observation {
         self.executing = Some(workers.executing);
         self.live_workers = Some(workers.live_workers);
         self.throughput_per_worker = workers.throughput_per_worker;
+        self.worker_nodes = workers.nodes.clone();
         self.workers_unknown = None;
         self
     }
@@ -183,6 +188,7 @@ impl Observation {
         self.executing = None;
         self.live_workers = None;
         self.throughput_per_worker = None;
+        self.worker_nodes.clear();
         self.workers_unknown = Some(unknown);
     }
 }
@@ -244,7 +250,7 @@ mod tests {
         let idle = crate::celery_events::WorkerSummary::default();
         let mut obs = Observation::new(0, Instant::now());
         obs.in_flight = Some(8);
-        let obs = obs.with_worker_reading(Ok(idle));
+        let obs = obs.with_worker_reading(Ok(idle.clone()));
         assert_eq!(obs.executing, None);
         assert!(obs.workers_are_unknown(), "{obs:?}");
         // Nothing held and nobody heard: known idle.

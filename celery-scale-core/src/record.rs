@@ -182,6 +182,10 @@ pub struct DecisionRecord {
     pub desired_units: Option<u32>,
     /// What was done.
     pub outcome: Outcome,
+    /// What scale-in protection planned and did, when the target protects units and the tick
+    /// looked at them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<crate::protection::ProtectionRecord>,
     /// Whether this binding runs dry.
     pub dry_run: bool,
     /// How long the tick took.

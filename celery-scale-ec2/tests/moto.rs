@@ -12,7 +12,7 @@ use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryQueue, Scaler, c
 use celery_scale_ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 
 fn moto_url() -> Option<String> {
-    conformance::service_url("CELERY_SCALE_MOTO_URL")
+    celery_scale_testing::service("CELERY_SCALE_MOTO_URL")
 }
 
 fn unique(prefix: &str) -> String {

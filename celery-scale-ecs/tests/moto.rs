@@ -10,7 +10,7 @@ use celery_scale_core::{Error, Scaler};
 use celery_scale_ecs::{AwsSettings, EcsError, EcsServiceConfig, EcsServices};
 
 async fn client() -> Option<Client> {
-    let url = conformance::service_url("CELERY_SCALE_MOTO_URL")?;
+    let url = celery_scale_testing::service("CELERY_SCALE_MOTO_URL")?;
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(url)
         .region(aws_config::Region::new("us-east-1"))
@@ -198,7 +198,7 @@ async fn reads_are_batched_per_cluster_and_a_missing_cluster_fails_only_its_serv
 /// endpoint applied by the handle itself.
 #[tokio::test]
 async fn a_handle_from_settings_reaches_the_endpoint_they_name() {
-    let Some(url) = conformance::service_url("CELERY_SCALE_MOTO_URL") else {
+    let Some(url) = celery_scale_testing::service("CELERY_SCALE_MOTO_URL") else {
         return;
     };
     let Some(client) = client().await else { return };

@@ -112,32 +112,185 @@ pub fn python(py: &str, broker: &str, args: &[&str], env: &[(&str, String)]) -> 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Publishes `count` tasks sleeping `seconds` each on `queue`.
-pub fn publish(py: &str, broker: &str, queue: &str, count: u32, seconds: f64) {
-    python(
-        py,
-        broker,
-        &[
-            "publish.py",
-            "--queue",
-            queue,
-            "--count",
-            &count.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-        &[],
+/// Runs a publisher script of the test app (`publish.py`, `redis_publish.py`) against `broker`
+/// with Celery's `broker_transport_options` and extra settings; returns the JSON object it
+/// printed last (for `publish.py`: `{"published": N, "kombu_size": {queue: n}}`).
+pub fn publish_script(
+    script: &str,
+    py: &str,
+    broker: &str,
+    options: &serde_json::Value,
+    config: &serde_json::Value,
+    args: &[&str],
+) -> serde_json::Value {
+    let out = Command::new(py)
+        .arg(script)
+        .args(args)
+        .current_dir(celery_dir())
+        .env("PYTHONPATH", celery_dir())
+        .env("CELERY_SCALE_TEST_BROKER", broker)
+        .env("CELERY_SCALE_TEST_OPTIONS", options.to_string())
+        .env("CELERY_SCALE_TEST_CONFIG", config.to_string())
+        .output()
+        .expect("run the Celery test app's publisher");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed {stdout:?}: {e}"))
 }
 
-/// A Celery worker process in its own process group, killed with its pool when dropped.
+/// Publishes `count` tasks sleeping `seconds` each on `queue`.
+pub fn publish(py: &str, broker: &str, queue: &str, count: u32, seconds: f64) {
+    let (count, seconds) = (count.to_string(), seconds.to_string());
+    let args = ["--queue", queue, "--count", &count, "--seconds", &seconds];
+    let none = serde_json::json!({});
+    publish_script("publish.py", py, broker, &none, &none, &args);
+}
+
+/// A real Celery worker of the test app, in its own process group, killed with its pool when
+/// dropped (also when the test fails). Made by [`WorkerCommand`].
 #[derive(Debug)]
-pub struct Worker(Child);
+pub struct Worker {
+    child: Option<Child>,
+    /// The main process's id.
+    pub pid: u32,
+    /// Its node name as given to `-n` (`%h` not expanded).
+    pub hostname: String,
+    log: PathBuf,
+}
+
+/// How to start a [`Worker`]: `celery -A app worker -c 4 --prefetch-multiplier 1 -Q celery
+/// -n celery@%h --without-mingle --without-gossip` unless told otherwise.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    py: String,
+    broker: String,
+    queues: String,
+    name: Option<String>,
+    concurrency: u32,
+    prefetch: u32,
+    options: Option<String>,
+    config: Option<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl WorkerCommand {
+    /// A worker of the test app run by the venv's `py`, on `broker`.
+    pub fn new(py: &str, broker: &str) -> Self {
+        WorkerCommand {
+            py: py.to_string(),
+            broker: broker.to_string(),
+            queues: "celery".into(),
+            name: None,
+            concurrency: 4,
+            prefetch: 1,
+            options: None,
+            config: None,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The queues it consumes (`-Q`, comma-separated).
+    pub fn queues(mut self, queues: &str) -> Self {
+        self.queues = queues.to_string();
+        self
+    }
+
+    /// Its node name (`-n`); default `{queues}@%h`.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Pool processes (`-c`).
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// `--prefetch-multiplier`.
+    pub fn prefetch_multiplier(mut self, n: u32) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// Celery's `broker_transport_options` (JSON).
+    pub fn transport_options(mut self, options: &serde_json::Value) -> Self {
+        self.options = Some(options.to_string());
+        self
+    }
+
+    /// Extra Celery settings (JSON, e.g. `{"task_acks_late": true}`).
+    pub fn config(mut self, config: &serde_json::Value) -> Self {
+        self.config = Some(config.to_string());
+        self
+    }
+
+    /// Extra worker arguments; later ones win (e.g. `-P solo`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// An extra environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts it (its log goes to a temporary file, see [`Worker::log_tail`]).
+    pub fn spawn(self) -> Worker {
+        use std::os::unix::process::CommandExt as _;
+        let celery = PathBuf::from(&self.py).with_file_name("celery");
+        let hostname = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}@%h", self.queues));
+        let log = std::env::temp_dir().join(format!("{}.log", unique("celery-worker")));
+        let log_file = std::fs::File::create(&log).expect("a worker log file");
+        let mut cmd = Command::new(celery);
+        cmd.args(["-A", "app", "worker", "-l", "INFO"])
+            .args(["-c", &self.concurrency.to_string()])
+            .args(["--prefetch-multiplier", &self.prefetch.to_string()])
+            .args(["-Q", &self.queues, "-n", &hostname])
+            .args(["--without-mingle", "--without-gossip"])
+            .args(&self.args)
+            .current_dir(celery_dir())
+            .env("PYTHONPATH", celery_dir())
+            .env("CELERY_SCALE_TEST_BROKER", &self.broker)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .process_group(0);
+        if let Some(options) = &self.options {
+            cmd.env("CELERY_SCALE_TEST_OPTIONS", options);
+        }
+        if let Some(config) = &self.config {
+            cmd.env("CELERY_SCALE_TEST_CONFIG", config);
+        }
+        let child = cmd.spawn().expect("start a Celery worker");
+        Worker {
+            pid: child.id(),
+            child: Some(child),
+            hostname,
+            log,
+        }
+    }
+}
 
 impl Worker {
     /// `celery -A app worker -c 4 --prefetch-multiplier 1 -Q queue -n queue@%h`, plus `args`.
     pub fn start(py: &str, broker: &str, queue: &str, args: &[&str]) -> Self {
-        Worker::start_with_env(py, broker, queue, args, &[])
+        WorkerCommand::new(py, broker)
+            .queues(queue)
+            .args(args)
+            .spawn()
     }
 
     /// As [`Worker::start`], with extra environment variables.
@@ -148,42 +301,84 @@ impl Worker {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        use std::os::unix::process::CommandExt as _;
-        let celery = PathBuf::from(py).with_file_name("celery");
-        let child = Command::new(celery)
-            .args([
-                "-A",
-                "app",
-                "worker",
-                "-c",
-                "4",
-                "--prefetch-multiplier",
-                "1",
-            ])
-            .args(["-Q", queue, "-n", &format!("{queue}@%h")])
-            .args(["--without-mingle", "--without-gossip"])
-            .args(args)
-            .envs(env.iter().copied())
-            .current_dir(celery_dir())
-            .env("PYTHONPATH", celery_dir())
-            .env("CELERY_SCALE_TEST_BROKER", broker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
+        env.iter()
+            .fold(
+                WorkerCommand::new(py, broker).queues(queue).args(args),
+                |cmd, (k, v)| cmd.env(k, v),
+            )
             .spawn()
-            .expect("start a Celery worker");
-        Worker(child)
     }
+
+    /// The last 30 lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends SIGTERM (Celery's warm shutdown) to the main process.
+    pub fn terminate(&self) {
+        if self.child.is_some() {
+            send_signal(self.pid, "TERM");
+        }
+    }
+
+    /// Whether the main process has exited; waits up to `within` without blocking the runtime.
+    pub async fn exited_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                None | Some(Ok(Some(_))) | Some(Err(_)) => {
+                    self.child = None;
+                    return true;
+                }
+                Some(Ok(None)) if Instant::now() >= deadline => return false,
+                Some(Ok(None)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+/// Sends `kill -SIGNAL pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut child) = self.child.take() {
+            // The whole process group: the main process and its pool.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `deadline` saying `what`
+/// (the async twin of [`wait_for`], for tests whose sources run on the test's runtime).
+pub async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -444,9 +639,7 @@ impl Daemon {
 
     /// Sends `signal` (e.g. `TERM`).
     pub fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status();
+        send_signal(self.pid(), signal);
     }
 
     /// SIGTERM, then waits up to `within` for it to exit; its exit status.
@@ -552,16 +745,33 @@ pub fn free_port() -> u16 {
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    /// Its plain port on 127.0.0.1 (unused when it listens with TLS only).
     pub port: u16,
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free port and waits until it listens.
     pub fn start() -> Self {
+        RedisServer::start_with(&[])
+    }
+
+    /// As [`RedisServer::start`], with extra `redis-server` arguments. With `--tls-port P` it
+    /// listens with TLS only, on `P`.
+    pub fn start_with(extra: &[String]) -> Self {
+        let port = free_port();
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .into_iter()
+            .chain(["--daemonize", "no"])
+            .map(String::from)
+            .collect();
+        let tls = extra.iter().any(|a| a == "--tls-port");
+        args.extend(["--port".into(), if tls { 0 } else { port }.to_string()]);
+        args.extend(extra.iter().cloned());
         let mut server = RedisServer {
             child: None,
-            port: free_port(),
+            port,
+            args,
         };
         server.restart();
         server
@@ -580,20 +790,28 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty) and waits until it listens.
+    /// Starts it again with the same arguments (empty) and waits until it listens.
     pub fn restart(&mut self) {
         self.kill();
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/services.sh installs it)");
         self.child = Some(child);
+        let listen_port = self
+            .args
+            .iter()
+            .position(|a| a == "--tls-port")
+            .and_then(|i| self.args.get(i + 1)?.parse().ok())
+            .unwrap_or(self.port);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
+        while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on {listen_port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -28,6 +28,10 @@ def main():
     p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
     p.add_argument("--size-of", action="append", default=[], help="queues to report kombu's size of")
     a = p.parse_args()
+    if app.conf.broker_url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps"):
+        # Wait for the broker's confirm of every publish, so the count read next includes
+        # them all: without confirms a quorum queue may not have committed them yet.
+        app.conf.broker_transport_options.setdefault("confirm_publish", True)
     opts = {"queue": a.queue}
     if a.priority is not None:
         opts["priority"] = a.priority

@@ -6,15 +6,14 @@
 
 pub mod scratch;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_scale_core::BoxError;
-use celery_scale_core::conformance::{QueueFixture, service_url};
+use celery_scale_core::conformance::QueueFixture;
+use celery_scale_testing::service as service_url;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
@@ -39,19 +38,7 @@ pub fn celery_env() -> Option<(String, String, String)> {
     Some((amqp, mgmt, service_url("CELERY_SCALE_PYTHON")?))
 }
 
-/// A name no other test (in this or another process) uses.
-pub fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "csa-{name}-{}-{}-{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use celery_scale_testing::{poll, unique};
 
 /// `amqp://user:pw@host:port/` with another vhost (percent-encoded).
 pub fn with_vhost(amqp: &str, vhost: &str) -> String {
@@ -70,25 +57,6 @@ pub fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics after `deadline` saying `what`.
-pub async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The management API with the test credentials, through curl (the tests' admin side).
@@ -487,102 +455,47 @@ pub async fn delete_queues(amqp: &str, queues: &[&str]) {
     conn.close(200, "".into()).await.ok();
 }
 
-pub fn celery_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testing/celery")
-}
-
-/// Runs the shared publisher (`publish.py`) against `broker`; returns its JSON.
+/// Runs the shared publisher (`publish.py`) against `broker` with extra Celery settings
+/// `config`; returns its JSON.
 pub fn publish(py: &str, broker: &str, config: &Value, args: &[&str]) -> Value {
-    let out = Command::new(py)
-        .arg("publish.py")
-        .args(args)
-        .current_dir(celery_dir())
-        .env("PYTHONPATH", celery_dir())
-        .env("CELERY_SCALE_TEST_BROKER", broker)
-        .env("CELERY_SCALE_TEST_CONFIG", config.to_string())
-        .output()
-        .expect("run publish.py");
-    assert!(
-        out.status.success(),
-        "publish.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("publish.py printed {stdout:?}: {e}"))
+    celery_scale_testing::publish_script("publish.py", py, broker, &json!({}), config, args)
 }
 
-/// A real Celery worker, killed (with its pool) when dropped, also on test failure.
-pub struct Worker {
-    child: Option<Child>,
-    pub hostname: String,
-}
+/// A real Celery worker (`-c 2 --prefetch-multiplier 4`) named `{name}@csa`: the shared
+/// [`celery_scale_testing::Worker`] with this crate's defaults.
+pub struct Worker(pub celery_scale_testing::Worker);
 
 impl Worker {
+    /// Starts one consuming `queues`, plus `extra` arguments (later ones win).
     pub fn start(py: &str, broker: &str, queues: &str, name: &str, extra: &[&str]) -> Self {
-        let celery = PathBuf::from(py).with_file_name("celery");
-        let hostname = format!("{name}@csa");
-        let child = Command::new(celery)
-            .args([
-                "-A",
-                "app",
-                "worker",
-                "-c",
-                "2",
-                "--prefetch-multiplier",
-                "4",
-            ])
-            .args(["-Q", queues, "-n", &hostname, "--loglevel", "WARNING"])
-            .args(["--without-mingle", "--without-gossip"])
+        let worker = celery_scale_testing::WorkerCommand::new(py, broker)
+            .concurrency(2)
+            .prefetch_multiplier(4)
+            .queues(queues)
+            .name(&format!("{name}@csa"))
+            .args(&["--loglevel", "WARNING"])
             .args(extra)
-            .current_dir(celery_dir())
-            .env("PYTHONPATH", celery_dir())
-            .env("CELERY_SCALE_TEST_BROKER", broker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start a Celery worker");
-        Worker {
-            child: Some(child),
-            hostname,
-        }
+            .spawn();
+        Worker(worker)
     }
 
     /// Warm shutdown: SIGTERM to the main process; waits up to `deadline` for it to exit.
     pub async fn warm_shutdown(&mut self, deadline: Duration) {
-        let Some(child) = self.child.as_mut() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let start = std::time::Instant::now();
-        while start.elapsed() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                self.child = None;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the worker did not exit within {deadline:?} of SIGTERM");
+        self.0.terminate();
+        assert!(
+            self.0.exited_within(deadline).await,
+            "the worker did not exit within {deadline:?} of SIGTERM\n{}",
+            self.0.log_tail()
+        );
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // The whole process group: the main process and its pool.
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+impl std::ops::Deref for Worker {
+    type Target = celery_scale_testing::Worker;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
-
-use std::os::unix::process::CommandExt as _;
 
 /// A TCP proxy in front of RabbitMQ that the test can cut off (drop every connection and stop
 /// listening, as a broker restart does) and bring back on the same port.

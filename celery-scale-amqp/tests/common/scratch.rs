@@ -45,13 +45,7 @@ pub fn rabbitmq_sbin() -> Option<PathBuf> {
         .find(|d| d.join("rabbitmq-server").exists() && d.join("rabbitmqctl").exists())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use celery_scale_testing::free_port;
 
 /// Certificates made for one test: a CA, a server certificate for `localhost` and `127.0.0.1`,
 /// and a client certificate (PEM, and PKCS#12 with a password), all signed by the CA.

@@ -2,8 +2,6 @@
 //! (publisher and worker), throwaway redis-server processes, and key cleanup.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use base64::Engine as _;
 use celery_scale_core::BoxError;
-use celery_scale_core::conformance::{QueueFixture, service_url};
+use celery_scale_core::conformance::QueueFixture;
+use celery_scale_testing::service as service_url;
 use redis::AsyncCommands as _;
 use serde_json::json;
 
@@ -25,42 +24,12 @@ pub fn celery_env() -> Option<(String, String)> {
     Some((redis_url()?, service_url("CELERY_SCALE_PYTHON")?))
 }
 
-/// A name no other test (in this or another process) uses.
-pub fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "csr-{name}-{}-{}-{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+#[allow(unused_imports)]
+pub use celery_scale_testing::{free_port, poll, unique};
 
 /// `redis://host:port` plus `/db`.
 pub fn with_db(url: &str, db: u32) -> String {
     format!("{}/{db}", url.trim_end_matches('/'))
-}
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics after `deadline` saying `what`.
-pub async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Deletes every key matching the patterns (in database `db`) when dropped, pass or fail.
@@ -273,11 +242,6 @@ impl QueueFixture for KombuFixture {
     }
 }
 
-/// Where the shared Celery test app lives.
-pub fn celery_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testing/celery")
-}
-
 /// Runs the Celery test app's publisher against `broker` with transport `options` and returns
 /// kombu's own ready count per queue it printed.
 pub async fn celery_publish(
@@ -297,25 +261,15 @@ pub async fn celery_publish_with(
     options: &serde_json::Value,
     args: &[&str],
 ) -> serde_json::Value {
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args(args)
-        .current_dir(celery_dir())
-        .env("PYTHONPATH", celery_dir())
-        .env("CELERY_SCALE_TEST_BROKER", broker)
-        .env("CELERY_SCALE_TEST_OPTIONS", options.to_string())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run the Celery publisher");
-    assert!(
-        out.status.success(),
-        "{script} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{script} printed {stdout:?}: {e}"))
+    let (script, python, broker) = (script.to_string(), python.to_string(), broker.to_string());
+    let options = options.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        celery_scale_testing::publish_script(&script, &python, &broker, &options, &json!({}), &args)
+    })
+    .await
+    .expect("the publisher thread")
 }
 
 /// kombu's `_size` of `queue` now (publishes nothing).
@@ -335,13 +289,9 @@ pub async fn kombu_size(
     out["kombu_size"][queue].as_u64().expect("kombu_size")
 }
 
-/// A real Celery worker (prefork) in its own process group, killed with the group when dropped.
-pub struct CeleryWorker {
-    child: Option<tokio::process::Child>,
-    pub pid: i32,
-    pub hostname: String,
-    pub log: PathBuf,
-}
+/// A real Celery worker (prefork, `-c 2 --prefetch-multiplier 4`) named `{name}@%h`: the shared
+/// [`celery_scale_testing::Worker`] with this crate's defaults.
+pub struct CeleryWorker(pub celery_scale_testing::Worker);
 
 impl CeleryWorker {
     /// `celery -A app worker -c 2 --prefetch-multiplier 4 -Q queues -n name@%h`, with transport
@@ -368,165 +318,52 @@ impl CeleryWorker {
         name: &str,
         extra: &[&str],
     ) -> Self {
-        let celery = PathBuf::from(python).with_file_name("celery");
-        let log = std::env::temp_dir().join(format!("{name}.log"));
-        let log_file = std::fs::File::create(&log).expect("worker log file");
-        let child = tokio::process::Command::new(celery)
-            .args([
-                "-A",
-                "app",
-                "worker",
-                "-c",
-                "2",
-                "--prefetch-multiplier",
-                "4",
-            ])
-            .args(["--without-mingle", "--without-gossip", "-l", "INFO"])
-            .args(["-Q", queues, "-n", &format!("{name}@%h")])
+        let worker = celery_scale_testing::WorkerCommand::new(python, broker)
+            .concurrency(2)
+            .prefetch_multiplier(4)
+            .queues(queues)
+            .name(&format!("{name}@%h"))
+            .transport_options(options)
+            .config(config)
             .args(extra)
-            .current_dir(celery_dir())
-            .env("PYTHONPATH", celery_dir())
-            .env("CELERY_SCALE_TEST_BROKER", broker)
-            .env("CELERY_SCALE_TEST_OPTIONS", options.to_string())
-            .env("CELERY_SCALE_TEST_CONFIG", config.to_string())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .process_group(0)
-            .spawn()
-            .expect("start a Celery worker");
-        let pid = child.id().expect("worker pid") as i32;
-        CeleryWorker {
-            child: Some(child),
-            pid,
-            hostname: name.to_string(),
-            log,
-        }
+            .spawn();
+        CeleryWorker(worker)
     }
 
-    /// The worker's log so far, for failure messages.
-    pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Sends SIGTERM (Celery's warm shutdown) to the main process.
-    pub fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-    }
-
-    /// Waits for the main process to exit.
+    /// Waits up to `deadline` for the main process to exit; whether it did.
     pub async fn wait(&mut self, deadline: Duration) -> bool {
-        let Some(child) = self.child.as_mut() else {
-            return true;
-        };
-        matches!(
-            tokio::time::timeout(deadline, child.wait()).await,
-            Ok(Ok(_))
-        )
+        self.0.exited_within(deadline).await
     }
 }
 
-impl Drop for CeleryWorker {
-    fn drop(&mut self) {
-        // The whole group: the main process and its prefork children.
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.pid)])
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            let _ = child.try_wait();
-        }
-        let _ = std::fs::remove_file(&self.log);
+impl std::ops::Deref for CeleryWorker {
+    type Target = celery_scale_testing::Worker;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for a throwaway server).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A throwaway `redis-server` (no persistence), killed when dropped.
-pub struct RedisServer {
-    child: Option<std::process::Child>,
-    pub port: u16,
-    args: Vec<String>,
-}
+/// A throwaway `redis-server`: the shared [`celery_scale_testing::RedisServer`].
+pub struct RedisServer(pub celery_scale_testing::RedisServer);
 
 impl RedisServer {
-    /// Starts `redis-server --port <port> --save '' --appendonly no <extra>` and waits until it
-    /// answers. `port` 0 picks a free one. With `tls_port` the plain port is 0 (TLS only).
+    /// Starts one on a free port (`port` must be 0) with extra `redis-server` arguments.
     pub fn start(port: u16, extra: &[String]) -> Self {
-        let port = if port == 0 { free_port() } else { port };
-        let mut args = vec![
-            "--bind".to_string(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            "".into(),
-            "--appendonly".into(),
-            "no".into(),
-            "--daemonize".into(),
-            "no".into(),
-        ];
-        let tls = extra.iter().any(|a| a == "--tls-port");
-        if !tls {
-            args.extend(["--port".into(), port.to_string()]);
-        }
-        args.extend(extra.iter().cloned());
-        let mut server = RedisServer {
-            child: None,
-            port,
-            args,
-        };
-        server.restart();
-        server
-    }
-
-    /// Kills the server (as a crash would).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again with the same arguments and waits until it listens.
-    pub fn restart(&mut self) {
-        self.kill();
-        let child = std::process::Command::new("redis-server")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/services.sh installs it)");
-        self.child = Some(child);
-        let listen_port = self
-            .args
-            .iter()
-            .position(|a| a == "--tls-port")
-            .map(|i| self.args[i + 1].parse().unwrap())
-            .unwrap_or(self.port);
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "throwaway redis-server did not listen on {listen_port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert_eq!(port, 0, "the shared RedisServer picks its own free port");
+        RedisServer(celery_scale_testing::RedisServer::start_with(extra))
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::Deref for RedisServer {
+    type Target = celery_scale_testing::RedisServer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RedisServer {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
