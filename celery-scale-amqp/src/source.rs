@@ -732,6 +732,7 @@ impl Inner {
             }
         };
         let mut names = self.config.queues.clone();
+        let configured: HashSet<&str> = self.config.queues.iter().map(String::as_str).collect();
         let mut discovered = HashSet::new();
         let mut found: Vec<String> = listed
             .into_iter()
@@ -739,7 +740,7 @@ impl Inner {
             .map(|s| s.name)
             .filter(|n| !n.is_empty() && !is_internal_queue(n))
             .filter(|n| !discovery.exclude.iter().any(|p| wildcard_match(p, n)))
-            .filter(|n| !self.config.queues.contains(n))
+            .filter(|n| !configured.contains(n.as_str()))
             .collect();
         found.sort();
         for n in found {
