@@ -56,6 +56,10 @@ fn redis_server(procs: &mut Procs, port: u16, extra: &[String]) {
     let child = std::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
+        // A replica's full sync writes an RDB file in --dir: keep it out of the source tree.
+        .arg("--dir")
+        .arg(std::env::temp_dir())
+        .args(["--dbfilename", &format!("{}.rdb", unique("sentinel-db"))])
         .args(["--requirepass", MASTER_PW, "--masterauth", MASTER_PW])
         .args(extra)
         .stdout(Stdio::null())
