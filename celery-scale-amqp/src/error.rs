@@ -1,6 +1,5 @@
 //! What can go wrong reading Celery's queues on RabbitMQ, by meaning.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use celery_scale_core::{ConfigError, Error};
@@ -25,16 +24,8 @@ pub enum AmqpSourceError {
     /// A TLS file of the configuration cannot be read or does not hold what the field needs
     /// (no PEM certificate, a key that is not the certificate's, a wrong PKCS#12 password).
     /// Converts into a core [`Config`](celery_scale_core::Error::Config) error naming the field.
-    #[error("{field}: cannot use {path:?}")]
-    TlsFile {
-        /// The configuration field, e.g. `tls.ca_file`.
-        field: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why (an I/O error, or `InvalidData` with the reason).
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    TlsFile(#[from] celery_scale_tls::TlsFileError),
     /// The source was created outside a Tokio runtime.
     #[error("AmqpQueueSource::new must be called within a Tokio runtime")]
     NoRuntime(#[source] tokio::runtime::TryCurrentError),
@@ -174,7 +165,7 @@ impl AmqpSourceError {
     /// Classifies an error of connecting to `url` (redacted) and vhost `vhost`.
     pub(crate) fn from_connect(url: &str, vhost: &str, source: lapin::Error) -> Self {
         let url = url.to_string();
-        if let Some(tls) = crate::tls::rustls_error(&source) {
+        if let Some(tls) = celery_scale_tls::rustls_error(&source) {
             return AmqpSourceError::Tls {
                 url,
                 reason: tls.to_string(),
@@ -227,8 +218,9 @@ impl AmqpSourceError {
             AmqpSourceError::ManagementStatus { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
-            AmqpSourceError::Tls { source, .. } => !crate::tls::rustls_error(source.as_ref())
-                .is_some_and(crate::tls::is_config_problem),
+            AmqpSourceError::Tls { source, .. } => {
+                !celery_scale_tls::is_config_problem(source.as_ref())
+            }
             AmqpSourceError::Protocol { source, .. } => !matches!(
                 amqp_kind(source),
                 Some(AMQPErrorKind::Soft(
@@ -241,7 +233,7 @@ impl AmqpSourceError {
                 ))
             ),
             AmqpSourceError::Config(_)
-            | AmqpSourceError::TlsFile { .. }
+            | AmqpSourceError::TlsFile(_)
             | AmqpSourceError::NoRuntime(_)
             | AmqpSourceError::HttpClient(_)
             | AmqpSourceError::LoginRefused { .. }
@@ -287,14 +279,9 @@ impl From<AmqpSourceError> for Error {
         let message = e.to_string();
         match e {
             AmqpSourceError::Config(c) => Error::Config(c),
-            AmqpSourceError::TlsFile {
-                field,
-                path,
-                source,
-            } => Error::Config(ConfigError::new(
-                field,
-                format!("cannot use {path:?}: {source}"),
-            )),
+            AmqpSourceError::TlsFile(file) => {
+                Error::Config(ConfigError::new(file.field(), file.problem()))
+            }
             AmqpSourceError::NoRuntime(_)
             | AmqpSourceError::HttpClient(_)
             | AmqpSourceError::QueueLocked { .. } => Error::Other {
@@ -472,11 +459,12 @@ mod tests {
         ));
         assert!(Error::from(internal).is_transient());
 
-        let file: Error = AmqpSourceError::TlsFile {
-            field: "tls.ca_file",
-            path: "/etc/ca.pem".into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        }
+        let file: Error = AmqpSourceError::from(celery_scale_tls::TlsFileError::new(
+            "tls.ca_file",
+            std::path::Path::new("/etc/ca.pem"),
+            "cannot be read",
+            Some(std::io::Error::from(std::io::ErrorKind::NotFound).into()),
+        ))
         .into();
         match &file {
             Error::Config(c) => {

@@ -341,11 +341,12 @@ impl ManagementClient {
             const FIELD: &str = "management.ca_file";
             let pem = crate::tls::read_ca_file(FIELD, path)?;
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
-                AmqpSourceError::TlsFile {
-                    field: FIELD,
-                    path: path.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                }
+                celery_scale_tls::TlsFileError::new(
+                    FIELD,
+                    path,
+                    "is not a PEM bundle the HTTP client takes",
+                    Some(Box::new(e)),
+                )
             })?;
             http = http.tls_certs_merge(certs);
         }
