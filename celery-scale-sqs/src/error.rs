@@ -51,7 +51,7 @@ pub enum SqsError {
         sqs_name: String,
         /// The call's classified error.
         #[source]
-        source: Option<AwsError>,
+        source: Option<Box<AwsError>>,
     },
     /// A call about one queue failed (throttled, timed out, unreachable, permission denied,
     /// rejected, ...), as [`AwsError`] classifies it.
@@ -61,7 +61,7 @@ pub enum SqsError {
         queue: String,
         /// The classified error.
         #[source]
-        source: AwsError,
+        source: Box<AwsError>,
     },
     /// Listing the queues by prefix failed, as [`AwsError`] classifies it.
     #[error("listing queues with prefix '{prefix}': {source}")]
@@ -70,7 +70,7 @@ pub enum SqsError {
         prefix: String,
         /// The classified error.
         #[source]
-        source: AwsError,
+        source: Box<AwsError>,
     },
     /// An attribute SQS answered is missing or not a count.
     #[error("queue '{queue}': attribute {attribute} is {}", match value {
@@ -100,7 +100,7 @@ impl SqsError {
     pub fn as_aws(&self) -> Option<&AwsError> {
         match self {
             SqsError::Queue { source, .. } | SqsError::Discovery { source, .. } => Some(source),
-            SqsError::QueueNotFound { source, .. } => source.as_ref(),
+            SqsError::QueueNotFound { source, .. } => source.as_deref(),
             _ => None,
         }
     }
@@ -168,13 +168,13 @@ pub(crate) fn is_queue_missing<E: ProvideErrorMetadata + ModeledCode, R>(
 }
 
 /// Classifies an SDK error of `operation` (see [`AwsError::from_sdk_modeled`]).
-pub(crate) fn classify<E, R>(operation: Operation, err: SdkError<E, R>) -> AwsError
+pub(crate) fn classify<E, R>(operation: Operation, err: SdkError<E, R>) -> Box<AwsError>
 where
     E: ProvideErrorMetadata + ModeledCode + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let modeled = err.as_service_error().and_then(ModeledCode::modeled_code);
-    AwsError::from_sdk_modeled(operation, modeled, err)
+    Box::new(AwsError::from_sdk_modeled(operation, modeled, err))
 }
 
 /// `message` with `queue '{queue}': ` in front, so the core error names the queue.
@@ -292,7 +292,10 @@ mod tests {
 
         let core = celery_scale_core::Error::from(SqsError::Queue {
             queue: "emails".into(),
-            source: AwsError::timed_out(GET_QUEUE_ATTRIBUTES, std::time::Duration::from_secs(4)),
+            source: Box::new(AwsError::timed_out(
+                GET_QUEUE_ATTRIBUTES,
+                std::time::Duration::from_secs(4),
+            )),
         });
         assert_eq!(core.kind(), ErrorKind::Timeout);
         assert!(core.is_transient());

@@ -474,17 +474,17 @@ impl SqsQueueSource {
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(SqsError::Queue {
                 queue: queue.to_owned(),
-                source: AwsError::timed_out(GET_QUEUE_URL, timeout),
+                source: Box::new(AwsError::timed_out(GET_QUEUE_URL, timeout)),
             }),
             Ok(Ok(out)) => match out.queue_url() {
                 Some(url) if !url.is_empty() => Ok(url.to_owned()),
                 _ => Err(SqsError::Queue {
                     queue: queue.to_owned(),
-                    source: AwsError::InvalidResponse {
+                    source: Box::new(AwsError::InvalidResponse {
                         operation: GET_QUEUE_URL,
                         message: format!("no QueueUrl for '{sqs_name}'"),
                         source: None,
-                    },
+                    }),
                 }),
             },
             Ok(Err(e)) if is_queue_missing(&e) => Err(SqsError::QueueNotFound {
@@ -550,7 +550,7 @@ impl SqsQueueSource {
                 Err(_) => {
                     return Err(SqsError::Discovery {
                         prefix: prefix.to_owned(),
-                        source: AwsError::timed_out(LIST_QUEUES, timeout),
+                        source: Box::new(AwsError::timed_out(LIST_QUEUES, timeout)),
                     });
                 }
                 Ok(Err(e)) => {
@@ -590,7 +590,7 @@ impl SqsQueueSource {
             Err(_) => {
                 return Err(SqsError::Queue {
                     queue: t.queue,
-                    source: AwsError::timed_out(GET_QUEUE_ATTRIBUTES, timeout),
+                    source: Box::new(AwsError::timed_out(GET_QUEUE_ATTRIBUTES, timeout)),
                 });
             }
             Ok(Err(e)) if is_queue_missing(&e) => {

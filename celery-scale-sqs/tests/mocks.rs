@@ -103,13 +103,8 @@ async fn throttling_is_transient() {
     fault_then_recovers(
         fault,
         |e| {
-            matches!(
-                e,
-                SqsError::Queue {
-                    source: AwsError::Throttled { .. },
-                    ..
-                }
-            )
+            matches!(e, SqsError::Queue { .. })
+                && matches!(e.as_aws(), Some(AwsError::Throttled { .. }))
         },
         ErrorKind::Throttled,
         true,
@@ -128,13 +123,8 @@ async fn a_5xx_is_transient() {
     fault_then_recovers(
         fault,
         |e| {
-            matches!(
-                e,
-                SqsError::Queue {
-                    source: AwsError::ServiceFault { .. },
-                    ..
-                }
-            )
+            matches!(e, SqsError::Queue { .. })
+                && matches!(e.as_aws(), Some(AwsError::ServiceFault { .. }))
         },
         ErrorKind::Other,
         true,
@@ -153,13 +143,8 @@ async fn access_denied_is_permanent_and_names_the_queue() {
     fault_then_recovers(
         fault,
         |e| {
-            matches!(
-                e,
-                SqsError::Queue {
-                    source: AwsError::PermissionDenied { .. },
-                    ..
-                }
-            )
+            matches!(e, SqsError::Queue { .. })
+                && matches!(e.as_aws(), Some(AwsError::PermissionDenied { .. }))
         },
         ErrorKind::PermissionDenied,
         false,
