@@ -548,7 +548,7 @@ async fn tls_files_are_checked_before_connecting() {
                 ..TlsConfig::default()
             },
             "tls.ca_file",
-            "not a usable CA certificate",
+            "cannot be used as a trust anchor",
         ),
         (
             TlsConfig {
