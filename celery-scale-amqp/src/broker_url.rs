@@ -140,40 +140,24 @@ impl fmt::Debug for BrokerAddress {
     }
 }
 
-/// Encodes every byte but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+/// RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`): the only ones left unencoded.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Encodes every byte but RFC 3986's unreserved characters.
 pub(crate) fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
-/// Python's `urllib.parse.unquote`, except that bytes that are not UTF-8 are refused (Python
-/// would put U+FFFD in their place, which no broker knows either).
-fn unquote(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |j: usize| bytes.get(j).and_then(|b| char::from(*b).to_digit(16));
-        match (bytes[i], hex(i + 1), hex(i + 2)) {
-            // Python leaves a `%` without two hex digits as it is.
-            (b'%', Some(h), Some(l)) => {
-                out.push(u8::try_from(h * 16 + l).ok()?);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+/// Python's `urllib.parse.unquote` (a `%` without two hex digits stays as it is), except that
+/// bytes that are not UTF-8 are refused (Python would put U+FFFD in their place, which no broker
+/// knows either).
+pub(crate) fn unquote(s: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 /// The query options kombu's `Connection` takes from an AMQP URL (anything else makes it raise

@@ -318,7 +318,7 @@ impl ManagementClient {
         })?;
         let mut base = parse_management_url(url)?;
         let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| {
+            crate::broker_url::unquote(s).ok_or_else(|| {
                 AmqpSourceError::Config(celery_scale_core::ConfigError::new(
                     "management.url",
                     format!(
@@ -510,23 +510,6 @@ struct Body {
     body: Vec<u8>,
 }
 
-/// Decodes `%XX` escapes (the URL crate leaves userinfo encoded).
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 #[cfg(test)]
 mod tests {

@@ -266,27 +266,11 @@ fn split(rest: &str) -> Split<'_> {
 
 /// Python's `unquote`: `%XX` decoded (as UTF-8, invalid sequences replaced), the rest as is.
 fn unquote(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
-}
 
 /// Python's `parse_qsl` (no blank values): `+` is a space, pairs without `=` or with an empty
 /// value are dropped; the last of a repeated name wins (kombu makes a dict of it).
