@@ -10,11 +10,11 @@ use std::time::Duration;
 mod common;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale_testing::service as service_url;
 use celery_scale::ec2::aws_sdk_autoscaling::Client;
 use celery_scale::ec2::{AutoScalingGroupConfig, AutoScalingGroups, AwsSettings};
 use celery_scale::record::Outcome;
 use celery_scale::{Binding, LoopSettings, QueueSource};
+use celery_scale_testing::service as service_url;
 use common::{Worker, python, python_unchecked, tick_until, unique};
 
 const WORKERS_PER_INSTANCE: u32 = 2;

@@ -9,13 +9,13 @@ mod common;
 use std::time::Duration;
 
 use celery_scale::config::{PolicyConfig, PolicyKind};
-use celery_scale_testing::service as service_url;
 use celery_scale::ecs::aws_sdk_ecs::Client;
 use celery_scale::ecs::aws_sdk_ecs::types::ContainerDefinition;
 use celery_scale::ecs::{AwsSettings, EcsServiceConfig, EcsServices};
 use celery_scale::record::Outcome;
 use celery_scale::redis::{RedisQueueSource, RedisSourceConfig};
 use celery_scale::{Binding, LoopSettings};
+use celery_scale_testing::service as service_url;
 use common::{Worker, python, tick_until, unique};
 
 const DB: u32 = 11;

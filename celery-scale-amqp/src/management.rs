@@ -510,7 +510,6 @@ struct Body {
     body: Vec<u8>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,9 +106,8 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls.clone());
         let lapin_error = lapin::Error::from(io);
         assert_eq!(celery_scale_tls::rustls_error(&lapin_error), Some(&tls));
-        let refused = lapin::Error::from(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused,
-        ));
+        let refused =
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(celery_scale_tls::rustls_error(&refused), None);
     }
 

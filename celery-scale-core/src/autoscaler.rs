@@ -447,11 +447,23 @@ async fn protect_units(
         Ok(Ok(units)) => units,
         Ok(Err(e)) => {
             let error = format!("cannot read the units to protect: {e}");
-            return (Some(ProtectionRecord { error: Some(error), ..ProtectionRecord::default() }), held);
+            return (
+                Some(ProtectionRecord {
+                    error: Some(error),
+                    ..ProtectionRecord::default()
+                }),
+                held,
+            );
         }
         Err(_) => {
             let error = format!("reading the units to protect took longer than {timeout:?}");
-            return (Some(ProtectionRecord { error: Some(error), ..ProtectionRecord::default() }), held);
+            return (
+                Some(ProtectionRecord {
+                    error: Some(error),
+                    ..ProtectionRecord::default()
+                }),
+                held,
+            );
         }
     };
     let renew = protection.renew_within();
@@ -487,11 +499,12 @@ async fn protect_units(
             continue;
         }
         let verb = if protect { "protect" } else { "release" };
-        let failed = match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("cannot {verb} {}: {e}", ids.join(", "))),
-            Err(_) => Some(format!("{verb} took longer than {timeout:?}")),
-        };
+        let failed =
+            match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("cannot {verb} {}: {e}", ids.join(", "))),
+                Err(_) => Some(format!("{verb} took longer than {timeout:?}")),
+            };
         if let Some(error) = failed {
             record.error = Some(error);
             // A busy unit may be unprotected: no scale-in this tick.

@@ -151,7 +151,11 @@ impl MemoryQueue {
     /// executing count is their sum and the live-worker count their number.
     pub fn set_worker_nodes(&self, nodes: Vec<WorkerNode>) {
         let mut s = lock(&self.state);
-        s.executing = Some(nodes.iter().fold(0u64, |a, n| a.saturating_add(n.executing)));
+        s.executing = Some(
+            nodes
+                .iter()
+                .fold(0u64, |a, n| a.saturating_add(n.executing)),
+        );
         s.worker_nodes = Some(nodes);
         s.workers_unknown = None;
     }
@@ -352,7 +356,11 @@ impl MemoryScaler {
 
     /// The ids of the units not stopped, oldest first.
     pub fn unit_ids(&self) -> Vec<String> {
-        lock(&self.state).units.iter().map(|u| u.id.clone()).collect()
+        lock(&self.state)
+            .units
+            .iter()
+            .map(|u| u.id.clone())
+            .collect()
     }
 
     /// The ids of the units stopped so far, in order.
@@ -433,7 +441,9 @@ impl Scaler for MemoryScaler {
     }
 
     fn protection(&self) -> Option<&dyn UnitProtection> {
-        lock(&self.state).protection.then_some(self as &dyn UnitProtection)
+        lock(&self.state)
+            .protection
+            .then_some(self as &dyn UnitProtection)
     }
 }
 

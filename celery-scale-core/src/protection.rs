@@ -233,7 +233,12 @@ mod tests {
 
     #[test]
     fn busy_units_are_protected_before_a_drop_and_idle_protected_ones_released() {
-        let units = [Unit::new("a"), protected("b"), Unit::new("c"), protected("d")];
+        let units = [
+            Unit::new("a"),
+            protected("b"),
+            Unit::new("c"),
+            protected("d"),
+        ];
         let nodes = [
             node("w@a", 2),
             node("w@b", 0),
@@ -259,7 +264,10 @@ mod tests {
         let p = plan(&units, &nodes, 1, true, SystemTime::now(), Duration::ZERO);
         assert_eq!(p.unmapped_busy, ["w@elsewhere"]);
         assert_eq!(p.busy_floor(), 1);
-        assert!(p.release.is_empty(), "no worker of a is heard: it may be busy");
+        assert!(
+            p.release.is_empty(),
+            "no worker of a is heard: it may be busy"
+        );
     }
 
     #[test]

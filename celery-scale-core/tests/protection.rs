@@ -71,7 +71,11 @@ async fn the_busy_unit_survives_the_scale_in_and_goes_once_idle() {
             ("unit-3", 1),
         ]));
         let target = MemoryScaler::new(4);
-        let target = if protect { target.with_protection() } else { target };
+        let target = if protect {
+            target.with_protection()
+        } else {
+            target
+        };
         let mut b = binding(&queue, target.clone());
         let record = b.tick().await;
         (queue, target, b, record)
@@ -133,7 +137,10 @@ async fn unknown_workers_protect_nothing_and_a_busy_worker_of_no_unit_holds_one(
     let record = b.tick().await;
     assert_eq!(target.desired(), 3, "no scale-in on unknown workers");
     assert!(target.protected().is_empty());
-    assert!(record.protection.is_none_or(|p| !p.applied), "nothing protected");
+    assert!(
+        record.protection.is_none_or(|p| !p.applied),
+        "nothing protected"
+    );
 
     // A worker executing a task whose name maps to no unit: it counts as one busy unit.
     queue.set_worker_nodes(vec![
@@ -152,7 +159,10 @@ async fn unknown_workers_protect_nothing_and_a_busy_worker_of_no_unit_holds_one(
     ]);
     tokio::time::advance(Duration::from_secs(5)).await;
     let record = b.tick().await;
-    let protection = record.protection.clone().unwrap_or_else(|| panic!("{record:?}"));
+    let protection = record
+        .protection
+        .clone()
+        .unwrap_or_else(|| panic!("{record:?}"));
     assert_eq!(protection.plan.unmapped_busy, ["celery@laptop"]);
     assert_eq!(target.desired(), 1);
 }
@@ -212,8 +222,19 @@ async fn units_that_cannot_be_read_hold_the_scale_in() {
     };
     let mut b = binding(&queue, target.clone());
     let record = b.tick().await;
-    assert_eq!(target.inner.desired(), 2, "which unit is busy is not known: hold");
-    assert!(record.protection.unwrap().error.unwrap().contains("throttled"));
+    assert_eq!(
+        target.inner.desired(),
+        2,
+        "which unit is busy is not known: hold"
+    );
+    assert!(
+        record
+            .protection
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("throttled")
+    );
     broken.store(false, Ordering::SeqCst);
     tokio::time::advance(Duration::from_secs(5)).await;
     b.tick().await;

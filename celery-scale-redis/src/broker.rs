@@ -271,7 +271,6 @@ fn unquote(s: &str) -> String {
         .into_owned()
 }
 
-
 /// Python's `parse_qsl` (no blank values): `+` is a space, pairs without `=` or with an empty
 /// value are dropped; the last of a repeated name wins (kombu makes a dict of it).
 fn parse_query(query: &str) -> Vec<(String, String)> {

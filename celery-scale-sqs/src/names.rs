@@ -153,7 +153,6 @@ fn percent_decode(s: &str) -> Option<String> {
     Some(decoded.into_owned())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

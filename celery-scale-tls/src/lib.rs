@@ -55,7 +55,10 @@ impl TlsFileError {
     /// names the field separately).
     pub fn problem(&self) -> String {
         let mut text = format!("{:?} {}", self.path, self.problem);
-        let mut next = self.source.as_deref().map(|s| s as &(dyn StdError + 'static));
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static));
         while let Some(e) = next {
             text.push_str(": ");
             text.push_str(&e.to_string());
@@ -67,7 +70,8 @@ impl TlsFileError {
 
 /// Reads the file of `field`, at most [`MAX_FILE_BYTES`].
 pub fn read_file(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    let unreadable = |e: io::Error| TlsFileError::new(field, path, "cannot be read", Some(e.into()));
+    let unreadable =
+        |e: io::Error| TlsFileError::new(field, path, "cannot be read", Some(e.into()));
     let size = std::fs::metadata(path).map_err(unreadable)?.len();
     if size > MAX_FILE_BYTES {
         return Err(TlsFileError::new(
@@ -354,7 +358,10 @@ mod tests {
         );
         let e = read_ca_file("tls.ca_file", &missing).unwrap_err();
         assert!(e.problem().contains("cannot be read"), "{}", e.problem());
-        assert_eq!(read_ca_file("tls.ca_file", &cert_file).unwrap(), cert.pem().as_bytes());
+        assert_eq!(
+            read_ca_file("tls.ca_file", &cert_file).unwrap(),
+            cert.pem().as_bytes()
+        );
 
         fn cert_of(c: &Path) -> (&'static str, &Path) {
             ("tls.client_cert_file", c)
