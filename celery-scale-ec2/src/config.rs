@@ -22,6 +22,7 @@ fn default_workers_per_instance() -> u32 {
 /// "#).unwrap();
 /// assert_eq!(c, AutoScalingGroupConfig::new("celery-workers").workers_per_instance(4));
 /// assert!(!c.honor_cooldown);
+/// assert!(!c.protect_busy_units, "scale-in protection is opt-in");
 /// assert_eq!(
 ///     AutoScalingGroupConfig::new("w").workers_per_instance(0).validate().unwrap_err().field,
 ///     "workers_per_instance"
@@ -41,6 +42,14 @@ pub struct AutoScalingGroupConfig {
     /// own stabilization windows do that job.
     #[serde(default)]
     pub honor_cooldown: bool,
+    /// Scale-in protection owned by the loop (default false). When true, before it lowers
+    /// `DesiredCapacity` the binding sets `ProtectedFromScaleIn` (`SetInstanceProtection`) on
+    /// the instances whose Celery workers execute tasks, so Auto Scaling terminates idle
+    /// instances first, and releases it once their workers are idle. A worker maps to its
+    /// instance by the instance id in its node name (`celery@i-0abc1234def567890`). Needs
+    /// `autoscaling:SetInstanceProtection` on the group (see `docs/ec2.md`).
+    #[serde(default)]
+    pub protect_busy_units: bool,
 }
 
 impl AutoScalingGroupConfig {
@@ -50,6 +59,7 @@ impl AutoScalingGroupConfig {
             group_name: group_name.into(),
             workers_per_instance: 1,
             honor_cooldown: false,
+            protect_busy_units: false,
         }
     }
 
@@ -62,6 +72,12 @@ impl AutoScalingGroupConfig {
     /// Sets [`AutoScalingGroupConfig::honor_cooldown`].
     pub fn honor_cooldown(mut self, honor: bool) -> Self {
         self.honor_cooldown = honor;
+        self
+    }
+
+    /// Sets [`AutoScalingGroupConfig::protect_busy_units`].
+    pub fn protect_busy_units(mut self, protect: bool) -> Self {
+        self.protect_busy_units = protect;
         self
     }
 
@@ -118,5 +134,11 @@ mod tests {
         )
         .unwrap();
         assert!(round.honor_cooldown);
+        let on: AutoScalingGroupConfig =
+            toml::from_str("group_name = \"a\"\nprotect_busy_units = true").unwrap();
+        assert_eq!(
+            on,
+            AutoScalingGroupConfig::new("a").protect_busy_units(true)
+        );
     }
 }

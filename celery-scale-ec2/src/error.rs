@@ -6,6 +6,7 @@
 use aws_sdk_autoscaling::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsError;
 use aws_sdk_autoscaling::operation::set_desired_capacity::SetDesiredCapacityError;
+use aws_sdk_autoscaling::operation::set_instance_protection::SetInstanceProtectionError;
 use celery_scale_aws::{AwsError, Operation, SharedSource};
 use std::sync::Arc;
 
@@ -16,6 +17,9 @@ pub const BACKEND: &str = "autoscaling";
 pub(crate) const DESCRIBE_GROUPS: Operation = Operation::new(BACKEND, "DescribeAutoScalingGroups");
 /// The `SetDesiredCapacity` call.
 pub(crate) const SET_DESIRED_CAPACITY: Operation = Operation::new(BACKEND, "SetDesiredCapacity");
+/// The `SetInstanceProtection` call.
+pub(crate) const SET_INSTANCE_PROTECTION: Operation =
+    Operation::new(BACKEND, "SetInstanceProtection");
 
 /// What went wrong talking to EC2 Auto Scaling.
 ///
@@ -121,6 +125,31 @@ impl Ec2Error {
                 source: Arc::new(err),
             },
             _ => Ec2Error::Aws(AwsError::from_sdk(SET_DESIRED_CAPACITY, err)),
+        }
+    }
+
+    /// Classifies a `SetInstanceProtection` failure. `ResourceContention` is this crate's
+    /// transient rejection; `LimitExceeded` and everything else (`ValidationError` for an
+    /// instance that is not in the group or not in a state that takes protection, throttling,
+    /// permission) is classified by [`AwsError`].
+    pub(crate) fn from_protect(err: SdkError<SetInstanceProtectionError>) -> Self {
+        let modeled = match err.as_service_error() {
+            Some(SetInstanceProtectionError::ResourceContentionFault(_)) => {
+                Some("ResourceContention")
+            }
+            Some(SetInstanceProtectionError::LimitExceededFault(_)) => Some("LimitExceeded"),
+            _ => None,
+        };
+        match err.code().or(modeled) {
+            Some("ResourceContention") => Ec2Error::ResourceContention {
+                operation: SET_INSTANCE_PROTECTION,
+                source: Arc::new(err),
+            },
+            _ => Ec2Error::Aws(AwsError::from_sdk_modeled(
+                SET_INSTANCE_PROTECTION,
+                modeled,
+                err,
+            )),
         }
     }
 }

@@ -13,11 +13,14 @@ use celery_scale_aws::{AwsError, AwsSettings, SetupError};
 use celery_scale_core::{Capacity, ConfigError};
 use tokio::time::Instant;
 
-use crate::error::{DESCRIBE_GROUPS, SET_DESIRED_CAPACITY};
+use crate::error::{DESCRIBE_GROUPS, SET_DESIRED_CAPACITY, SET_INSTANCE_PROTECTION};
 use crate::{AutoScalingGroupConfig, AutoScalingGroupScaler, Ec2Error};
 
 /// Group names per `DescribeAutoScalingGroups` call (the API's default limit).
 pub const NAMES_PER_CALL: usize = 50;
+
+/// Instance ids per `SetInstanceProtection` call (the API's limit).
+pub const INSTANCES_PER_PROTECTION_CALL: usize = 50;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Poisoning only means another thread panicked while replacing plain data.
@@ -53,6 +56,46 @@ pub struct GroupSnapshot {
     pub other: u32,
     /// Instances protected from scale-in.
     pub protected_from_scale_in: u32,
+    /// The group's instances, in the order Auto Scaling listed them.
+    pub instances: Vec<GroupInstance>,
+}
+
+/// One instance of a group as `DescribeAutoScalingGroups` listed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInstance {
+    /// The EC2 instance id (`i-0abc1234def567890`).
+    pub instance_id: String,
+    /// Its lifecycle state (`None` when the answer had none).
+    pub lifecycle_state: Option<LifecycleState>,
+    /// `ProtectedFromScaleIn`.
+    pub protected_from_scale_in: bool,
+    /// Its `WeightedCapacity` (1 without instance weights).
+    pub weight: u32,
+}
+
+impl GroupInstance {
+    /// Whether Auto Scaling is taking it out of the group: `Terminating*`, `Terminated`,
+    /// `Detaching`, `Detached` and the warm pool's `Warmed:Terminating*`, `Warmed:Terminated`.
+    /// Protection does nothing for such an instance (and `SetInstanceProtection` refuses it).
+    pub fn is_stopping(&self) -> bool {
+        matches!(
+            self.lifecycle_state,
+            Some(
+                LifecycleState::Terminating
+                    | LifecycleState::TerminatingWait
+                    | LifecycleState::TerminatingProceed
+                    | LifecycleState::TerminatingRetained
+                    | LifecycleState::Terminated
+                    | LifecycleState::Detaching
+                    | LifecycleState::Detached
+                    | LifecycleState::WarmedTerminating
+                    | LifecycleState::WarmedTerminatingWait
+                    | LifecycleState::WarmedTerminatingProceed
+                    | LifecycleState::WarmedTerminatingRetained
+                    | LifecycleState::WarmedTerminated
+            )
+        )
+    }
 }
 
 impl GroupSnapshot {
@@ -106,6 +149,7 @@ impl GroupSnapshot {
             terminating: 0,
             other: 0,
             protected_from_scale_in: 0,
+            instances: Vec::with_capacity(g.instances().len()),
         };
         for i in g.instances() {
             let weight = match i.weighted_capacity() {
@@ -140,6 +184,17 @@ impl GroupSnapshot {
                 _ => &mut snap.other,
             };
             *slot = slot.saturating_add(weight);
+            match i.instance_id() {
+                Some(id) if !id.is_empty() => snap.instances.push(GroupInstance {
+                    instance_id: id.to_owned(),
+                    lifecycle_state: i.lifecycle_state().cloned(),
+                    protected_from_scale_in: i.protected_from_scale_in() == Some(true),
+                    weight,
+                }),
+                // Counted above; without an id it cannot be protected, and a busy worker on
+                // it maps to no instance (a busy unit nobody may remove).
+                _ => tracing::warn!(group = %name, "Auto Scaling listed an instance without an id"),
+            }
         }
         Ok(snap)
     }
@@ -203,6 +258,7 @@ struct Inner {
     refresh: tokio::sync::Mutex<()>,
     describe_calls: AtomicU64,
     set_calls: AtomicU64,
+    protection_calls: AtomicU64,
 }
 
 /// A shared handle on EC2 Auto Scaling that hands out one [`AutoScalingGroupScaler`] per group
@@ -250,6 +306,7 @@ impl AutoScalingGroups {
                 refresh: tokio::sync::Mutex::new(()),
                 describe_calls: AtomicU64::new(0),
                 set_calls: AtomicU64::new(0),
+                protection_calls: AtomicU64::new(0),
             }),
         })
     }
@@ -295,7 +352,7 @@ impl AutoScalingGroups {
         &self.inner.settings
     }
 
-    /// The client, for calls this crate does not make (e.g. `SetInstanceProtection`).
+    /// The client, for calls this crate does not make.
     pub fn client(&self) -> &Client {
         &self.inner.client
     }
@@ -308,6 +365,12 @@ impl AutoScalingGroups {
     /// `SetDesiredCapacity` calls made so far.
     pub fn set_calls(&self) -> u64 {
         self.inner.set_calls.load(Ordering::Relaxed)
+    }
+
+    /// `SetInstanceProtection` calls made so far (one per batch of
+    /// [`INSTANCES_PER_PROTECTION_CALL`] instances).
+    pub fn protection_calls(&self) -> u64 {
+        self.inner.protection_calls.load(Ordering::Relaxed)
     }
 
     /// Forgets the last describe round: the next `snapshot` reads fresh.
@@ -444,5 +507,43 @@ impl AutoScalingGroups {
             Ok(Err(e)) => Err(Ec2Error::from_set(group, e)),
             Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// Calls `SetInstanceProtection` on `ids` of `group`, [`INSTANCES_PER_PROTECTION_CALL`]
+    /// ids a call, stopping at the first failure (the batches before it stay applied), and
+    /// invalidates the cached round: the next read sees the new protection.
+    pub(crate) async fn set_instance_protection(
+        &self,
+        group: &str,
+        ids: &[String],
+        protected: bool,
+    ) -> Result<(), Ec2Error> {
+        let timeout = self.inner.settings.call_timeout;
+        let mut result = Ok(());
+        for chunk in ids.chunks(INSTANCES_PER_PROTECTION_CALL) {
+            self.inner.protection_calls.fetch_add(1, Ordering::Relaxed);
+            let call = self
+                .inner
+                .client
+                .set_instance_protection()
+                .auto_scaling_group_name(group)
+                .set_instance_ids(Some(chunk.to_vec()))
+                .protected_from_scale_in(protected)
+                .send();
+            result = match tokio::time::timeout(timeout, call).await {
+                Err(_) => Err(Ec2Error::Aws(AwsError::timed_out(
+                    SET_INSTANCE_PROTECTION,
+                    timeout,
+                ))),
+                Ok(Err(e)) => Err(Ec2Error::from_protect(e)),
+                Ok(Ok(_)) => Ok(()),
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        // Whatever happened, some protection may have changed: read it fresh next time.
+        self.invalidate();
+        result
     }
 }

@@ -8,7 +8,9 @@ mod scaler;
 
 pub use config::AutoScalingGroupConfig;
 pub use error::{BACKEND, Ec2Error};
-pub use groups::{AutoScalingGroups, GroupSnapshot, NAMES_PER_CALL};
+pub use groups::{
+    AutoScalingGroups, GroupInstance, GroupSnapshot, INSTANCES_PER_PROTECTION_CALL, NAMES_PER_CALL,
+};
 pub use scaler::AutoScalingGroupScaler;
 
 /// The shared AWS layer this crate is built on: its settings, start-up errors, classified call

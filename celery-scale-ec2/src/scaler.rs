@@ -1,6 +1,7 @@
 //! [`AutoScalingGroupScaler`]: the [`Scaler`] of one Auto Scaling Group.
 
 use async_trait::async_trait;
+use celery_scale_core::protection::{Unit, UnitProtection};
 use celery_scale_core::{Capacity, CapacityUnit, Result, Scaler, SetOutcome, WorkersPerUnit};
 
 use crate::{AutoScalingGroupConfig, AutoScalingGroups};
@@ -16,6 +17,21 @@ use crate::{AutoScalingGroupConfig, AutoScalingGroups};
 ///   refuses values outside them; moto does not, so the clamp is ours) and says so in
 ///   [`SetOutcome::note`]; calls `SetDesiredCapacity` (with `HonorCooldown` as configured) only
 ///   when the clamped value differs from the group's desired capacity.
+/// - `protection()`: with [`AutoScalingGroupConfig::protect_busy_units`] on, the
+///   [`UnitProtection`] of the group's instances (see below); `None` otherwise.
+///
+/// As [`UnitProtection`]:
+/// - `units()`: the group's instances from the same shared `DescribeAutoScalingGroups` round
+///   as `capacity()` (so the plan and the count it lowers from are one view), each a [`Unit`]
+///   whose id is the instance id, `protected` = `ProtectedFromScaleIn`, no expiry, and
+///   `stopping` for `Terminating*`, `Terminated`, `Detaching`, `Detached` and
+///   `Warmed:Terminating*` (a stopping instance reads as unprotected: there is nothing left to
+///   protect or release). No aliases: the private addresses would need `ec2:DescribeInstances`,
+///   so a worker maps to its instance by the instance id in its node name
+///   (`celery@i-0abc1234def567890`).
+/// - `set_protected(ids, p)`: `SetInstanceProtection`, at most
+///   [`INSTANCES_PER_PROTECTION_CALL`](crate::INSTANCES_PER_PROTECTION_CALL) ids a call; it
+///   invalidates the shared round so the next read (the `set_desired` that follows) is fresh.
 ///
 /// Made by [`AutoScalingGroups::scaler`].
 #[derive(Debug, Clone)]
@@ -97,5 +113,49 @@ impl Scaler for AutoScalingGroupScaler {
             applied,
             note,
         })
+    }
+
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        self.config
+            .protect_busy_units
+            .then_some(self as &dyn UnitProtection)
+    }
+}
+
+#[async_trait]
+impl UnitProtection for AutoScalingGroupScaler {
+    async fn units(&self) -> Result<Vec<Unit>> {
+        let snap = self.groups.snapshot(&self.config.group_name).await?;
+        Ok(snap
+            .instances
+            .iter()
+            .map(|i| {
+                let stopping = i.is_stopping();
+                Unit {
+                    id: i.instance_id.clone(),
+                    aliases: Vec::new(),
+                    protected: i.protected_from_scale_in && !stopping,
+                    protected_until: None,
+                    stopping,
+                }
+            })
+            .collect())
+    }
+
+    async fn set_protected(&self, ids: &[String], protected: bool) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let group = &self.config.group_name;
+        self.groups
+            .set_instance_protection(group, ids, protected)
+            .await?;
+        tracing::info!(
+            group = %group,
+            instances = %ids.join(","),
+            protected,
+            "set instance scale-in protection"
+        );
+        Ok(())
     }
 }

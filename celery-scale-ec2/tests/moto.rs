@@ -257,3 +257,193 @@ async fn fifty_five_groups_are_read_in_two_calls() {
         "55 concurrent reads: one round of two calls (50 + 5 names)"
     );
 }
+
+/// The group's instances as (id, protected), in the order moto lists them (the order it picks
+/// instances to terminate on a scale-in: the first unprotected ones go).
+async fn instances(groups: &AutoScalingGroups, name: &str) -> Vec<(String, bool)> {
+    let out = groups
+        .client()
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(name)
+        .send()
+        .await
+        .expect("describe the group in moto");
+    out.auto_scaling_groups()[0]
+        .instances()
+        .iter()
+        .map(|i| {
+            (
+                i.instance_id().unwrap().to_owned(),
+                i.protected_from_scale_in() == Some(true),
+            )
+        })
+        .collect()
+}
+
+/// One Celery worker node per instance, named `celery@<instance id>`, executing `busy[i]`.
+fn worker_nodes(ids: &[String], busy: &[u64]) -> Vec<celery_scale_core::celery_events::WorkerNode> {
+    ids.iter()
+        .zip(busy)
+        .map(|(id, n)| celery_scale_core::celery_events::WorkerNode {
+            hostname: format!("celery@{id}"),
+            executing: *n,
+        })
+        .collect()
+}
+
+/// A binding on an empty queue that scales in at once: the desired count follows the
+/// executing tasks.
+fn protection_binding(
+    queue: &MemoryQueue,
+    scaler: celery_scale_ec2::AutoScalingGroupScaler,
+) -> Binding {
+    let policy = PolicyConfig {
+        kind: PolicyKind::TargetBacklog,
+        messages_per_worker: 5.0,
+        max_workers: 20,
+        stabilize_down: Duration::ZERO,
+        scale_to_zero_after: Duration::ZERO,
+        ..PolicyConfig::default()
+    };
+    Binding::new(
+        LoopSettings {
+            name: "protect".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            ..LoopSettings::default()
+        },
+        Box::new(queue.clone()),
+        Box::new(scaler),
+        policy.build().unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_busy_instance_survives_the_scale_in_and_is_released_once_idle() {
+    let Some(url) = moto_url() else { return };
+    let groups = handle(&url, Duration::ZERO);
+    let mut moto = MotoGroups::new(&url, &groups).await;
+
+    // Without protection: moto, like Auto Scaling, picks the victims itself; the first listed
+    // instance, the busy one here, is terminated.
+    let name = moto.create("celery-unprotected", 0, 5, 3).await;
+    let ids: Vec<String> = instances(&groups, &name)
+        .await
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    queue.set_worker_nodes(worker_nodes(&ids, &[1, 0, 0]));
+    let scaler = groups.scaler(AutoScalingGroupConfig::new(&name)).unwrap();
+    assert!(scaler.protection().is_none(), "protection is opt-in");
+    let r = protection_binding(&queue, scaler).tick().await;
+    assert!(
+        matches!(r.outcome, Outcome::Set { from: 3, to: 1, .. }),
+        "{r:?}"
+    );
+    let left = instances(&groups, &name).await;
+    assert_eq!(left.len(), 1);
+    assert_ne!(
+        left[0].0, ids[0],
+        "without protection the busy instance is terminated"
+    );
+
+    // With protection: the busy instance is protected first, the two idle ones go.
+    let name = moto.create("celery-protected", 0, 5, 3).await;
+    let ids: Vec<String> = instances(&groups, &name)
+        .await
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    let busy = ids[0].clone();
+    queue.set_worker_nodes(worker_nodes(&ids, &[1, 0, 0]));
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(&name).protect_busy_units(true))
+        .unwrap();
+    let mut b = protection_binding(&queue, scaler.clone());
+    let r = b.tick().await;
+    let protection = r.protection.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(protection.plan.protect, [busy.clone()], "{r:?}");
+    assert!(protection.applied, "{r:?}");
+    assert!(
+        matches!(r.outcome, Outcome::Set { from: 3, to: 1, .. }),
+        "{r:?}"
+    );
+    assert_eq!(
+        instances(&groups, &name).await,
+        [(busy.clone(), true)],
+        "the busy instance survives, protected; the idle ones are terminated"
+    );
+    assert_eq!(groups.protection_calls(), 1);
+
+    // Its worker goes idle: it is released before the drop to zero, and then terminated.
+    queue.set_worker_nodes(worker_nodes(&ids[..1], &[0]));
+    let r = b.tick().await;
+    let protection = r.protection.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(protection.plan.release, [busy.clone()], "{r:?}");
+    assert!(protection.plan.protect.is_empty());
+    assert!(protection.applied);
+    assert!(
+        matches!(r.outcome, Outcome::Set { from: 1, to: 0, .. }),
+        "{r:?}"
+    );
+    assert!(
+        instances(&groups, &name).await.is_empty(),
+        "released, then terminated"
+    );
+    assert_eq!(scaler.capacity().await.unwrap().desired, 0);
+}
+
+#[tokio::test]
+async fn protection_is_released_once_idle_while_the_group_stays_at_its_minimum() {
+    let Some(url) = moto_url() else { return };
+    let groups = handle(&url, Duration::ZERO);
+    let mut moto = MotoGroups::new(&url, &groups).await;
+    // MinSize 2: the idle drop is clamped, the instances stay, so their protection can be read.
+    let name = moto.create("celery-release", 2, 5, 4).await;
+    let ids: Vec<String> = instances(&groups, &name)
+        .await
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    // Two busy, on the instances moto would terminate first.
+    queue.set_worker_nodes(worker_nodes(&ids, &[1, 1, 0, 0]));
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(&name).protect_busy_units(true))
+        .unwrap();
+    let mut b = protection_binding(&queue, scaler.clone());
+    let r = b.tick().await;
+    assert!(
+        matches!(r.outcome, Outcome::Set { from: 4, to: 2, .. }),
+        "{r:?}"
+    );
+    let mut left = instances(&groups, &name).await;
+    left.sort();
+    let mut want = vec![(ids[0].clone(), true), (ids[1].clone(), true)];
+    want.sort();
+    assert_eq!(left, want, "both busy instances stay, protected");
+
+    // One goes idle: only it is released; the other stays protected.
+    queue.set_worker_nodes(worker_nodes(&ids[..2], &[0, 1]));
+    let r = b.tick().await;
+    let p = r.protection.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(p.plan.release, [ids[0].clone()], "{r:?}");
+    let got: std::collections::BTreeMap<String, bool> =
+        instances(&groups, &name).await.into_iter().collect();
+    assert_eq!(got.get(&ids[0]), Some(&false), "released once idle");
+    assert_eq!(got.get(&ids[1]), Some(&true), "still busy: still protected");
+    assert_eq!(scaler.capacity().await.unwrap().desired, 2, "MinSize holds");
+
+    // The units the scaler reports agree with moto's.
+    let units = celery_scale_core::protection::UnitProtection::units(&scaler)
+        .await
+        .unwrap();
+    let read: std::collections::BTreeMap<String, bool> =
+        units.into_iter().map(|u| (u.id, u.protected)).collect();
+    assert_eq!(read, got);
+}
