@@ -268,6 +268,17 @@ pub(crate) fn message_age(
     let (published, eta) = de
         .deserialize_map(EnvelopeTimes { field })
         .map_err(|e| BadStamp::new("message", format!("not a kombu JSON envelope ({e})")))?;
+    age_of(published, eta, field, now)
+}
+
+/// The age [`message_age`] gives from the envelope's publish time (properties first, then
+/// headers) and `eta` header, however they were read.
+fn age_of(
+    published: Option<Value>,
+    eta: Option<Value>,
+    field: Option<&str>,
+    now: SystemTime,
+) -> Result<Option<Duration>, BadStamp> {
     if let (Some(name), Some(value)) = (field, published.as_ref().filter(|v| !v.is_null())) {
         let what = || format!("{name} {}", shown(Some(value)));
         let at = parse_time(value).map_err(|why| BadStamp::new(what(), why))?;
@@ -290,6 +301,171 @@ pub(crate) fn message_age(
     let what = format!("eta {}", shown(Some(eta)));
     let due = parse_time(eta).map_err(|why| BadStamp::new(what, why))?;
     Ok(now.duration_since(due).ok())
+}
+
+/// The Lua script that reads, for each of its keys, the list's length and only the time stamps
+/// of its oldest message (`LINDEX key -1`): the message is decoded by Redis's `cjson` without
+/// its body (kombu writes the body first; the script skips that string by finding its closing
+/// quote, and decodes a whole message written another way), and a few bytes per key come back
+/// instead of the message.
+///
+/// `KEYS`: list keys. `ARGV[1]`: `"1"` when a publish-time field is configured, `ARGV[2]` its
+/// name. Per key it returns the `LLEN` reply (or its error), then `false` (no message, or one
+/// without a stamp), `"E"` + why (not a kombu JSON envelope), or `{published, eta}`: each
+/// `false` (missing or `null`) or a tagged string, `"n"` + a number as `%.17g` (exact for a
+/// double), `"s"` + a string, `"b"` + a boolean, `"t"` + a table's JSON (empty past 200 bytes).
+/// [`script_tail_age`] reads that the way [`message_age`] reads the message.
+pub(crate) const TAILS_SCRIPT: &str = r#"-- celery-scale: list lengths and oldest-message time stamps
+local has_field = ARGV[1] == '1'
+local field = ARGV[2]
+local null = cjson.null
+local function tag(v)
+  if v == nil or v == null then return false end
+  local t = type(v)
+  if t == 'number' then return 'n' .. string.format('%.17g', v) end
+  if t == 'string' then return 's' .. v end
+  if t == 'boolean' then return 'b' .. tostring(v) end
+  local ok, s = pcall(cjson.encode, v)
+  if ok and #s <= 200 then return 't' .. s end
+  return 't'
+end
+local function object(v)
+  if v == nil or v == null then return {} end
+  if type(v) ~= 'table' or v[1] ~= nil then return nil end
+  return v
+end
+local function decode(raw)
+  local _, e = string.find(raw, '^%s*{%s*"body"%s*:%s*"')
+  if e then
+    local i = e + 1
+    while true do
+      local q = string.find(raw, '"', i, true)
+      if not q then break end
+      local b = q - 1
+      while b > e and string.byte(raw, b) == 92 do b = b - 1 end
+      if (q - 1 - b) % 2 == 0 then
+        local _, c = string.find(raw, '^%s*,', q + 1)
+        if c then return pcall(cjson.decode, '{' .. string.sub(raw, c + 1)) end
+        if string.find(raw, '^%s*}%s*$', q + 1) then return true, {} end
+        break
+      end
+      i = q + 1
+    end
+  end
+  return pcall(cjson.decode, raw)
+end
+local function stamps(raw)
+  local ok, m = decode(raw)
+  if not ok then return 'E' .. string.sub(tostring(m), 1, 200) end
+  if type(m) ~= 'table' or m[1] ~= nil then return 'Enot a JSON object' end
+  local h = object(m['headers'])
+  if not h then return 'Eheaders is not an object' end
+  local published = nil
+  if has_field then
+    local p = object(m['properties'])
+    if not p then return 'Eproperties is not an object' end
+    published = p[field]
+    if published == null then published = nil end
+    if published == nil then published = h[field] end
+  end
+  local p, eta = tag(published), tag(h['eta'])
+  if not p and not eta then return false end
+  return {p, eta}
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.pcall('LLEN', key)
+  out[2 * i - 1] = n
+  local tail = false
+  if type(n) == 'number' and n > 0 then
+    local raw = redis.pcall('LINDEX', key, -1)
+    if type(raw) == 'string' then
+      tail = stamps(raw)
+    elseif type(raw) == 'table' and raw.err then
+      tail = raw
+    end
+  end
+  out[2 * i] = tail
+end
+return out
+"#;
+
+/// A tail reply of [`TAILS_SCRIPT`] that is none of the forms it returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotAScriptTail(pub String);
+
+/// The age of a key's oldest message from [`TAILS_SCRIPT`]'s tail reply, with the rules of
+/// [`message_age`]: `Ok(Ok(None))` for no message or no stamp, `Ok(Err(_))` for a stamp (or a
+/// message) that cannot be used, `Err(_)` for a reply the script does not give (a forged
+/// server): the caller fails the observation, as for any unexpected reply.
+pub(crate) fn script_tail_age(
+    reply: &redis::Value,
+    field: Option<&str>,
+    now: SystemTime,
+) -> Result<Result<Option<Duration>, BadStamp>, NotAScriptTail> {
+    use redis::Value as R;
+    let unexpected = || NotAScriptTail(format!("{reply:?}").chars().take(200).collect());
+    match reply {
+        R::Nil => Ok(Ok(None)),
+        R::BulkString(b) if b.first() == Some(&b'E') => Ok(Err(BadStamp::new(
+            "message",
+            format!(
+                "not a kombu JSON envelope ({})",
+                String::from_utf8_lossy(&b[1..])
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        ))),
+        R::Array(parts) if parts.len() == 2 => {
+            let mut values = [None, None];
+            for (slot, part) in values.iter_mut().zip(parts) {
+                *slot = match part {
+                    R::Nil => None,
+                    R::BulkString(b) => match tagged_value(b) {
+                        Some(Ok(v)) => Some(v),
+                        Some(Err(bad)) => return Ok(Err(bad)),
+                        None => return Err(unexpected()),
+                    },
+                    _ => return Err(unexpected()),
+                };
+            }
+            let [published, eta] = values;
+            Ok(age_of(published, eta, field, now))
+        }
+        _ => Err(unexpected()),
+    }
+}
+
+/// One tagged value of [`TAILS_SCRIPT`] as the JSON value it was decoded from; `None` for an
+/// unknown tag, `Err` for what serde_json would not have read (a number out of range, a string
+/// that is not UTF-8): the message, not the stamp, is then unusable, as with [`message_age`].
+fn tagged_value(b: &[u8]) -> Option<Result<Value, BadStamp>> {
+    let (tag, rest) = b.split_first()?;
+    let not_json = |why: &str| {
+        Err(BadStamp::new(
+            "message",
+            format!("not a kombu JSON envelope ({why})"),
+        ))
+    };
+    Some(match tag {
+        b'n' => match std::str::from_utf8(rest)
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .and_then(serde_json::Number::from_f64)
+        {
+            Some(n) => Ok(Value::Number(n)),
+            None => not_json("number out of range"),
+        },
+        b's' => match std::str::from_utf8(rest) {
+            Ok(s) => Ok(Value::String(s.to_string())),
+            Err(_) => not_json("a string that is not UTF-8"),
+        },
+        b'b' => Ok(Value::Bool(rest == b"true")),
+        // A table (array or object): shown in the log when it is short.
+        b't' => Ok(serde_json::from_slice(rest).unwrap_or(Value::Array(Vec::new()))),
+        _ => return None,
+    })
 }
 
 /// A JSON value for a log line, cut to 80 characters.
@@ -567,7 +743,7 @@ mod tests {
         use proptest::prelude::*;
 
         /// A stamp in any form a publisher might write, and some no publisher should.
-        fn stamp() -> impl Strategy<Value = String> {
+        pub(super) fn stamp() -> impl Strategy<Value = String> {
             prop_oneof![
                 any::<f64>().prop_map(|f| serde_json::to_string(&f).unwrap()),
                 any::<f64>().prop_map(|f| format!("\"{f}\"")),
@@ -663,6 +839,141 @@ mod tests {
                 prop_assert!(err <= Duration::from_micros(1), "{stamp}: {age:?} vs {ago_us} us");
             }
         }
+    }
+
+    /// The tails script on a real Redis reads every message as [`message_age`] does: the same
+    /// age (to a microsecond: two float parsers), or unknown for both. Stamps from the fuzz
+    /// strategy and hand-picked hostile ones, in properties, headers and `eta`, with and
+    /// without a configured field.
+    #[test]
+    fn the_script_reads_stamps_as_message_age_does() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let Some(url) = celery_scale_testing::service("CELERY_SCALE_REDIS_URL") else {
+            return;
+        };
+        let url = format!("{}/4", url.trim_end_matches('/'));
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let mut stamps: Vec<String> = [
+            "1799999990.5",
+            "1799999990.123456789",
+            "\"1799999990.25\"",
+            "1800000100",
+            "1800000000000",
+            "1e300",
+            "1e400",
+            "-1e400",
+            "12345.6",
+            "-5",
+            "18446744073709551616",
+            "\"2027-01-15T08:00:00.250000+00:00\"",
+            "\"2027-01-15 08:00:00\"",
+            "\"9999-99-99\"",
+            "\"NaN\"",
+            "\"inf\"",
+            "\" 1799999000 \"",
+            "true",
+            "false",
+            "null",
+            "[1799999990]",
+            "{\"a\": 1}",
+            "[]",
+            "{}",
+            "\"\"",
+            "\"\\u00e9t\\u00e9\"",
+            "0.0",
+            "1.7976931348623157e308",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        for _ in 0..150 {
+            stamps.push(fuzz::stamp().new_tree(&mut runner).unwrap().current());
+        }
+        let mut messages = Vec::new();
+        for (i, st) in stamps.iter().enumerate() {
+            let other = &stamps[(i * 7 + 3) % stamps.len()];
+            messages.push(msg(&format!(r#""published_at": {st}"#), ""));
+            messages.push(msg("", &format!(r#""published_at": {st}"#)));
+            messages.push(msg(
+                &format!(r#""eta": {st}"#),
+                &format!(r#""published_at": {other}"#),
+            ));
+            messages.push(msg(
+                &format!(r#""eta": {st}, "published_at": {other}"#),
+                r#""published_at": null"#,
+            ));
+        }
+        for m in [
+            "not json",
+            "",
+            "[1, 2]",
+            "{}",
+            r#"{"body": "x"}"#,
+            r#"{"body": "x", "headers": 5}"#,
+            r#"{"body": "x", "headers": {}, "properties": "p"}"#,
+            r#"{"body": 5, "headers": {"eta": "2001-01-01T00:00:00"}}"#,
+            r#"{"body": "a\"b\\", "headers": {"published_at": 1799999999}}"#,
+            r#"{"body": "a\\", "headers": {"published_at": 1799999999}}"#,
+            r#"{"headers": {"published_at": 1799999999}, "body": "x"}"#,
+            r#"  { "body" : "x" , "headers": {"published_at": 1799999999} }  "#,
+            r#"{"body": "x", "headers": {"published_at": 1799999999}"#,
+        ] {
+            messages.push(m.to_string());
+        }
+        let prefix = format!("csr-layout-{}:", std::process::id());
+        let keys: Vec<String> = (0..messages.len())
+            .map(|i| format!("{prefix}{i}"))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (k, m) in keys.iter().zip(&messages) {
+            pipe.cmd("DEL")
+                .arg(k)
+                .ignore()
+                .cmd("LPUSH")
+                .arg(k)
+                .arg(m)
+                .ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+        let now = UNIX_EPOCH + NOW;
+        let same = |a: &Result<Option<Duration>, BadStamp>,
+                    b: &Result<Option<Duration>, BadStamp>| match (a, b) {
+            (Ok(Some(x)), Ok(Some(y))) => x.abs_diff(*y) <= Duration::from_micros(1),
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => true,
+            _ => false,
+        };
+        let mut checked = 0;
+        for field in [Some("published_at"), None] {
+            for (chunk, msgs) in keys.chunks(200).zip(messages.chunks(200)) {
+                let reply: redis::Value = redis::cmd("EVAL")
+                    .arg(TAILS_SCRIPT)
+                    .arg(chunk.len())
+                    .arg(chunk)
+                    .arg(if field.is_some() { "1" } else { "0" })
+                    .arg(field.unwrap_or(""))
+                    .query(&mut conn)
+                    .unwrap();
+                let redis::Value::Array(parts) = reply else {
+                    panic!("{reply:?}")
+                };
+                assert_eq!(parts.len(), chunk.len() * 2);
+                for (m, pair) in msgs.iter().zip(parts.chunks(2)) {
+                    assert_eq!(pair[0], redis::Value::Int(1));
+                    let script = script_tail_age(&pair[1], field, now).unwrap();
+                    let serde = message_age(m.as_bytes(), field, now);
+                    assert!(
+                        same(&script, &serde),
+                        "{m} ({field:?}): script {script:?}, serde {serde:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, messages.len() * 2);
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).unwrap();
     }
 
     #[test]

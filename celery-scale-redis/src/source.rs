@@ -17,7 +17,9 @@ use crate::connect::Connector;
 use crate::config::{InFlightMode, RedisSourceConfig};
 use crate::error::RedisSourceError;
 use crate::heartbeats::SubscriberSettings;
-use crate::layout::{BadStamp, Layout, is_internal_queue, message_age, unacked_route};
+use crate::layout::{
+    BadStamp, Layout, TAILS_SCRIPT, is_internal_queue, message_age, script_tail_age, unacked_route,
+};
 
 /// Entries asked for per `HSCAN` page.
 const HSCAN_COUNT: u32 = 1000;
@@ -29,6 +31,22 @@ const MAX_COUNT: u64 = 1 << 40;
 const SCAN_COUNT: u32 = 1000;
 /// How long `in_flight = "auto"` trusts its last look at kombu's binding tables.
 const AUTO_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// Keys per `EVALSHA` of the tails script: each run stays short (a few milliseconds of the
+/// server's time), and its reply small.
+const SCRIPT_KEYS: usize = 1000;
+/// How long the source reads whole tail messages after the server refused the script (no
+/// scripting, an ACL without `EVALSHA`), before it tries to load it again.
+const SCRIPT_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether the tails script is loaded on the server.
+enum Script {
+    /// Not tried yet (or the server forgot it: `NOSCRIPT`).
+    Unknown,
+    /// Loaded: its SHA-1, as `SCRIPT LOAD` answered.
+    Loaded(String),
+    /// Refused at this time: tails are read whole (`LINDEX`) until [`SCRIPT_RETRY`] later.
+    Refused(Instant),
+}
 
 /// The commands of one observation, built once per set of queues and reused.
 struct Plan {
@@ -45,7 +63,13 @@ struct Plan {
     in_flight: InFlightMode,
     /// Whether the pipeline ends with `ROLE` (Sentinel: is this still the master?).
     role: bool,
-    /// `LLEN` (and `LINDEX -1`) per key, then `HLEN` or `HSCAN` of `unacked`, then `ROLE`.
+    /// With tails: the SHA-1 of the loaded tails script, whose `EVALSHA`s (one per
+    /// [`SCRIPT_KEYS`] keys) replace the per-key commands; `None`: `LLEN` and `LINDEX -1`.
+    script: Option<String>,
+    /// The number of `EVALSHA` commands at the start of `pipe` (0 without the script).
+    chunks: usize,
+    /// `LLEN` (and `LINDEX -1`) per key, or the `EVALSHA`s, then `HLEN` or `HSCAN` of
+    /// `unacked`, then `ROLE`. Built once per plan; every observation sends it as it is.
     pipe: redis::Pipeline,
 }
 
@@ -56,6 +80,7 @@ impl Plan {
         in_flight: InFlightMode,
         tails: bool,
         role: bool,
+        script: Option<(&str, Option<&str>)>,
     ) -> Plan {
         let mut keys = Vec::new();
         let mut ranges = Vec::with_capacity(queues.len());
@@ -64,12 +89,29 @@ impl Plan {
             keys.extend(layout.step_keys(q));
             ranges.push(start..keys.len());
         }
-        let mut pipe = redis::Pipeline::with_capacity(keys.len() * (1 + usize::from(tails)) + 2);
+        let script = script.filter(|_| tails);
+        let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for key in &keys {
-            pipe.cmd("LLEN").arg(key);
-            if tails {
-                pipe.cmd("LINDEX").arg(key).arg(-1);
+        let mut chunks = 0;
+        match script {
+            Some((sha, field)) => {
+                for chunk in keys.chunks(SCRIPT_KEYS) {
+                    pipe.cmd("EVALSHA")
+                        .arg(sha)
+                        .arg(chunk.len())
+                        .arg(chunk)
+                        .arg(if field.is_some() { "1" } else { "0" })
+                        .arg(field.unwrap_or(""));
+                    chunks += 1;
+                }
+            }
+            None => {
+                for key in &keys {
+                    pipe.cmd("LLEN").arg(key);
+                    if tails {
+                        pipe.cmd("LINDEX").arg(key).arg(-1);
+                    }
+                }
             }
         }
         match in_flight {
@@ -101,6 +143,8 @@ impl Plan {
             tails,
             in_flight,
             role,
+            script: script.map(|(sha, _)| sha.to_string()),
+            chunks,
             pipe,
         }
     }
@@ -134,6 +178,8 @@ pub struct RedisQueueSource {
     exclusive: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// The plan for the configured queues (without discovery), or the last discovered one.
     plan: Mutex<Arc<Plan>>,
+    /// The tails script's state on the server (with `oldest_age`).
+    script: tokio::sync::Mutex<Script>,
     discovered: tokio::sync::Mutex<Option<Discovered>>,
     heartbeats: Option<WorkerFeed>,
     /// Keys whose oldest message has an unusable time stamp, with the reason last logged: a
@@ -235,6 +281,7 @@ impl RedisQueueSource {
             first_mode,
             config.oldest_age,
             conn.checks_role(),
+            None,
         );
         let heartbeats = config.heartbeats.then(|| {
             crate::heartbeats::start(
@@ -261,6 +308,7 @@ impl RedisQueueSource {
             in_flight,
             exclusive: tokio::sync::Mutex::new(None),
             plan: Mutex::new(Arc::new(plan)),
+            script: tokio::sync::Mutex::new(Script::Unknown),
             discovered: tokio::sync::Mutex::new(None),
             heartbeats,
             bad_stamps: Mutex::new(HashMap::new()),
@@ -280,6 +328,15 @@ impl RedisQueueSource {
     /// The queues the last observation read (configured plus discovered).
     pub fn queues(&self) -> Vec<String> {
         self.current_plan().queues.clone()
+    }
+
+    /// The commands of the last observation's pipeline (one `LLEN` and `LINDEX -1` per key,
+    /// or the tails script's `EVALSHA`s, then the in-flight read and `ROLE`) as the RESP bytes
+    /// sent, and how many replies they get: for a raw client to send the same commands (the
+    /// crate's bench compares against one), or to look at what is sent.
+    pub fn packed_commands(&self) -> (Vec<u8>, usize) {
+        let plan = self.current_plan();
+        (plan.pipe.get_packed_pipeline(), plan.pipe.len())
     }
 
     /// The heartbeat subscriber's figures now: `None` when heartbeats are off, the subscription
@@ -403,19 +460,73 @@ impl RedisQueueSource {
         }
     }
 
-    /// The current plan, rebuilt when it reads in-flight messages another way than `mode`.
-    fn plan_for(&self, mode: InFlightMode) -> Arc<Plan> {
+    /// The current plan, rebuilt when it reads in-flight messages another way than `mode`, or
+    /// the tails with another script (`None`: without).
+    fn plan_for(&self, mode: InFlightMode, script: Option<&str>) -> Arc<Plan> {
         let mut slot = self.plan.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.in_flight != mode {
+        let script = script.filter(|_| self.config.oldest_age);
+        if slot.in_flight != mode || slot.script.as_deref() != script {
             *slot = Arc::new(Plan::new(
                 slot.queues.clone(),
                 &self.layout,
                 mode,
                 self.config.oldest_age,
                 self.conn.checks_role(),
+                script.map(|sha| (sha, self.config.publish_time_field.as_deref())),
             ));
         }
         Arc::clone(&slot)
+    }
+
+    /// The SHA-1 of the tails script when the server has it (loaded now when not yet tried, or
+    /// after `forget`: the server answered `NOSCRIPT`); `None` when the source reads whole
+    /// tails: `oldest_age` off, or the server refused the script (no scripting, an ACL) within
+    /// the last [`SCRIPT_RETRY`]. Only a connection failure is an error.
+    async fn script_sha(&self, forget: bool) -> Result<Option<String>, RedisSourceError> {
+        if !self.config.oldest_age {
+            return Ok(None);
+        }
+        let mut state = self.script.lock().await;
+        if forget {
+            *state = Script::Unknown;
+        }
+        match &*state {
+            Script::Loaded(sha) => return Ok(Some(sha.clone())),
+            Script::Refused(at) if at.elapsed() < SCRIPT_RETRY => return Ok(None),
+            Script::Refused(_) | Script::Unknown => {}
+        }
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(TAILS_SCRIPT);
+        let reply: redis::RedisResult<Value> = self
+            .conn
+            .run(|mut conn| {
+                let load = &load;
+                async move { load.query_async(&mut conn).await }
+            })
+            .await;
+        let refused = match reply {
+            Ok(Value::BulkString(sha))
+                if sha.len() == 40 && sha.iter().all(u8::is_ascii_hexdigit) =>
+            {
+                let sha = String::from_utf8_lossy(&sha).into_owned();
+                tracing::debug!(sha = %sha, "tails script loaded");
+                *state = Script::Loaded(sha.clone());
+                return Ok(Some(sha));
+            }
+            Ok(other) => format!("SCRIPT LOAD answered {other:?}")
+                .chars()
+                .take(200)
+                .collect::<String>(),
+            Err(e) if crate::connect::connection_lost(&e) || e.is_timeout() => {
+                return Err(self.redis_err(e));
+            }
+            Err(e) => e.to_string(),
+        };
+        if !matches!(*state, Script::Refused(_)) {
+            tracing::warn!(url = %self.url, reason = %refused, "the server refused the tails script: each key's oldest message is read whole (LINDEX) to find its age");
+        }
+        *state = Script::Refused(Instant::now());
+        Ok(None)
     }
 
     async fn observe_inner(&self) -> Result<Observation, RedisSourceError> {
@@ -423,22 +534,37 @@ impl RedisQueueSource {
             self.maybe_discover().await?;
         }
         let mode = self.in_flight_now().await;
-        let plan = self.plan_for(mode);
-        let replies: Vec<Value> = self
-            .query(|mut conn| {
-                let plan = Arc::clone(&plan);
-                async move { plan.pipe.query_async(&mut conn).await }
-            })
-            .await?;
+        let mut forget = false;
+        let (plan, replies) = loop {
+            let sha = self.script_sha(forget).await?;
+            let plan = self.plan_for(mode, sha.as_deref());
+            let replies: Vec<Value> = self
+                .query(|mut conn| {
+                    let plan = Arc::clone(&plan);
+                    async move { plan.pipe.query_async(&mut conn).await }
+                })
+                .await?;
+            if replies.len() != plan.pipe.len() {
+                return Err(RedisSourceError::UnexpectedReply {
+                    command: "pipeline",
+                    key: String::new(),
+                    detail: format!("{} replies to {} commands", replies.len(), plan.pipe.len()),
+                });
+            }
+            let noscript = replies[..plan.chunks]
+                .iter()
+                .any(|r| matches!(r, Value::ServerError(e) if e.code() == "NOSCRIPT"));
+            if noscript && !forget {
+                // A restart, SCRIPT FLUSH or failover: load it again, then read once more.
+                tracing::debug!("the server forgot the tails script (NOSCRIPT): loading it again");
+                forget = true;
+                continue;
+            }
+            let replies = self.flatten_script_replies(&plan, replies)?;
+            break (plan, replies);
+        };
         let at = Instant::now();
         let wall = SystemTime::now();
-        if replies.len() != plan.pipe.len() {
-            return Err(RedisSourceError::UnexpectedReply {
-                command: "pipeline",
-                key: String::new(),
-                detail: format!("{} replies to {} commands", replies.len(), plan.pipe.len()),
-            });
-        }
         let per_key = 1 + usize::from(plan.tails);
         let field = self.config.publish_time_field.as_deref();
         let mut depths = Vec::with_capacity(plan.queues.len());
@@ -452,7 +578,30 @@ impl RedisQueueSource {
                     let key = &plan.keys[k];
                     let len = self.count_reply(&replies[k * per_key], "LLEN", key, "list")?;
                     depth.ready = depth.ready.checked_add(len).ok_or_else(|| too_many(key))?;
-                    if plan.tails {
+                    if plan.tails && plan.script.is_some() {
+                        let tail = &replies[k * per_key + 1];
+                        let age = match script_tail_age(tail, field, wall) {
+                            Ok(Ok(age)) => {
+                                Self::bad_stamp(&mut bad_stamps, key, None);
+                                age
+                            }
+                            Ok(Err(bad)) => {
+                                Self::bad_stamp(&mut bad_stamps, key, Some(&bad));
+                                None
+                            }
+                            Err(_) if matches!(tail, Value::ServerError(_)) => {
+                                return Err(self.reply_error(tail, "LINDEX", key, "list"));
+                            }
+                            Err(not) => {
+                                return Err(RedisSourceError::UnexpectedReply {
+                                    command: "EVALSHA",
+                                    key: key.clone(),
+                                    detail: not.0,
+                                });
+                            }
+                        };
+                        depth.oldest_age = depth.oldest_age.max(age);
+                    } else if plan.tails {
                         let age = match &replies[k * per_key + 1] {
                             Value::BulkString(raw) => match message_age(raw, field, wall) {
                                 Ok(age) => {
@@ -512,6 +661,36 @@ impl RedisQueueSource {
             obs = obs.with_worker_reading(feed.reading(at));
         }
         Ok(obs)
+    }
+
+    /// The replies of the tails script's `EVALSHA`s spread out into two per key (the `LLEN`
+    /// reply, the tail), followed by the rest of the pipeline's replies; the replies as they
+    /// are without the script.
+    fn flatten_script_replies(
+        &self,
+        plan: &Plan,
+        mut replies: Vec<Value>,
+    ) -> Result<Vec<Value>, RedisSourceError> {
+        if plan.chunks == 0 {
+            return Ok(replies);
+        }
+        let rest = replies.split_off(plan.chunks);
+        let mut flat = Vec::with_capacity(plan.keys.len() * 2 + rest.len());
+        for (chunk, keys) in replies.into_iter().zip(plan.keys.chunks(SCRIPT_KEYS)) {
+            match chunk {
+                Value::Array(parts) if parts.len() == keys.len() * 2 => flat.extend(parts),
+                Value::Array(parts) => {
+                    return Err(RedisSourceError::UnexpectedReply {
+                        command: "EVALSHA",
+                        key: keys[0].clone(),
+                        detail: format!("{} replies for {} keys", parts.len(), keys.len()),
+                    });
+                }
+                other => return Err(self.reply_error(&other, "EVALSHA", &keys[0], "list")),
+            }
+        }
+        flat.extend(rest);
+        Ok(flat)
     }
 
     /// With Sentinel: the server answered `ROLE` with `master`; otherwise (a failover demoted
@@ -737,13 +916,17 @@ impl RedisQueueSource {
         let changed = self.current_plan().queues != queues;
         if changed {
             tracing::info!(queues = ?queues, "redis queue discovery");
-            let mode = self.current_plan().in_flight;
+            let current = self.current_plan();
             let plan = Arc::new(Plan::new(
                 queues,
                 &self.layout,
-                mode,
+                current.in_flight,
                 self.config.oldest_age,
                 self.conn.checks_role(),
+                current
+                    .script
+                    .as_deref()
+                    .map(|sha| (sha, self.config.publish_time_field.as_deref())),
             ));
             *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         }
