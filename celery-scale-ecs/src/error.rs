@@ -5,7 +5,11 @@
 
 use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::operation::describe_services::DescribeServicesError;
+use aws_sdk_ecs::operation::describe_tasks::DescribeTasksError;
+use aws_sdk_ecs::operation::get_task_protection::GetTaskProtectionError;
+use aws_sdk_ecs::operation::list_tasks::ListTasksError;
 use aws_sdk_ecs::operation::update_service::UpdateServiceError;
+use aws_sdk_ecs::operation::update_task_protection::UpdateTaskProtectionError;
 use celery_scale_aws::{AwsError, Operation};
 
 /// The backend name used in core errors and metrics.
@@ -15,6 +19,44 @@ pub const BACKEND: &str = "ecs";
 pub(crate) const DESCRIBE_SERVICES: Operation = Operation::new(BACKEND, "DescribeServices");
 /// The `UpdateService` call.
 pub(crate) const UPDATE_SERVICE: Operation = Operation::new(BACKEND, "UpdateService");
+/// The `ListTasks` call.
+pub(crate) const LIST_TASKS: Operation = Operation::new(BACKEND, "ListTasks");
+/// The `DescribeTasks` call.
+pub(crate) const DESCRIBE_TASKS: Operation = Operation::new(BACKEND, "DescribeTasks");
+/// The `GetTaskProtection` call.
+pub(crate) const GET_TASK_PROTECTION: Operation = Operation::new(BACKEND, "GetTaskProtection");
+/// The `UpdateTaskProtection` call.
+pub(crate) const UPDATE_TASK_PROTECTION: Operation =
+    Operation::new(BACKEND, "UpdateTaskProtection");
+
+/// One task a protection call could not act on, from the answer's `failures`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    /// The task ID (or what ECS named it by, when that is not a task ARN).
+    pub task: String,
+    /// ECS's reason, e.g. `TASK_NOT_VALID` or `MISSING`.
+    pub reason: String,
+    /// ECS's detail, when it gave one.
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}", self.task, self.reason)?;
+        if let Some(detail) = &self.detail {
+            write!(f, ": {detail}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+fn list(failures: &[TaskFailure]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// What went wrong talking to ECS.
 ///
@@ -36,6 +78,18 @@ pub enum EcsError {
         /// What ECS said, e.g. `MISSING`.
         reason: String,
     },
+    /// A task protection call (`GetTaskProtection`, `UpdateTaskProtection`) answered, but
+    /// listed some tasks in `failures` (a task that stopped meanwhile, one not of a service):
+    /// those tasks were not read or changed. The others in the same call were.
+    #[error("{operation} failed for {} task(s) in cluster '{cluster}': {}", failures.len(), list(failures))]
+    TaskFailures {
+        /// The call.
+        operation: Operation,
+        /// The cluster.
+        cluster: String,
+        /// The tasks it failed for, and why.
+        failures: Vec<TaskFailure>,
+    },
     /// The call failed (throttled, timed out, unreachable, permission denied, rejected, ...),
     /// as [`AwsError`] classifies it.
     #[error(transparent)]
@@ -47,7 +101,7 @@ impl EcsError {
     pub fn as_aws(&self) -> Option<&AwsError> {
         match self {
             EcsError::Aws(e) => Some(e),
-            EcsError::ServiceNotFound { .. } => None,
+            EcsError::ServiceNotFound { .. } | EcsError::TaskFailures { .. } => None,
         }
     }
 }
@@ -76,31 +130,47 @@ pub(crate) trait ModeledCode {
     fn modeled_code(&self) -> Option<&'static str>;
 }
 
-impl ModeledCode for DescribeServicesError {
-    fn modeled_code(&self) -> Option<&'static str> {
-        Some(match self {
-            DescribeServicesError::AccessDeniedException(_) => "AccessDeniedException",
-            DescribeServicesError::ClientException(_) => "ClientException",
-            DescribeServicesError::ClusterNotFoundException(_) => "ClusterNotFoundException",
-            DescribeServicesError::InvalidParameterException(_) => "InvalidParameterException",
-            DescribeServicesError::ServerException(_) => "ServerException",
-            _ => return None,
-        })
-    }
+/// `impl ModeledCode` for an operation's error enum: each listed variant is named by itself.
+macro_rules! modeled_codes {
+    ($($error:ident { $($variant:ident),* $(,)? })*) => {$(
+        impl ModeledCode for $error {
+            fn modeled_code(&self) -> Option<&'static str> {
+                match self {
+                    $($error::$variant(_) => Some(stringify!($variant)),)*
+                    _ => None,
+                }
+            }
+        }
+    )*};
 }
 
-impl ModeledCode for UpdateServiceError {
-    fn modeled_code(&self) -> Option<&'static str> {
-        Some(match self {
-            UpdateServiceError::AccessDeniedException(_) => "AccessDeniedException",
-            UpdateServiceError::ClientException(_) => "ClientException",
-            UpdateServiceError::ClusterNotFoundException(_) => "ClusterNotFoundException",
-            UpdateServiceError::InvalidParameterException(_) => "InvalidParameterException",
-            UpdateServiceError::ServerException(_) => "ServerException",
-            UpdateServiceError::ServiceNotActiveException(_) => "ServiceNotActiveException",
-            UpdateServiceError::ServiceNotFoundException(_) => "ServiceNotFoundException",
-            _ => return None,
-        })
+modeled_codes! {
+    DescribeServicesError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ServerException,
+    }
+    UpdateServiceError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ServerException, ServiceNotActiveException,
+        ServiceNotFoundException,
+    }
+    ListTasksError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ServerException, ServiceNotFoundException,
+    }
+    DescribeTasksError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ServerException,
+    }
+    GetTaskProtectionError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ResourceNotFoundException, ServerException,
+        UnsupportedFeatureException,
+    }
+    UpdateTaskProtectionError {
+        AccessDeniedException, ClientException, ClusterNotFoundException,
+        InvalidParameterException, ResourceNotFoundException, ServerException,
+        UnsupportedFeatureException,
     }
 }
 
@@ -113,6 +183,14 @@ impl From<EcsError> for celery_scale_core::Error {
             } => Error::NotFound {
                 backend: BACKEND,
                 what: format!("service '{service}' in cluster '{cluster}'"),
+                source: Some(Box::new(e.clone())),
+            },
+            // Retried on the next tick, when the units are read again (a task that stopped is
+            // no longer listed); meanwhile the loop holds the scale-in.
+            EcsError::TaskFailures { .. } => Error::Rejected {
+                backend: BACKEND,
+                message: e.to_string(),
+                transient: true,
                 source: Some(Box::new(e.clone())),
             },
             EcsError::Aws(aws) => aws.to_core(Box::new(e.clone())),

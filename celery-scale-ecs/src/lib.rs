@@ -2,10 +2,15 @@
 #![warn(missing_docs)]
 
 mod error;
+mod protection;
 mod services;
 
-pub use error::{BACKEND, EcsError};
-pub use services::{EcsCalls, EcsServiceConfig, EcsServiceScaler, EcsServices, SERVICES_PER_CALL};
+pub use error::{BACKEND, EcsError, TaskFailure};
+pub use protection::{TASKS_PER_DESCRIBE, TASKS_PER_GET_PROTECTION, TASKS_PER_UPDATE_PROTECTION};
+pub use services::{
+    DEFAULT_PROTECTION_EXPIRES_IN, EcsCalls, EcsServiceConfig, EcsServiceScaler, EcsServices,
+    MAX_PROTECTION_EXPIRES_IN, SERVICES_PER_CALL,
+};
 
 /// The shared AWS layer this crate is built on: its settings, start-up errors, classified call
 /// errors and cache-TTL rule, re-exported so that one dependency is enough.

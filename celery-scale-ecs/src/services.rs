@@ -5,11 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_ecs::Client;
 use celery_scale_aws::{AwsError, AwsSettings, SetupError};
+use celery_scale_core::protection::UnitProtection;
 use celery_scale_core::{Capacity, CapacityUnit, ConfigError, Scaler, SetOutcome, WorkersPerUnit};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -35,6 +37,27 @@ pub struct EcsServiceConfig {
     /// Celery worker processes per task (the worker's `--concurrency`).
     #[serde(default, deserialize_with = "workers_per_task")]
     pub workers_per_task: WorkersPerUnit,
+    /// Whether the loop protects the tasks whose workers execute Celery tasks from scale-in
+    /// (`UpdateTaskProtection`) before it lowers the desired count, and releases them once idle.
+    /// Off by default; needs `ecs:ListTasks`, `ecs:DescribeTasks`, `ecs:GetTaskProtection` and
+    /// `ecs:UpdateTaskProtection` (see the README).
+    #[serde(default)]
+    pub protect_busy_units: bool,
+    /// How long a protection lasts unless renewed (`expiresInMinutes`): whole minutes, 1 min to
+    /// 2880 min (48 h), as ECS allows. Default 60 min. A busy task's protection is renewed when
+    /// less than a third of this is left.
+    #[serde(default = "default_protection_expires_in", with = "humantime_serde")]
+    pub protection_expires_in: Duration,
+}
+
+/// The default of [`EcsServiceConfig::protection_expires_in`]: 60 minutes.
+pub const DEFAULT_PROTECTION_EXPIRES_IN: Duration = Duration::from_secs(60 * 60);
+
+/// The longest protection ECS allows: 2880 minutes (48 hours).
+pub const MAX_PROTECTION_EXPIRES_IN: Duration = Duration::from_secs(2880 * 60);
+
+fn default_protection_expires_in() -> Duration {
+    DEFAULT_PROTECTION_EXPIRES_IN
 }
 
 fn workers_per_task<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WorkersPerUnit, D::Error> {
@@ -50,7 +73,23 @@ impl EcsServiceConfig {
             cluster: cluster.into(),
             service: service.into(),
             workers_per_task: WorkersPerUnit::ONE,
+            protect_busy_units: false,
+            protection_expires_in: DEFAULT_PROTECTION_EXPIRES_IN,
         }
+    }
+
+    /// Turns on scale-in protection of busy tasks, each protection lasting `expires_in` unless
+    /// renewed (whole minutes, 1 min to 2880 min).
+    pub fn protect_busy_units(mut self, expires_in: Duration) -> Result<Self, ConfigError> {
+        self.protect_busy_units = true;
+        self.protection_expires_in = expires_in;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// `protection_expires_in` in whole minutes (what `expiresInMinutes` takes).
+    pub fn protection_minutes(&self) -> i32 {
+        i32::try_from(self.protection_expires_in.as_secs() / 60).unwrap_or(i32::MAX)
     }
 
     /// Sets the worker processes per task (at least 1).
@@ -67,6 +106,19 @@ impl EcsServiceConfig {
         }
         if self.service.trim().is_empty() {
             return Err(ConfigError::new("service", "must not be empty"));
+        }
+        let expires = self.protection_expires_in;
+        if expires < Duration::from_secs(60) || expires > MAX_PROTECTION_EXPIRES_IN {
+            return Err(ConfigError::new(
+                "protection_expires_in",
+                "must be from 1m to 2880m (48h), as ECS allows",
+            ));
+        }
+        if expires.as_secs() % 60 != 0 || expires.subsec_nanos() != 0 {
+            return Err(ConfigError::new(
+                "protection_expires_in",
+                "must be a whole number of minutes (ECS's expiresInMinutes)",
+            ));
         }
         Ok(())
     }
@@ -172,6 +224,11 @@ impl EcsServices {
     /// The shared settings.
     pub fn settings(&self) -> &AwsSettings {
         &self.inner.settings
+    }
+
+    /// The client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.inner.client
     }
 
     /// A scaler for one service; the service is read with the others from now on.
@@ -443,6 +500,13 @@ impl Scaler for EcsServiceScaler {
         self.update(units).await?;
         Ok(SetOutcome::applied(units))
     }
+
+    /// Task scale-in protection, when `protect_busy_units` is on.
+    fn protection(&self) -> Option<&dyn UnitProtection> {
+        self.config
+            .protect_busy_units
+            .then_some(self as &dyn UnitProtection)
+    }
 }
 
 #[cfg(test)]
@@ -487,5 +551,48 @@ mod tests {
                 .field,
             "workers_per_task"
         );
+    }
+
+    #[test]
+    fn protection_is_opt_in_and_its_expiry_is_checked() {
+        let d: EcsServiceConfig = toml::from_str("cluster = \"p\"\nservice = \"w\"\n").unwrap();
+        assert!(!d.protect_busy_units, "off by default");
+        assert_eq!(d.protection_expires_in, Duration::from_secs(3600));
+        assert_eq!(d.protection_minutes(), 60);
+
+        let on: EcsServiceConfig = toml::from_str(
+            "cluster = \"p\"\nservice = \"w\"\nprotect_busy_units = true\nprotection_expires_in = \"2h\"\n",
+        )
+        .unwrap();
+        assert!(on.protect_busy_units);
+        assert_eq!(on.protection_minutes(), 120);
+        on.validate().unwrap();
+        let back: EcsServiceConfig = toml::from_str(&toml::to_string(&on).unwrap()).unwrap();
+        assert_eq!(back, on);
+        assert_eq!(
+            EcsServiceConfig::new("p", "w")
+                .protect_busy_units(Duration::from_secs(2880 * 60))
+                .unwrap()
+                .protection_minutes(),
+            2880
+        );
+
+        for bad in ["30s", "0s", "2881m", "49h", "90s"] {
+            let c: EcsServiceConfig = toml::from_str(&format!(
+                "cluster = \"p\"\nservice = \"w\"\nprotection_expires_in = \"{bad}\"\n"
+            ))
+            .unwrap();
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, "protection_expires_in", "{bad}: {e}");
+            let e = EcsServiceConfig::new("p", "w")
+                .protect_busy_units(c.protection_expires_in)
+                .unwrap_err();
+            assert_eq!(e.field, "protection_expires_in", "{bad}");
+        }
+        let e = toml::from_str::<EcsServiceConfig>(
+            "cluster = \"p\"\nservice = \"w\"\nprotection_expires_in = \"soon\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("protection_expires_in"), "{e}");
     }
 }
