@@ -979,3 +979,390 @@ async fn an_unreachable_endpoint_is_a_transient_unavailable_error() {
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.is_transient());
 }
+
+// --- Scale-in protection (SetInstanceProtection) ---
+
+use aws_sdk_autoscaling::operation::set_instance_protection::{
+    SetInstanceProtectionError, SetInstanceProtectionOutput,
+};
+use celery_scale_core::celery_events::WorkerNode;
+
+fn instance_id(i: usize) -> String {
+    format!("i-{i:017x}")
+}
+
+/// A group of `n` instances `InService`, none protected, desired `n`.
+fn describe_instances(n: usize) -> DescribeAutoScalingGroupsOutput {
+    let mut g = AutoScalingGroup::builder()
+        .auto_scaling_group_name(GROUP)
+        .min_size(0)
+        .max_size(500)
+        .desired_capacity(n as i32);
+    for i in 0..n {
+        g = g.instances(instance(&instance_id(i), LifecycleState::InService));
+    }
+    DescribeAutoScalingGroupsOutput::builder()
+        .auto_scaling_groups(g.build())
+        .build()
+}
+
+/// One worker node per instance, `celery@<instance id>`, the first `busy` executing a task.
+fn queue_with_nodes(n: usize, busy: usize) -> MemoryQueue {
+    let q = empty_queue();
+    q.set_worker_nodes(
+        (0..n)
+            .map(|i| WorkerNode {
+                hostname: format!("celery@{}", instance_id(i)),
+                executing: u64::from(i < busy),
+            })
+            .collect(),
+    );
+    q
+}
+
+fn protected_binding(groups: &AutoScalingGroups, queue: &MemoryQueue) -> Binding {
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(GROUP).protect_busy_units(true))
+        .unwrap();
+    Binding::new(
+        settings(),
+        Box::new(queue.clone()),
+        Box::new(scaler),
+        policy().build().unwrap(),
+    )
+    .unwrap()
+}
+
+fn generic_protect(code: &str, message: &str) -> SetInstanceProtectionError {
+    SetInstanceProtectionError::generic(
+        ErrorMetadata::builder().code(code).message(message).build(),
+    )
+}
+
+/// A failed `SetInstanceProtection` before a scale-in: the busy instance may be chosen, so
+/// the loop holds the desired count (nothing is set) and records why; with `recovers`, the
+/// next tick protects and scales in.
+async fn protect_fault_holds_the_scale_in(
+    fault: impl Fn() -> SetInstanceProtectionError + Send + Sync + 'static,
+    recovers: bool,
+    what: &str,
+    says: &str,
+) {
+    let describe =
+        mock!(Client::describe_auto_scaling_groups).then_output(|| describe_instances(3));
+    let protect = mock!(Client::set_instance_protection)
+        .match_requests(|r| {
+            r.auto_scaling_group_name() == Some(GROUP)
+                && r.instance_ids() == [instance_id(0)]
+                && r.protected_from_scale_in() == Some(true)
+        })
+        .sequence()
+        .error(fault);
+    let protect = if recovers {
+        protect
+            .output(|| SetInstanceProtectionOutput::builder().build())
+            .repeatedly()
+            .build()
+    } else {
+        protect.repeatedly().build()
+    };
+    let set = mock!(Client::set_desired_capacity)
+        .match_requests(|r| r.desired_capacity() == Some(1))
+        .then_output(|| SetDesiredCapacityOutput::builder().build());
+    let groups = groups_with(&[&describe, &protect, &set]);
+    // Three instances, the first busy: the policy wants one.
+    let mut b = protected_binding(&groups, &queue_with_nodes(3, 1));
+
+    let r = b.tick().await;
+    assert_eq!(
+        r.decision.as_ref().map(|d| d.desired),
+        Some(1),
+        "{what}: {r:?}"
+    );
+    assert_eq!(
+        r.outcome,
+        Outcome::Unchanged { units: 3 },
+        "{what}: held at 3"
+    );
+    assert_eq!(r.desired_units, Some(3), "{what}");
+    let p = r
+        .protection
+        .clone()
+        .unwrap_or_else(|| panic!("{what}: {r:?}"));
+    assert_eq!(p.plan.protect, [instance_id(0)], "{what}");
+    assert!(!p.applied, "{what}");
+    let error = p
+        .error
+        .unwrap_or_else(|| panic!("{what}: the error is recorded"));
+    assert!(error.contains(says), "{what}: {error}");
+    assert_eq!(set.num_calls(), 0, "{what}: desired unchanged");
+    assert_eq!(protect.num_calls(), 1);
+
+    let r = b.tick().await;
+    if recovers {
+        assert!(
+            r.protection.as_ref().is_some_and(|p| p.applied),
+            "{what}: {r:?}"
+        );
+        assert!(
+            matches!(r.outcome, Outcome::Set { from: 3, to: 1, .. }),
+            "{what}: protected, then scaled in: {r:?}"
+        );
+        assert_eq!(set.num_calls(), 1);
+    } else {
+        assert_eq!(
+            r.outcome,
+            Outcome::Unchanged { units: 3 },
+            "{what}: held again"
+        );
+        assert_eq!(set.num_calls(), 0, "{what}: never scales in unprotected");
+    }
+    assert_eq!(protect.num_calls(), 2);
+}
+
+#[tokio::test]
+async fn throttled_set_instance_protection_holds_the_scale_in_then_recovers() {
+    protect_fault_holds_the_scale_in(
+        || generic_protect("Throttling", "Rate exceeded"),
+        true,
+        "Throttling",
+        "throttled",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn refused_set_instance_protection_holds_the_scale_in_every_tick() {
+    protect_fault_holds_the_scale_in(
+        || {
+            generic_protect(
+                "ValidationError",
+                "The instance i-00000000000000000 is not part of Auto Scaling group celery-workers.",
+            )
+        },
+        false,
+        "ValidationError",
+        "not part of Auto Scaling group",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn set_instance_protection_errors_are_classified() {
+    use aws_sdk_autoscaling::types::error::LimitExceededFault;
+    let cases: [(SetInstanceProtectionError, ErrorKind, bool); 5] = [
+        (
+            generic_protect("Throttling", "Rate exceeded"),
+            ErrorKind::Throttled,
+            true,
+        ),
+        (
+            generic_protect("ValidationError", "not in group"),
+            ErrorKind::Rejected,
+            false,
+        ),
+        (
+            generic_protect("AccessDenied", "not authorized"),
+            ErrorKind::PermissionDenied,
+            false,
+        ),
+        (
+            SetInstanceProtectionError::ResourceContentionFault(
+                ResourceContentionFault::builder()
+                    .message("pending update")
+                    .build(),
+            ),
+            ErrorKind::Rejected,
+            true,
+        ),
+        (
+            SetInstanceProtectionError::LimitExceededFault(
+                LimitExceededFault::builder().message("limit").build(),
+            ),
+            ErrorKind::Other,
+            false,
+        ),
+    ];
+    for (fault, kind, transient) in cases {
+        let label = format!("{fault:?}");
+        let fault = Arc::new(Mutex::new(Some(fault)));
+        let describe =
+            mock!(Client::describe_auto_scaling_groups).then_output(|| describe_instances(2));
+        let protect = mock!(Client::set_instance_protection)
+            .then_error(move || fault.lock().unwrap().take().expect("called once"));
+        let groups = groups_with(&[&describe, &protect]);
+        let scaler = groups
+            .scaler(AutoScalingGroupConfig::new(GROUP).protect_busy_units(true))
+            .unwrap();
+        let e = scaler
+            .protection()
+            .unwrap()
+            .set_protected(&[instance_id(0)], true)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), kind, "{label}: {e}");
+        assert_eq!(e.is_transient(), transient, "{label}: {e}");
+        let kept = std::error::Error::source(&e).expect("a source");
+        assert!(kept.is::<Ec2Error>(), "{label}: {kept:?}");
+    }
+}
+
+#[tokio::test]
+async fn more_than_fifty_busy_instances_are_protected_fifty_a_call() {
+    // 120 instances, 110 busy, nothing waiting: the policy wants 110; each busy one is
+    // protected before the drop, in batches of at most 50.
+    let batches: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let seen = batches.clone();
+    let describe =
+        mock!(Client::describe_auto_scaling_groups).then_output(|| describe_instances(120));
+    let protect = mock!(Client::set_instance_protection)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.instance_ids().to_vec());
+            r.protected_from_scale_in() == Some(true)
+        })
+        .then_output(|| SetInstanceProtectionOutput::builder().build());
+    let set = mock!(Client::set_desired_capacity)
+        .match_requests(|r| r.desired_capacity() == Some(110))
+        .then_output(|| SetDesiredCapacityOutput::builder().build());
+    let groups = groups_with(&[&describe, &protect, &set]);
+    let mut b = protected_binding(&groups, &queue_with_nodes(120, 110));
+    let r = b.tick().await;
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Set {
+                from: 120,
+                to: 110,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(
+        r.protection
+            .as_ref()
+            .is_some_and(|p| p.applied && p.plan.protect.len() == 110)
+    );
+    assert_eq!(protect.num_calls(), 3, "110 ids: 50 + 50 + 10");
+    assert_eq!(groups.protection_calls(), 3);
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(
+        batches.iter().map(Vec::len).collect::<Vec<_>>(),
+        [50, 50, 10]
+    );
+    let mut sent: Vec<String> = batches.into_iter().flatten().collect();
+    sent.sort();
+    let mut busy: Vec<String> = (0..110).map(instance_id).collect();
+    busy.sort();
+    assert_eq!(sent, busy, "every busy instance once, no idle one");
+    assert_eq!(set.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn units_are_the_instances_with_protection_and_stopping_states() {
+    use LifecycleState as L;
+    let describe = mock!(Client::describe_auto_scaling_groups).then_output(|| {
+        let mut g = AutoScalingGroup::builder()
+            .auto_scaling_group_name(GROUP)
+            .min_size(0)
+            .max_size(10)
+            .desired_capacity(3);
+        let states = [
+            (L::InService, true),
+            (L::InService, false),
+            (L::Pending, false),
+            (L::TerminatingWait, true),
+            (L::Detaching, false),
+            (L::Standby, false),
+            (L::WarmedTerminatingProceed, false),
+        ];
+        for (i, (s, protected)) in states.into_iter().enumerate() {
+            g = g.instances(
+                Instance::builder()
+                    .instance_id(instance_id(i))
+                    .lifecycle_state(s)
+                    .protected_from_scale_in(protected)
+                    .build(),
+            );
+        }
+        // An instance without an id is counted but cannot be a unit.
+        g = g.instances(Instance::builder().lifecycle_state(L::InService).build());
+        DescribeAutoScalingGroupsOutput::builder()
+            .auto_scaling_groups(g.build())
+            .build()
+    });
+    let groups = groups_with(&[&describe]);
+    let off = groups.scaler(AutoScalingGroupConfig::new(GROUP)).unwrap();
+    assert!(off.protection().is_none(), "off unless configured");
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(GROUP).protect_busy_units(true))
+        .unwrap();
+    let units = scaler.protection().unwrap().units().await.unwrap();
+    let got: Vec<(String, bool, bool)> = units
+        .iter()
+        .map(|u| (u.id.clone(), u.protected, u.stopping))
+        .collect();
+    let want: Vec<(String, bool, bool)> = [
+        (0, true, false),
+        (1, false, false),
+        (2, false, false),
+        (3, false, true), // protected, but terminating: nothing to protect or release
+        (4, false, true),
+        (5, false, false),
+        (6, false, true),
+    ]
+    .into_iter()
+    .map(|(i, p, s)| (instance_id(i), p, s))
+    .collect();
+    assert_eq!(got, want);
+    assert!(
+        units
+            .iter()
+            .all(|u| u.aliases.is_empty() && u.protected_until.is_none())
+    );
+    assert_eq!(
+        scaler.capacity().await.unwrap().running,
+        3,
+        "the id-less one still counts"
+    );
+    assert_eq!(
+        celery_scale_core::protection::unit_of("celery@i-00000000000000001", &units)
+            .map(|u| u.id.as_str()),
+        Some(instance_id(1).as_str())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_protection_change_invalidates_the_shared_round() {
+    let describe =
+        mock!(Client::describe_auto_scaling_groups).then_output(|| describe_instances(2));
+    let protect = mock!(Client::set_instance_protection)
+        .then_output(|| SetInstanceProtectionOutput::builder().build());
+    let client: Client = mock_client!(
+        aws_sdk_autoscaling,
+        RuleMode::MatchAny,
+        [&describe, &protect],
+        |c| c.retry_config(RetryConfig::disabled())
+    );
+    let groups = AutoScalingGroups::new(
+        client,
+        AwsSettings::default().cache_ttl(Duration::from_secs(5)),
+    )
+    .unwrap();
+    let scaler = groups
+        .scaler(AutoScalingGroupConfig::new(GROUP).protect_busy_units(true))
+        .unwrap();
+    scaler.capacity().await.unwrap();
+    let p = scaler.protection().unwrap();
+    p.units().await.unwrap();
+    assert_eq!(
+        describe.num_calls(),
+        1,
+        "units() share the round capacity() read"
+    );
+    p.set_protected(&[], true).await.unwrap();
+    assert_eq!(protect.num_calls(), 0, "nothing to protect: no call");
+    p.set_protected(&[instance_id(1)], true).await.unwrap();
+    p.units().await.unwrap();
+    assert_eq!(describe.num_calls(), 2, "a protection change is read fresh");
+}

@@ -366,7 +366,7 @@ async fn the_busy_instance_survives_the_scale_in_and_is_released_once_idle() {
     let mut b = protection_binding(&queue, scaler.clone());
     let r = b.tick().await;
     let protection = r.protection.clone().unwrap_or_else(|| panic!("{r:?}"));
-    assert_eq!(protection.plan.protect, [busy.clone()], "{r:?}");
+    assert_eq!(protection.plan.protect, [busy.as_str()], "{r:?}");
     assert!(protection.applied, "{r:?}");
     assert!(
         matches!(r.outcome, Outcome::Set { from: 3, to: 1, .. }),
@@ -383,7 +383,7 @@ async fn the_busy_instance_survives_the_scale_in_and_is_released_once_idle() {
     queue.set_worker_nodes(worker_nodes(&ids[..1], &[0]));
     let r = b.tick().await;
     let protection = r.protection.clone().unwrap_or_else(|| panic!("{r:?}"));
-    assert_eq!(protection.plan.release, [busy.clone()], "{r:?}");
+    assert_eq!(protection.plan.release, [busy.as_str()], "{r:?}");
     assert!(protection.plan.protect.is_empty());
     assert!(protection.applied);
     assert!(
