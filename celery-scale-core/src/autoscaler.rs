@@ -442,6 +442,19 @@ async fn protect_units(
         return (Some(skipped("worker figures unknown")), to);
     }
     let held = if lowering { current } else { to };
+    // Messages held beyond the tasks heard executing sit with some worker that the heartbeats
+    // show idle: a solo pool that just took a task (it beats again only when the task ends), a
+    // beat not yet sent, a prefetched task about to start. Which unit holds them is not known,
+    // so no unit is stopped until they are accounted for.
+    let executing = obs.executing.unwrap_or(0);
+    let unattributed = obs.in_flight.map_or(0, |f| f.saturating_sub(executing));
+    if lowering && unattributed > 0 {
+        let why = format!(
+            "scale-in held: {unattributed} held message(s) beyond the {executing} task(s) heard \
+             executing, on a worker not known"
+        );
+        return (Some(skipped(&why)), current);
+    }
     let timeout = settings.timeout;
     let units = match tokio::time::timeout(timeout, protection.units()).await {
         Ok(Ok(units)) => units,

@@ -6,7 +6,10 @@
 //! instance protection) offers [`UnitProtection`] through [`Scaler::protection`](crate::Scaler::protection).
 //! The loop maps each Celery worker node heard in the heartbeats to a unit by the rule of
 //! [`unit_of`], makes a [`ProtectionPlan`] with [`plan`] (pure, so it is property-tested) and
-//! applies it. It never acts on protection while the worker figures are unknown.
+//! applies it. It never acts on protection while the worker figures are unknown, and it stops no
+//! unit while the broker holds more messages than the tasks heard executing: a solo pool that
+//! has just taken a task beats again only when the task ends, so until the held messages are
+//! accounted for, any unit the heartbeats show idle may be the busy one.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;

@@ -240,3 +240,29 @@ async fn units_that_cannot_be_read_hold_the_scale_in() {
     b.tick().await;
     assert_eq!(target.inner.unit_ids(), ["unit-1"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn messages_held_beyond_the_tasks_heard_hold_the_scale_in() {
+    // A solo worker that just took a task beats again only when it ends: the heartbeats still
+    // show every node idle, but the broker holds the message.
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    queue.publish("celery");
+    let taken = queue.take("celery").unwrap();
+    queue.set_worker_nodes(nodes(&[("unit-0", 0), ("unit-1", 0)]));
+    let target = MemoryScaler::new(2).with_protection();
+    let mut b = binding(&queue, target.clone());
+    let record = b.tick().await;
+    assert_eq!(target.desired(), 2, "{record:?}");
+    assert!(
+        record
+            .protection
+            .and_then(|p| p.skipped)
+            .is_some_and(|why| why.contains("1 held message")),
+    );
+    // Once it is acknowledged (the task ended), the idle units go.
+    queue.ack(taken.id);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    b.tick().await;
+    assert_eq!(target.desired(), 0);
+}

@@ -323,6 +323,30 @@ impl Worker {
         }
     }
 
+    /// Kills the whole process group at once (SIGKILL: a cold stop, as a platform's stop timeout
+    /// does).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the main process has exited (does not wait).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            None | Some(Ok(Some(_))) | Some(Err(_)) => {
+                self.child = None;
+                true
+            }
+            Some(Ok(None)) => false,
+        }
+    }
+
     /// Whether the main process has exited; waits up to `within` without blocking the runtime.
     pub async fn exited_within(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
@@ -349,15 +373,7 @@ pub fn send_signal(pid: u32, signal: &str) {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // The whole process group: the main process and its pool.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
         let _ = std::fs::remove_file(&self.log);
     }
 }

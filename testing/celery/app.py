@@ -30,6 +30,21 @@ def sleep(seconds):
     return seconds
 
 
+@app.task(name="celery_scale_test.tracked", bind=True)
+def tracked(self, seconds, key):
+    """Sleeps `seconds`, recording its task id in the Redis sets `{key}:started` (with the node
+    that runs it, in the hash `{key}:where`) and `{key}:done`, for tests that count tasks killed
+    mid-run or lost. `key` lives on the broker's Redis."""
+    import redis
+
+    r = redis.Redis.from_url(app.conf.broker_url)
+    r.sadd(f"{key}:started", self.request.id)
+    r.hset(f"{key}:where", self.request.id, self.request.hostname or "")
+    time.sleep(float(seconds))
+    r.sadd(f"{key}:done", self.request.id)
+    return seconds
+
+
 @app.task(name="celery_scale_test.noop")
 def noop():
     return None

@@ -8,7 +8,7 @@ message_count for AMQP), for comparison with celery-scale's reading.
 import argparse
 import json
 
-from app import app, sleep
+from app import app, sleep, tracked
 
 
 def kombu_size(queue):
@@ -27,6 +27,7 @@ def main():
     p.add_argument("--countdown", type=float, default=None)
     p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
     p.add_argument("--size-of", action="append", default=[], help="queues to report kombu's size of")
+    p.add_argument("--track", default=None, help="publish the tracked task recording under this Redis key")
     a = p.parse_args()
     if app.conf.broker_url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps"):
         # Wait for the broker's confirm of every publish, so the count read next includes
@@ -38,7 +39,10 @@ def main():
     if a.countdown is not None:
         opts["countdown"] = a.countdown
     for _ in range(a.count):
-        sleep.apply_async((a.seconds,), **opts)
+        if a.track:
+            tracked.apply_async((a.seconds, a.track), **opts)
+        else:
+            sleep.apply_async((a.seconds,), **opts)
     sizes = {q: kombu_size(q) for q in (a.size_of or [a.queue])}
     print(json.dumps({"published": a.count, "kombu_size": sizes}))
 
