@@ -14,6 +14,14 @@ fcntl.flock. A task's entry is added on task_prerun and removed on task_postrun;
 processes that died mid-task (hard time limit, OOM kill) are dropped whenever the file is
 touched. The agent is called when the record goes from empty to non-empty (protect) and back
 (release).
+
+Releasing protection may let a scale-in that waited for this task stop it at once. So after a
+release, and before protecting for a new task, the recipe reads the task's DesiredStatus from
+the task metadata endpoint ($ECS_CONTAINER_METADATA_URI_V4/task): when it is STOPPED, ECS is
+stopping the task, and the worker starts its warm shutdown itself (SIGTERM to the worker's main
+process), so it takes no more work: the running task finishes within the stop timeout and the
+prefetched messages go back to the broker. Without that variable (an agent older than 1.39, or
+not on ECS) there is no check.
 """
 import fcntl
 import json
@@ -22,6 +30,9 @@ import tempfile
 import time
 import urllib.request
 
+import signal
+
+from billiard.process import current_process
 from celery.signals import task_postrun, task_prerun
 
 EXPIRES_IN_MINUTES = int(os.environ.get("CELERY_SCALE_PROTECTION_MINUTES", "60"))
@@ -52,6 +63,34 @@ def _set_protection(enabled):
     except OSError as e:  # never fail a task because the agent did not answer
         print(f"ecs task protection: {e}")
         return False
+
+
+def _desired_status():
+    """The ECS task's DesiredStatus from the task metadata endpoint v4; None when unknown."""
+    metadata = os.environ.get("ECS_CONTAINER_METADATA_URI_V4")
+    if not metadata:
+        return None
+    try:
+        with urllib.request.urlopen(f"{metadata}/task", timeout=5) as answer:
+            status = json.load(answer).get("DesiredStatus")
+            return status if isinstance(status, str) else None
+    except (OSError, ValueError) as e:
+        print(f"ecs task metadata: {e}")
+        return None
+
+
+def _stop_taking_work_if_stopping():
+    """When ECS is stopping this task, begins the worker's warm shutdown; True then."""
+    if _desired_status() != "STOPPED":
+        return False
+    # In a prefork child the worker's main process is the parent; in solo/threads it is us.
+    main = os.getpid() if current_process().name == "MainProcess" else os.getppid()
+    print("ecs task protection: the task is stopping; warm shutdown, no more work taken")
+    try:
+        os.kill(main, signal.SIGTERM)
+    except OSError as e:
+        print(f"ecs task protection: {e}")
+    return True
 
 
 def _alive(pid):
@@ -86,7 +125,10 @@ def _update(task_id, running):
             else:
                 active.pop(task_id, None)
             now = time.time()
-            if active and (
+            if active and not was_busy and _stop_taking_work_if_stopping():
+                # ECS stops this task anyway (protection would be refused): no protect.
+                pass
+            elif active and (
                 not was_busy
                 or protected_at is None
                 or now - protected_at > EXPIRES_IN_MINUTES * 30
@@ -96,6 +138,8 @@ def _update(task_id, running):
             elif was_busy and not active:
                 _set_protection(False)
                 protected_at = None
+                # A scale-in that waited for this task may stop it now: take no more work.
+                _stop_taking_work_if_stopping()
             f.seek(0)
             f.truncate()
             json.dump({"active": active, "protected_at": protected_at}, f)
