@@ -1,16 +1,19 @@
 //! Builds each binding's source and scaler from its `kind`, sharing one AWS client per service
 //! (so every ECS service of every binding is read in one batched round per tick, and every
-//! Auto Scaling Group likewise).
+//! Auto Scaling Group likewise). Amazon SQS sources are built from the same SDK configuration
+//! (region, credentials chain, endpoint), with each source's broker URL on top.
 
 use std::sync::Arc;
 
+use aws_config::SdkConfig;
 use celery_scale_amqp::AmqpQueueSource;
-use celery_scale_aws::cache_ttl_for;
+use celery_scale_aws::{AwsSettings, cache_ttl_for};
 use celery_scale_core::record::DecisionSink;
 use celery_scale_core::{Binding, BindingFactory, Error, LoopSettings, QueueSource, Scaler};
 use celery_scale_ec2::AutoScalingGroups;
 use celery_scale_ecs::EcsServices;
 use celery_scale_redis::RedisQueueSource;
+use celery_scale_sqs::SqsQueueSource;
 
 use crate::config::{DaemonBinding, DaemonConfig, ScalerConfig, SourceConfig};
 
@@ -19,6 +22,8 @@ use crate::config::{DaemonBinding, DaemonConfig, ScalerConfig, SourceConfig};
 pub struct Backends {
     ecs: Option<EcsServices>,
     ec2: Option<AutoScalingGroups>,
+    /// The SDK configuration and the `[aws]` settings SQS sources are built from.
+    sqs: Option<(SdkConfig, AwsSettings)>,
 }
 
 impl Backends {
@@ -28,10 +33,11 @@ impl Backends {
         let mut backends = Backends::default();
         let ecs = config.shortest_interval(|s| matches!(s, ScalerConfig::Ecs(_)));
         let ec2 = config.shortest_interval(|s| matches!(s, ScalerConfig::Ec2(_)));
-        if ecs.is_none() && ec2.is_none() {
+        let sqs = config.uses_sqs();
+        if ecs.is_none() && ec2.is_none() && !sqs {
             return Ok(backends);
         }
-        // One SDK configuration (region, credentials, endpoint) for both services, checked
+        // One SDK configuration (region, credentials, endpoint) for every service, checked
         // once at start.
         let sdk = config
             .aws
@@ -55,6 +61,9 @@ impl Backends {
                     .map_err(|e| format!("aws.{e}"))?,
             );
         }
+        if sqs {
+            backends.sqs = Some((sdk, config.aws.clone()));
+        }
         Ok(backends)
     }
 
@@ -63,6 +72,14 @@ impl Backends {
         Ok(match config {
             SourceConfig::Redis(c) => Box::new(RedisQueueSource::new(c.clone())?),
             SourceConfig::Amqp(c) => Box::new(AmqpQueueSource::new(c.clone())?),
+            SourceConfig::Sqs(c) => {
+                let (sdk, settings) = self.sqs.as_ref().ok_or_else(|| missing("source", "sqs"))?;
+                Box::new(SqsQueueSource::from_sdk_config(
+                    sdk,
+                    settings.clone(),
+                    c.clone(),
+                )?)
+            }
         })
     }
 
@@ -72,22 +89,22 @@ impl Backends {
             ScalerConfig::Ecs(c) => Box::new(
                 self.ecs
                     .as_ref()
-                    .ok_or_else(|| missing("ecs"))?
+                    .ok_or_else(|| missing("scaler", "ecs"))?
                     .scaler(c.clone())?,
             ),
             ScalerConfig::Ec2(c) => Box::new(
                 self.ec2
                     .as_ref()
-                    .ok_or_else(|| missing("ec2"))?
+                    .ok_or_else(|| missing("scaler", "ec2"))?
                     .scaler(c.clone())?,
             ),
         })
     }
 }
 
-fn missing(kind: &str) -> Error {
+fn missing(section: &str, kind: &str) -> Error {
     Error::Config(celery_scale_core::ConfigError::new(
-        "scaler.kind",
+        format!("{section}.kind"),
         format!("no {kind} client was set up"),
     ))
 }

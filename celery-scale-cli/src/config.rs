@@ -2,7 +2,7 @@
 //! its queue source and compute target at run time by `kind`.
 //!
 //! ```toml
-//! [aws]                       # optional: shared by every ECS and EC2 binding
+//! [aws]                       # optional: shared by every ECS, EC2 and SQS binding
 //! region = "eu-west-1"
 //!
 //! [[bindings]]
@@ -10,6 +10,11 @@
 //! policy = { max_workers = 40 }
 //! source = { kind = "redis", url_env = "BROKER_URL", queues = ["emails"] }
 //! scaler = { kind = "ecs", cluster = "prod", service = "email-workers", workers_per_task = 4 }
+//!
+//! [[bindings]]
+//! loop = { name = "reports", interval = "10s" }
+//! source = { kind = "sqs", url = "sqs://", queues = ["reports"], queue_name_prefix = "prod-" }
+//! scaler = { kind = "ecs", cluster = "prod", service = "report-workers" }
 //! ```
 
 use std::path::Path;
@@ -22,6 +27,7 @@ use celery_scale_core::config::{BindingConfig, Config};
 use celery_scale_ec2::AutoScalingGroupConfig;
 use celery_scale_ecs::EcsServiceConfig;
 use celery_scale_redis::RedisSourceConfig;
+use celery_scale_sqs::SqsSourceConfig;
 use serde::{Deserialize, Serialize};
 
 /// Where a binding reads its backlog.
@@ -32,6 +38,9 @@ pub enum SourceConfig {
     Redis(RedisSourceConfig),
     /// Celery on RabbitMQ (or Amazon MQ for RabbitMQ).
     Amqp(AmqpSourceConfig),
+    /// Celery on Amazon SQS: its clients take the `[aws]` section's settings, with the broker
+    /// URL's endpoint and credentials and the `region` option on top, as kombu reads them.
+    Sqs(SqsSourceConfig),
 }
 
 /// What a binding scales.
@@ -50,6 +59,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Redis(_) => "redis",
             SourceConfig::Amqp(_) => "amqp",
+            SourceConfig::Sqs(_) => "sqs",
         }
     }
 
@@ -57,6 +67,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Redis(c) => c.validate(),
             SourceConfig::Amqp(c) => c.validate(),
+            SourceConfig::Sqs(c) => c.validate(),
         }
     }
 }
@@ -77,8 +88,9 @@ pub type DaemonBinding = BindingConfig<SourceConfig, ScalerConfig>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// AWS settings shared by every ECS and EC2 binding: region, endpoint, retries, call
-    /// timeout and the cache TTL of the one batched read per service per tick.
+    /// AWS settings shared by every ECS, EC2 and SQS binding: region, endpoint, retries, call
+    /// timeout and the cache TTL of the one batched read per service per tick (the scalers';
+    /// an SQS source reads its queues afresh every tick).
     #[serde(default)]
     pub aws: AwsSettings,
     /// The bindings.
@@ -118,6 +130,13 @@ impl DaemonConfig {
         })
     }
 
+    /// Whether any binding reads Amazon SQS.
+    pub fn uses_sqs(&self) -> bool {
+        self.bindings
+            .iter()
+            .any(|b| matches!(b.source, SourceConfig::Sqs(_)))
+    }
+
     /// The shortest interval of the bindings that use `uses`.
     pub fn shortest_interval(&self, uses: impl Fn(&ScalerConfig) -> bool) -> Option<Duration> {
         self.bindings
@@ -125,5 +144,56 @@ impl DaemonConfig {
             .filter(|b| uses(&b.scaler))
             .map(|b| b.settings.interval)
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SQS: &str = r#"
+[[bindings]]
+loop = { name = "reports" }
+source = { kind = "sqs", url = "sqs://AKIDEXAMPLE:s3cr3t%2Fkey@", queues = ["reports.high"], queue_name_prefix = "prod-" }
+scaler = { kind = "ecs", cluster = "prod", service = "report-workers" }
+"#;
+
+    #[test]
+    fn an_sqs_source_is_read_with_kombus_names_and_its_secret_hidden() {
+        let config = DaemonConfig::parse(SQS, false).unwrap();
+        let source = &config.bindings[0].source;
+        assert_eq!(source.kind(), "sqs");
+        let SourceConfig::Sqs(c) = source else {
+            panic!("not sqs: {source:?}")
+        };
+        assert_eq!(c.sqs_names(), ["prod-reports-high"]);
+        assert!(config.uses_sqs());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    #[test]
+    fn sqs_mistakes_name_the_field() {
+        for (from, to, field) in [
+            (
+                "queues = [\"reports.high\"]",
+                "queues = []",
+                "bindings[0].source.queues",
+            ),
+            (
+                "queue_name_prefix = \"prod-\"",
+                "queue_prefix = \"prod-\"",
+                "queue_prefix",
+            ),
+            (
+                "url = \"sqs://AKIDEXAMPLE:s3cr3t%2Fkey@\"",
+                "url = \"redis://h\"",
+                "source.url",
+            ),
+        ] {
+            let text = SQS.replace(from, to);
+            let e = DaemonConfig::parse(&text, false).unwrap_err();
+            assert!(e.to_string().contains(field), "{to}: {e}");
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! `celery-scale check` on the shipped sample configurations (against real Redis, RabbitMQ and
-//! moto, with the targets they name), and what the binary says when something is wrong:
+//! moto's ECS, Auto Scaling and SQS, with the targets and queues they name), and what the binary says when something is wrong:
 //! a broker it cannot reach, a bad field, a missing secret, `--help`, and secrets at
 //! `RUST_LOG=trace`.
 
 use std::path::{Path, PathBuf};
+
+mod common;
 
 use celery_scale_testing::{MotoTarget, Services, TempDir, python, run, unique};
 
@@ -36,12 +38,16 @@ fn every_sample_configuration_checks_out() {
         MotoTarget::ec2_named(&s, "celery-workers", 4),
         MotoTarget::ec2_named(&s, "report-workers", 4),
     ];
+    // The SQS queue ecs-sqs.toml names: Celery's `celery` with the prefix `prod-`. Its broker
+    // URL is `sqs://`: the endpoint is moto's, from AWS_ENDPOINT_URL.
+    common::create(&s.moto, "prod-celery");
     for (file, broker) in [
         ("ecs-redis.toml", s.redis_db(DB)),
         ("ec2-redis.toml", s.redis_db(DB)),
         ("ecs-amqp.toml", s.amqp.clone()),
         ("ec2-amqp.toml", s.amqp.clone()),
         ("several.toml", s.redis_db(DB)),
+        ("ecs-sqs.toml", String::new()),
     ] {
         let env = env_with(
             &s,
@@ -71,6 +77,14 @@ fn every_sample_configuration_checks_out() {
             assert!(st.success());
             let records: serde_json::Value = serde_json::from_str(&shown).unwrap();
             assert_eq!(records[0]["dry_run"], true, "{shown}");
+        }
+        if file == "ecs-sqs.toml" {
+            assert!(out.contains("(sqs -> ECS service celery/workers)"), "{out}");
+            // SQS tells no worker figures: unknown, never 0.
+            assert!(
+                out.contains("unknown executing, unknown live workers"),
+                "{out}"
+            );
         }
     }
     assert_eq!(_targets[0].desired(), 2, "check set nothing");

@@ -35,6 +35,7 @@ fn every_binding_of_a_sample_completes_the_built_in_burst_without_secrets() {
         "ec2-redis.toml",
         "ec2-amqp.toml",
         "several.toml",
+        "ecs-sqs.toml",
     ] {
         let path = sample(file);
         let (status, out, err) = run(
