@@ -447,3 +447,153 @@ async fn protection_is_released_once_idle_while_the_group_stays_at_its_minimum()
         units.into_iter().map(|u| (u.id, u.protected)).collect();
     assert_eq!(read, got);
 }
+
+/// A child process killed (with its process group) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `testing/celery/ec2_protect.py`, the worker-side recipe, with a real Celery worker named
+/// after a moto instance: protected while the task runs, released once idle; after the release
+/// the instance is terminated by a scale-in, and the recipe stops the worker consuming before it
+/// takes new work, then exits.
+#[tokio::test]
+async fn the_worker_side_recipe_stops_consuming_once_its_released_instance_is_terminating() {
+    use celery_scale_testing::{Services, WorkerCommand, celery_dir, publish_script, wait_for};
+    let Some(services) = Services::get() else {
+        return;
+    };
+    let groups = handle(&services.moto, Duration::ZERO);
+    let mut moto = MotoGroups::new(&services.moto, &groups).await;
+    let name = moto.create("celery-recipe", 0, 2, 1).await;
+    let id = instances(&groups, &name).await[0].0.clone();
+    let node = format!("celery@{id}");
+
+    // Its own keys and channels on Redis: a unique global_keyprefix.
+    let broker = services.redis_db(0);
+    let prefix = format!("{}:", unique("ec2-recipe"));
+    let options = serde_json::json!({ "global_keyprefix": prefix });
+    let queue = "recipe";
+    let worker = WorkerCommand::new(&services.python, &broker)
+        .queues(queue)
+        .name(&node)
+        .concurrency(1)
+        .transport_options(&options)
+        .spawn();
+    let log = std::env::temp_dir().join(format!("{}.log", unique("ec2-protect")));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut recipe = Child(
+        std::process::Command::new(&services.python)
+            .arg("ec2_protect.py")
+            .args(["--group", &name, "--node", &node, "--instance-id", &id])
+            .args(["--every", "0.5", "--idle-checks", "2"])
+            .current_dir(celery_dir())
+            .env("PYTHONPATH", celery_dir())
+            .env("CELERY_SCALE_TEST_BROKER", &broker)
+            .env("CELERY_SCALE_TEST_OPTIONS", options.to_string())
+            .envs(services.aws_env())
+            .stdout(out)
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start ec2_protect.py"),
+    );
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let protected_now = |groups: AutoScalingGroups, name: String| async move {
+        instances(&groups, &name).await.first().map(|i| i.1)
+    };
+    let none = serde_json::json!({});
+    let publish = |seconds: &str| {
+        publish_script(
+            "publish.py",
+            &services.python,
+            &broker,
+            &options,
+            &none,
+            &["--queue", queue, "--count", "1", "--seconds", seconds],
+        )
+    };
+
+    // The worker is up, then takes a task.
+    wait_for(
+        Duration::from_secs(30),
+        "the worker is ready",
+        || worker.log_tail().contains(" ready.").then_some(()),
+        || worker.log_tail(),
+    );
+    publish("6");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while protected_now(groups.clone(), name.clone()).await != Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never protected while busy: {}",
+            lines()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while protected_now(groups.clone(), name.clone()).await != Some(false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never released once idle: {}",
+            lines()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Released: a scale-in takes the instance; the recipe stops the worker consuming and exits.
+    groups
+        .client()
+        .set_desired_capacity()
+        .auto_scaling_group_name(&name)
+        .desired_capacity(0)
+        .send()
+        .await
+        .unwrap();
+    let status = wait_for(
+        Duration::from_secs(20),
+        "the recipe exits once the instance is leaving",
+        || recipe.0.try_wait().unwrap(),
+        lines,
+    );
+    assert!(status.success(), "{}", lines());
+    let last: serde_json::Value = serde_json::from_str(lines().lines().last().unwrap()).unwrap();
+    assert_eq!(last["consuming"], false, "{last}");
+    assert_eq!(last["queues"], serde_json::json!([queue]), "{last}");
+
+    // New work stays in the queue: the worker no longer takes any.
+    publish("0");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let size = celery_scale_testing::python(
+        &services.python,
+        &broker,
+        &[
+            "-c",
+            &format!(
+                "from app import app\nwith app.connection() as c:\n    print(c.default_channel._size('{queue}'))"
+            ),
+        ],
+        &[("CELERY_SCALE_TEST_OPTIONS", options.to_string())],
+    );
+    assert_eq!(
+        size.trim(),
+        "1",
+        "the task published after the stop was not taken"
+    );
+    drop(worker);
+    celery_scale_testing::python(
+        &services.python,
+        &broker,
+        &[
+            "-c",
+            &format!(
+                "import os, redis\nr = redis.Redis.from_url(os.environ['CELERY_SCALE_TEST_BROKER'])\nfor k in r.scan_iter(match='{prefix}*'):\n    r.delete(k)"
+            ),
+        ],
+        &[],
+    );
+}
