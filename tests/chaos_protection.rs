@@ -4,7 +4,8 @@
 //! pool process each, some `-P solo`, which send no heartbeat while busy). Like ECS, a scale-in
 //! stops unprotected units first (newest first) and never a protected one: it sends SIGTERM
 //! (Celery's warm shutdown) and SIGKILLs the unit's processes after a stop timeout shorter than
-//! the long tasks. Bursts of tracked tasks of mixed length arrive while the control loop is
+//! the long tasks, choosing its victims among the unprotected units in a fixed pseudo-random
+//! order. Bursts of tracked tasks of mixed length arrive while the control loop is
 //! restarted at fixed pseudo-random moments. Every task records its start and its end in Redis;
 //! a task started and never ended was killed mid-run, and a task published and never ended was
 //! lost.
@@ -31,8 +32,9 @@ use celery_scale_testing::{Worker, WorkerCommand, publish_script, service, uniqu
 const DB: u32 = 8;
 /// SIGTERM, then SIGKILL after this: shorter than the long tasks.
 const STOP_TIMEOUT: Duration = Duration::from_secs(4);
-const LONG_TASK_S: f64 = 12.0;
-const SHORT_TASK_S: f64 = 1.0;
+/// The bursts: (when, long tasks of these lengths, short tasks of 1 s). The long tasks end at
+/// different times, so the fleet scales in while some units are still busy.
+const BURSTS: [(u64, &[f64], u32); 2] = [(0, &[6.0, 10.0, 14.0, 18.0], 4), (25, &[8.0, 16.0], 3)];
 
 #[derive(Debug)]
 struct ProcessUnit {
@@ -48,6 +50,10 @@ struct FleetState {
     desired: u32,
     started: u32,
     sigkills: u32,
+    /// The platform's choice of victim among the unprotected units: arbitrary for the loop (ECS
+    /// balances zones; an Auto Scaling Group has its own policy), here a fixed pseudo-random
+    /// sequence.
+    choice: u64,
 }
 
 /// A compute target whose units are Celery worker processes.
@@ -69,6 +75,7 @@ impl ProcessFleet {
                 desired: units,
                 started: 0,
                 sigkills: 0,
+                choice: 0x2545_f491_4f6c_dd1d,
             })),
             py: py.into(),
             broker: broker.into(),
@@ -113,14 +120,18 @@ impl ProcessFleet {
                     stopping_since: None,
                 });
             } else if live > s.desired as usize {
-                let Some(victim) = s
-                    .units
-                    .iter_mut()
-                    .rev()
-                    .find(|u| u.stopping_since.is_none() && !u.protected)
-                else {
+                let candidates: Vec<usize> = (0..s.units.len())
+                    .filter(|&i| s.units[i].stopping_since.is_none() && !s.units[i].protected)
+                    .collect();
+                if candidates.is_empty() {
                     break;
-                };
+                }
+                // xorshift64: the same victims for the same history.
+                s.choice ^= s.choice << 13;
+                s.choice ^= s.choice >> 7;
+                s.choice ^= s.choice << 17;
+                let pick = candidates[(s.choice % candidates.len() as u64) as usize];
+                let victim = &mut s.units[pick];
                 victim.worker.terminate();
                 victim.stopping_since = Some(Instant::now());
             } else {
@@ -301,7 +312,11 @@ async fn run(protection: bool) -> Option<Counts> {
     };
     let start = Instant::now();
     let mut published = 0u64;
-    let mut bursts = vec![(Duration::from_secs(20), 3, 3), (Duration::ZERO, 4, 4)];
+    let mut bursts: Vec<(Duration, &[f64], u32)> = BURSTS
+        .iter()
+        .rev()
+        .map(|&(at, long, short)| (Duration::from_secs(at), long, short))
+        .collect();
     // The loop restarts at these moments (a fresh loop each time: new source, new windows).
     let mut restarts = vec![
         Duration::from_secs(50),
@@ -318,9 +333,11 @@ async fn run(protection: bool) -> Option<Counts> {
             && now >= at
         {
             bursts.pop();
-            publish(&py, &broker, &queue, &track, long, LONG_TASK_S);
-            publish(&py, &broker, &queue, &track, short, SHORT_TASK_S);
-            published += u64::from(long + short);
+            for seconds in long {
+                publish(&py, &broker, &queue, &track, 1, *seconds);
+            }
+            publish(&py, &broker, &queue, &track, short, 1.0);
+            published += long.len() as u64 + u64::from(short);
         }
         if restarts.last().is_some_and(|&at| now >= at) {
             restarts.pop();
@@ -378,7 +395,7 @@ async fn protection_on_kills_and_loses_no_task() {
     let Some(counts) = run(true).await else {
         return;
     };
-    assert_eq!(counts.published, 14);
+    assert_eq!(counts.published, 13);
     assert_eq!(
         (counts.killed_mid_run, counts.lost),
         (0, 0),

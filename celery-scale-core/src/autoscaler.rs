@@ -455,6 +455,14 @@ async fn protect_units(
         );
         return (Some(skipped(&why)), current);
     }
+    // A ready message may be taken by any idle unit between this decision and its stop.
+    if lowering && obs.ready > 0 {
+        let why = format!(
+            "scale-in held: {} message(s) ready, which an idle unit may take before it stops",
+            obs.ready
+        );
+        return (Some(skipped(&why)), current);
+    }
     let timeout = settings.timeout;
     let units = match tokio::time::timeout(timeout, protection.units()).await {
         Ok(Ok(units)) => units,

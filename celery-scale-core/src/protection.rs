@@ -9,7 +9,10 @@
 //! applies it. It never acts on protection while the worker figures are unknown, and it stops no
 //! unit while the broker holds more messages than the tasks heard executing: a solo pool that
 //! has just taken a task beats again only when the task ends, so until the held messages are
-//! accounted for, any unit the heartbeats show idle may be the busy one.
+//! accounted for, any unit the heartbeats show idle may be the busy one. Nor while messages are
+//! ready: an idle unit may take one between the decision and its stop. What remains is a task
+//! published after the decision and taken by a unit the platform is about to stop; a worker that
+//! protects itself when a task starts (the recipes in `docs/`) closes that gap too.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;

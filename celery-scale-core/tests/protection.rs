@@ -266,3 +266,27 @@ async fn messages_held_beyond_the_tasks_heard_hold_the_scale_in() {
     b.tick().await;
     assert_eq!(target.desired(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_message_holds_the_scale_in_of_idle_units() {
+    // Four idle units and one ready message: the policy wants one worker, but whichever idle
+    // unit takes the message before it stops would lose it.
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    queue.publish("celery");
+    queue.set_worker_nodes(nodes(&[
+        ("unit-0", 0),
+        ("unit-1", 0),
+        ("unit-2", 0),
+        ("unit-3", 0),
+    ]));
+    let target = MemoryScaler::new(4).with_protection();
+    let mut b = binding(&queue, target.clone());
+    let record = b.tick().await;
+    assert_eq!(target.desired(), 4, "{record:?}");
+    let why = record
+        .protection
+        .and_then(|p| p.skipped)
+        .unwrap_or_default();
+    assert!(why.contains("1 message(s) ready"), "{why}");
+}
