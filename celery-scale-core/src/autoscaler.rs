@@ -311,6 +311,7 @@ impl Binding {
                         wall,
                     )
                     .await;
+                    had_transient |= protected.as_ref().is_some_and(|p| p.transient);
                     record.protection = protected;
                     to = held_to;
                 }
@@ -466,25 +467,10 @@ async fn protect_units(
     let timeout = settings.timeout;
     let units = match tokio::time::timeout(timeout, protection.units()).await {
         Ok(Ok(units)) => units,
-        Ok(Err(e)) => {
-            let error = format!("cannot read the units to protect: {e}");
-            return (
-                Some(ProtectionRecord {
-                    error: Some(error),
-                    ..ProtectionRecord::default()
-                }),
-                held,
-            );
-        }
+        Ok(Err(e)) => return (Some(failed("cannot read the units to protect", &e)), held),
         Err(_) => {
-            let error = format!("reading the units to protect took longer than {timeout:?}");
-            return (
-                Some(ProtectionRecord {
-                    error: Some(error),
-                    ..ProtectionRecord::default()
-                }),
-                held,
-            );
+            let e = Error::timeout("protection units", timeout);
+            return (Some(failed("cannot read the units to protect", &e)), held);
         }
     };
     let renew = protection.renew_within();
@@ -504,9 +490,7 @@ async fn protect_units(
         || !plan.protect.is_empty();
     let mut record = ProtectionRecord {
         plan,
-        applied: false,
-        error: None,
-        skipped: None,
+        ..ProtectionRecord::default()
     };
     if settings.dry_run || record.plan.is_empty() {
         return (Some(record), to);
@@ -520,14 +504,17 @@ async fn protect_units(
             continue;
         }
         let verb = if protect { "protect" } else { "release" };
-        let failed =
+        let error =
             match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("cannot {verb} {}: {e}", ids.join(", "))),
-                Err(_) => Some(format!("{verb} took longer than {timeout:?}")),
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(Error::timeout(verb, timeout)),
             };
-        if let Some(error) = failed {
-            record.error = Some(error);
+        if let Some(e) = error {
+            let failure = failed(&format!("cannot {verb} {}", ids.join(", ")), &e);
+            record.error = failure.error;
+            record.error_kind = failure.error_kind;
+            record.transient = failure.transient;
             // A busy unit may be unprotected: no scale-in this tick.
             let to = if protect { held } else { to };
             return (Some(record), to);
@@ -535,6 +522,16 @@ async fn protect_units(
     }
     record.applied = true;
     (Some(record), to)
+}
+
+/// A protection record for a call that failed with `e`.
+fn failed(what: &str, e: &Error) -> crate::protection::ProtectionRecord {
+    crate::protection::ProtectionRecord {
+        error: Some(format!("{what}: {}", RecordedError::from(e).message)),
+        error_kind: Some(e.kind()),
+        transient: e.is_transient(),
+        ..crate::protection::ProtectionRecord::default()
+    }
 }
 
 /// Each running unit runs a Celery worker node: when fewer nodes are heard than units run, the

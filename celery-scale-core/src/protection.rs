@@ -214,6 +214,11 @@ pub struct ProtectionRecord {
     pub applied: bool,
     /// What failed, if anything (the scale-in is then held).
     pub error: Option<String>,
+    /// The kind of what failed.
+    pub error_kind: Option<crate::ErrorKind>,
+    /// Whether what failed may pass on a retry (the loop then backs off, as for any transient
+    /// fault).
+    pub transient: bool,
     /// Why nothing was done, when nothing was (`worker figures unknown`, ...).
     pub skipped: Option<String>,
 }

@@ -290,3 +290,25 @@ async fn a_ready_message_holds_the_scale_in_of_idle_units() {
         .unwrap_or_default();
     assert!(why.contains("1 message(s) ready"), "{why}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_protection_fault_backs_off_like_any_other() {
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    queue.set_worker_nodes(nodes(&[("unit-0", 0), ("unit-1", 1)]));
+    let target = BrokenProtection {
+        inner: MemoryScaler::new(2).with_protection(),
+        broken: Arc::new(AtomicBool::new(true)),
+    };
+    let mut b = binding(&queue, target.clone());
+    let first = b.tick().await;
+    let p = first.protection.clone().unwrap();
+    assert!(p.transient, "{p:?}");
+    assert_eq!(
+        p.error_kind,
+        Some(celery_scale_core::ErrorKind::Unavailable)
+    );
+    assert_eq!(first.next_tick_in, settings().interval * 2, "backs off");
+    let second = b.tick().await;
+    assert_eq!(second.next_tick_in, settings().interval * 4, "and more");
+}
