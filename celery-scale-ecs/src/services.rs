@@ -114,7 +114,7 @@ impl EcsServiceConfig {
                 "must be from 1m to 2880m (48h), as ECS allows",
             ));
         }
-        if expires.as_secs() % 60 != 0 || expires.subsec_nanos() != 0 {
+        if !expires.as_secs().is_multiple_of(60) || expires.subsec_nanos() != 0 {
             return Err(ConfigError::new(
                 "protection_expires_in",
                 "must be a whole number of minutes (ECS's expiresInMinutes)",
