@@ -1,28 +1,175 @@
-//! One observation of 1, 100 and 10,000 queues x 4 priority keys: the source's single pipeline
-//! against a loop of one round trip per command (the same `LLEN` and `LINDEX -1` per key, and
-//! `HLEN unacked`), side by side.
+//! One observation of 10,000 queues x 4 priority keys with `oldest_age`, one message in each
+//! queue (450-byte and 4.4 KB messages), side by side in one run:
+//!
+//! - `source`: [`RedisQueueSource::observe`] (the tails script: `EVALSHA` per 1,000 keys, then
+//!   `HLEN unacked`);
+//! - `raw_same_commands`: the physical limit: a plain tokio `TcpStream` writing the very same
+//!   commands ([`RedisQueueSource::packed_commands`], encoded once) as one RESP buffer and
+//!   reading the replies (only skipped over, never decoded);
+//! - `source_whole_tails`: the source on a connection whose ACL refuses scripts, so it reads
+//!   each key's oldest message whole (`LLEN` + `LINDEX -1` per key): what the source did before
+//!   the script;
+//! - `raw_whole_tails`: the raw socket sending those `LLEN` + `LINDEX -1` commands;
+//! - `encode_only`: encoding the source's pipeline, which the redis crate does on every send.
 //!
 //! Needs a real Redis: `CELERY_SCALE_REDIS_URL=redis://127.0.0.1:6379 cargo bench -p
-//! celery-scale-redis --bench observe`. Without it the bench says so and does nothing.
+//! celery-scale-redis --bench observe`. Uses database 4 and keys under `csr-bench-{pid}-`
+//! (deleted at the end), and a temporary ACL user `csr-bench-{pid}` (deleted at the end).
+//! Without the variable the bench says so and does nothing.
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use celery_scale_core::QueueSource;
-use celery_scale_redis::{RedisQueueSource, RedisSourceConfig};
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use celery_scale_redis::{InFlightMode, RedisQueueSource, RedisSourceConfig};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use redis::Commands as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
-const SIZES: [usize; 3] = [1, 100, 10_000];
+const QUEUES: usize = 10_000;
+const DB: u32 = 4;
+/// Message sizes: a small Celery task, and one with a 4.4 KB message.
+const SIZES: [usize; 2] = [450, 4400];
 
-fn message(queue: &str) -> String {
-    serde_json::json!({
-        "body": "W1sxLjBdLCB7fSwgeyJjYWxsYmFja3MiOiBudWxsfV0=",
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"task": "celery_scale_test.sleep", "id": "x", "eta": null, "published_at": 1.7e9},
-        "properties": {"delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": "t"},
-    })
-    .to_string()
+/// A kombu envelope of about `size` bytes (the body's base64 makes up the rest), published
+/// now (the `published_at` property).
+/// Five seconds ago, in Unix seconds.
+fn published_at() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        - 5.0
+}
+
+fn message(queue: &str, size: usize) -> String {
+    let envelope = |body: &str| {
+        serde_json::json!({
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"lang": "py", "task": "app.tasks.work", "id": "0b0c7b44-1c1e-4a53-9d2c-3a5f4e6b7c8d",
+                        "eta": null, "retries": 0, "root_id": "0b0c7b44", "parent_id": null},
+            "properties": {"delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                           "body_encoding": "base64", "delivery_tag": "5d1f0d0e-8c4b",
+                           "published_at": published_at()},
+        })
+        .to_string()
+    };
+    let overhead = envelope("").len();
+    let raw = vec![b'x'; size.saturating_sub(overhead) / 4 * 3];
+    envelope(&base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+/// The end of the RESP value starting at `i`, or `None` while it is incomplete.
+fn skip(b: &[u8], i: usize) -> Option<usize> {
+    let kind = *b.get(i)?;
+    let eol = i + b.get(i..)?.windows(2).position(|w| w == b"\r\n")?;
+    let next = eol + 2;
+    let n = || -> i64 {
+        std::str::from_utf8(&b[i + 1..eol])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    match kind {
+        b'+' | b'-' | b':' => Some(next),
+        b'$' => match n() {
+            len if len < 0 => Some(next),
+            len => {
+                let end = next + len as usize + 2;
+                (end <= b.len()).then_some(end)
+            }
+        },
+        b'*' => {
+            let mut p = next;
+            for _ in 0..n().max(0) {
+                p = skip(b, p)?;
+            }
+            Some(p)
+        }
+        other => panic!("not RESP2: {other}"),
+    }
+}
+
+/// Writes `request` and reads until `replies` complete replies came back; the bytes read.
+async fn round_trip(
+    stream: &mut TcpStream,
+    request: &[u8],
+    replies: usize,
+    buf: &mut Vec<u8>,
+) -> usize {
+    buf.clear();
+    let (mut read, mut write) = stream.split();
+    let writer = async {
+        write.write_all(request).await.unwrap();
+    };
+    let reader = async {
+        let (mut done, mut pos) = (0, 0);
+        while done < replies {
+            if buf.capacity() - buf.len() < 64 * 1024 {
+                buf.reserve(buf.len().max(1 << 20));
+            }
+            let n = read.read_buf(buf).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+            while done < replies {
+                match skip(buf, pos) {
+                    Some(end) => {
+                        assert_ne!(
+                            buf[pos],
+                            b'-',
+                            "{}",
+                            String::from_utf8_lossy(&buf[pos..end])
+                        );
+                        pos = end;
+                        done += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        assert_eq!(pos, buf.len(), "no more than the replies");
+    };
+    tokio::join!(writer, reader);
+    buf.len()
+}
+
+/// A raw connection to `addr` with database `db` selected.
+async fn raw(addr: &(String, u16), db: u32) -> TcpStream {
+    let mut stream = TcpStream::connect((addr.0.as_str(), addr.1)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let select = redis::cmd("SELECT").arg(db).get_packed_command();
+    let mut buf = Vec::new();
+    round_trip(&mut stream, &select, 1, &mut buf).await;
+    stream
+}
+
+/// Deletes the bench's ACL user and keys when dropped, also after a panic.
+struct Cleanup {
+    url: String,
+    user: String,
+    pattern: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Ok(mut conn) = redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection())
+        else {
+            return;
+        };
+        let _: redis::RedisResult<()> = redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&self.user)
+            .query(&mut conn);
+        let keys: Vec<String> = conn
+            .scan_match(&self.pattern)
+            .map(|i| i.flatten().collect())
+            .unwrap_or_default();
+        for chunk in keys.chunks(1000) {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
 }
 
 fn observe(c: &mut Criterion) {
@@ -35,121 +182,136 @@ fn observe(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let prefix = format!("csr-bench-{}:", std::process::id());
     let client = redis::Client::open(url.as_str()).unwrap();
+    let addr = match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        other => panic!("the bench needs a TCP Redis URL, not {other:?}"),
+    };
+    let db_url = format!("redis://{}:{}/{DB}", addr.0, addr.1);
     let mut conn = rt
-        .block_on(client.get_multiplexed_async_connection())
+        .block_on(
+            redis::Client::open(db_url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection(),
+        )
         .expect("connect to CELERY_SCALE_REDIS_URL");
-    let max = *SIZES.iter().max().unwrap();
-    let queues: Vec<String> = (0..max).map(|i| format!("q{i}")).collect();
-    // One waiting message in every queue's bare key (its other three step keys are empty).
+    let pid = std::process::id();
+    // A user like the default one, without scripting: the source falls back to whole tails.
+    let user = format!("csr-bench-{pid}");
+    let password = format!("pw{pid}");
     rt.block_on(async {
-        for chunk in queues.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for q in chunk {
-                pipe.cmd("LPUSH")
-                    .arg(format!("{prefix}{q}"))
-                    .arg(message(q))
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut conn).await.unwrap();
-        }
-    });
-
-    let mut group = c.benchmark_group("observe");
-    group.sample_size(10);
-    group.warm_up_time(Duration::from_millis(500));
-    for &n in &SIZES {
-        let config = RedisSourceConfig::builder(url.as_str())
-            .queues(queues[..n].iter().cloned())
-            .global_keyprefix(&prefix)
-            .publish_time_field("published_at")
-            .heartbeats(false)
-            .timeout(Duration::from_secs(60))
-            .build()
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg(&[
+                "on",
+                &format!(">{password}"),
+                "~*",
+                "&*",
+                "+@all",
+                "-@scripting",
+            ])
+            .query_async(&mut conn)
+            .await
             .unwrap();
-        let source = rt.block_on(async { RedisQueueSource::new(config).unwrap() });
+    });
+    let _cleanup = Cleanup {
+        url: db_url.clone(),
+        user: user.clone(),
+        pattern: format!("csr-bench-{pid}-*"),
+    };
+    let no_scripts_url = format!("redis://{user}:{password}@{}:{}/{DB}", addr.0, addr.1);
+    let queues: Vec<String> = (0..QUEUES).map(|i| format!("q{i}")).collect();
+
+    let mut group = c.benchmark_group("observe_10k_queues_x4_keys");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(6));
+    group.throughput(Throughput::Elements((QUEUES * 4) as u64));
+    for size in SIZES {
+        let prefix = format!("csr-bench-{pid}-{size}:");
+        let body_len = message("q0", size).len();
+        // One waiting message in every queue's bare key (its other three step keys are empty).
+        rt.block_on(async {
+            for chunk in queues.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for q in chunk {
+                    pipe.cmd("LPUSH")
+                        .arg(format!("{prefix}{q}"))
+                        .arg(message(q, size))
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await.unwrap();
+            }
+        });
+        let config = |url: &str| {
+            RedisSourceConfig::builder(url)
+                .queues(queues.iter().cloned())
+                .global_keyprefix(&prefix)
+                .publish_time_field("published_at")
+                .in_flight(InFlightMode::Global)
+                .heartbeats(false)
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap()
+        };
+        let source = rt.block_on(async { RedisQueueSource::new(config(&db_url)).unwrap() });
         let obs = rt.block_on(source.observe()).unwrap();
-        assert_eq!(obs.ready, n as u64);
-        group.bench_with_input(BenchmarkId::new("pipelined", n), &n, |b, _| {
+        assert_eq!(obs.ready, QUEUES as u64);
+        assert!(obs.oldest_age.is_some(), "ages read");
+        let whole = rt.block_on(async { RedisQueueSource::new(config(&no_scripts_url)).unwrap() });
+        let obs_whole = rt.block_on(whole.observe()).unwrap();
+        assert_eq!(obs_whole.ready, QUEUES as u64);
+        assert_eq!(
+            obs.queues
+                .iter()
+                .map(|q| q.oldest_age.map(|a| a.as_secs()))
+                .collect::<Vec<_>>(),
+            obs_whole
+                .queues
+                .iter()
+                .map(|q| q.oldest_age.map(|a| a.as_secs()))
+                .collect::<Vec<_>>(),
+            "the script and whole tails read the same ages"
+        );
+        let (same, same_n) = source.packed_commands();
+        let (lindex, lindex_n) = whole.packed_commands();
+        assert!(
+            same_n == QUEUES * 4 / 1000 + 1 && lindex_n == QUEUES * 8 + 1,
+            "{same_n} {lindex_n}"
+        );
+        let mut stream = rt.block_on(raw(&addr, DB));
+        let mut buf = Vec::new();
+        let got_same = rt.block_on(round_trip(&mut stream, &same, same_n, &mut buf));
+        let got_whole = rt.block_on(round_trip(&mut stream, &lindex, lindex_n, &mut buf));
+        eprintln!(
+            "{size}-byte messages ({body_len} bytes): script commands {} KB out, {} KB back; \
+             whole tails {} KB out, {} KB back",
+            same.len() / 1024,
+            got_same / 1024,
+            lindex.len() / 1024,
+            got_whole / 1024
+        );
+
+        group.bench_function(BenchmarkId::new("source", size), |b| {
             b.to_async(&rt)
                 .iter(|| async { source.observe().await.unwrap() });
         });
-        // Without the tail messages (oldest_age = false): LLEN per key and HLEN only.
-        let lengths_only = rt.block_on(async {
-            RedisQueueSource::new(RedisSourceConfig {
-                oldest_age: false,
-                ..source.config().clone()
-            })
-            .unwrap()
+        group.bench_function(BenchmarkId::new("raw_same_commands", size), |b| {
+            b.iter(|| rt.block_on(round_trip(&mut stream, &same, same_n, &mut buf)));
         });
-        group.bench_with_input(BenchmarkId::new("pipelined_without_age", n), &n, |b, _| {
+        group.bench_function(BenchmarkId::new("source_whole_tails", size), |b| {
             b.to_async(&rt)
-                .iter(|| async { lengths_only.observe().await.unwrap() });
+                .iter(|| async { whole.observe().await.unwrap() });
         });
-
-        let keys: Vec<String> = queues[..n]
-            .iter()
-            .flat_map(|q| {
-                let bare = format!("{prefix}{q}");
-                [0, 3, 6, 9].map(|p| {
-                    if p == 0 {
-                        bare.clone()
-                    } else {
-                        format!("{bare}\x06\x16{p}")
-                    }
-                })
-            })
-            .collect();
-        if n == max {
-            // 80,001 sequential round trips per iteration: a few seconds each.
-            group.measurement_time(Duration::from_secs(30));
-        }
-        group.bench_with_input(BenchmarkId::new("per_key_loop", n), &n, |b, _| {
-            b.to_async(&rt).iter(|| {
-                let mut conn = conn.clone();
-                let keys = &keys;
-                let unacked = format!("{prefix}unacked");
-                async move {
-                    let mut ready = 0u64;
-                    let mut tails = 0usize;
-                    for key in keys {
-                        let len: u64 = redis::cmd("LLEN")
-                            .arg(key)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        ready += len;
-                        let tail: Option<Vec<u8>> = redis::cmd("LINDEX")
-                            .arg(key)
-                            .arg(-1)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        tails += tail.map_or(0, |t| t.len());
-                    }
-                    let in_flight: u64 = redis::cmd("HLEN")
-                        .arg(&unacked)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    (ready, tails, in_flight)
-                }
-            });
+        group.bench_function(BenchmarkId::new("raw_whole_tails", size), |b| {
+            b.iter(|| rt.block_on(round_trip(&mut stream, &lindex, lindex_n, &mut buf)));
+        });
+        group.bench_function(BenchmarkId::new("encode_only", size), |b| {
+            b.iter(|| source.packed_commands());
         });
     }
     group.finish();
-
-    rt.block_on(async {
-        for chunk in queues.chunks(1000) {
-            let keys: Vec<String> = chunk.iter().map(|q| format!("{prefix}{q}")).collect();
-            let _: () = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-    });
 }
 
 criterion_group!(benches, observe);
