@@ -15,12 +15,14 @@
 //! `cargo test --features redis --test chaos_protection -- --ignored --nocapture`), which prints
 //! its counts.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_scale::async_trait;
 use celery_scale::config::{PolicyConfig, PolicyKind};
 use celery_scale::protection::{Unit, UnitProtection};
+use celery_scale::record::{DecisionRecord, DecisionSink};
 use celery_scale::redis::{InFlightMode, RedisQueueSource, RedisSourceConfig};
 use celery_scale::{
     Binding, CancellationToken, Capacity, CapacityUnit, LoopSettings, Result, Scaler, SetOutcome,
@@ -220,7 +222,30 @@ impl UnitProtection for ProcessFleet {
     }
 }
 
-fn binding(broker: &str, queue: &str, node: &str, fleet: &ProcessFleet) -> Binding {
+/// Counts the ticks that protected busy units before lowering the count: proof that the run
+/// scaled in while some unit was busy (else protection had nothing to do).
+#[derive(Debug, Default)]
+struct ProtectedScaleIns(AtomicU32);
+
+impl DecisionSink for ProtectedScaleIns {
+    fn record(&self, record: &DecisionRecord) {
+        if record
+            .protection
+            .as_ref()
+            .is_some_and(|p| p.applied && !p.plan.protect.is_empty())
+        {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn binding(
+    broker: &str,
+    queue: &str,
+    node: &str,
+    fleet: &ProcessFleet,
+    sink: &Arc<ProtectedScaleIns>,
+) -> Binding {
     let source = RedisQueueSource::new(
         RedisSourceConfig::builder(broker)
             .queue(queue)
@@ -254,6 +279,7 @@ fn binding(broker: &str, queue: &str, node: &str, fleet: &ProcessFleet) -> Bindi
         policy.build().unwrap(),
     )
     .unwrap()
+    .with_sink(sink.clone())
 }
 
 /// Counts of one run.
@@ -264,6 +290,8 @@ struct Counts {
     killed_mid_run: u64,
     lost: u64,
     sigkills: u32,
+    /// Ticks that protected busy units before lowering the count.
+    protected_scale_ins: u32,
 }
 
 fn set_len(broker: &str, key: &str) -> u64 {
@@ -300,6 +328,7 @@ async fn run(protection: bool) -> Option<Counts> {
     let node = run.replace('-', "");
     let track = format!("{run}-tasks");
     let fleet = ProcessFleet::new(&py, &broker, &queue, &node, protection, 2);
+    let sink = Arc::new(ProtectedScaleIns::default());
 
     let reaper = {
         let fleet = fleet.clone();
@@ -326,7 +355,8 @@ async fn run(protection: bool) -> Option<Counts> {
     ];
     let deadline = Duration::from_secs(240);
     let mut cancel = CancellationToken::new();
-    let mut looping = tokio::spawn(binding(&broker, &queue, &node, &fleet).run(cancel.clone()));
+    let mut looping =
+        tokio::spawn(binding(&broker, &queue, &node, &fleet, &sink).run(cancel.clone()));
     loop {
         let now = start.elapsed();
         if let Some(&(at, long, short)) = bursts.last()
@@ -344,7 +374,8 @@ async fn run(protection: bool) -> Option<Counts> {
             cancel.cancel();
             let _ = looping.await;
             cancel = CancellationToken::new();
-            looping = tokio::spawn(binding(&broker, &queue, &node, &fleet).run(cancel.clone()));
+            looping =
+                tokio::spawn(binding(&broker, &queue, &node, &fleet, &sink).run(cancel.clone()));
         }
         let started = set_len(&broker, &format!("{track}:started"));
         let done = set_len(&broker, &format!("{track}:done"));
@@ -367,6 +398,7 @@ async fn run(protection: bool) -> Option<Counts> {
         killed_mid_run: started.saturating_sub(done),
         lost: published.saturating_sub(done),
         sigkills,
+        protected_scale_ins: sink.0.load(Ordering::Relaxed),
     };
     eprintln!(
         "chaos run, protection {}: {counts:?} in {:?}",
@@ -402,6 +434,10 @@ async fn protection_on_kills_and_loses_no_task() {
         "with protection no task is killed or lost: {counts:?}"
     );
     assert_eq!(counts.done, counts.published, "{counts:?}");
+    assert!(
+        counts.protected_scale_ins > 0,
+        "the run scaled in while a unit was busy, protecting it: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,7 +73,8 @@ impl SourceConfig {
 }
 
 impl ScalerConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the target's fields (names the field that is wrong).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         match self {
             ScalerConfig::Ecs(c) => c.validate(),
             ScalerConfig::Ec2(c) => c.validate(),

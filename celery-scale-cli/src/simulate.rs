@@ -50,6 +50,13 @@ impl SimFile {
                     e.within(&format!("bindings[{i}].loop"))
                 )
             })?;
+            b.scaler.validate().map_err(|e| {
+                format!(
+                    "{}: {}",
+                    path.display(),
+                    e.within(&format!("bindings[{i}].scaler"))
+                )
+            })?;
         }
         Ok(file)
     }

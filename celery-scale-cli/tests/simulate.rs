@@ -109,4 +109,26 @@ scaler = { kind = "ecs", cluster = "c", service = "s", workers_per_task = 2 }
     );
     assert_eq!(status.code(), Some(2));
     assert!(err.contains("no binding named \"two\""), "{err}");
+
+    // The target's fields are checked as `run` and `check` check them.
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"[[bindings]]
+loop = { name = "one", interval = "5s" }
+source = { kind = "redis", url = { env = "NOT_SET_ANYWHERE" }, queues = ["celery"] }
+scaler = { kind = "ecs", cluster = "c", service = "s", protect_busy_units = true, protection_expires_in = "30s" }
+"#,
+    )
+    .unwrap();
+    let (status, _, err) = run(
+        Path::new(BIN),
+        &["simulate", "--config", bad.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bindings[0].scaler.protection_expires_in"),
+        "{err}"
+    );
 }

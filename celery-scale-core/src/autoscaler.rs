@@ -159,12 +159,44 @@ pub struct Binding {
 }
 
 /// What the loop remembers of scale-in protection between ticks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ProtectionState {
     /// When the units were last looked at.
     last_check: Option<Instant>,
-    /// Whether some unit was protected then (so idle ones are looked at again, to release).
+    /// Whether some unit was protected then (so idle ones are looked at again, to release). A
+    /// fresh loop assumes so: an earlier process may have left units protected.
     outstanding: bool,
+    /// The held count at the last observation.
+    last_in_flight: Option<u64>,
+    /// The last time work could have reached an idle worker: messages ready, more held than
+    /// before, or the held count not known.
+    work_offered_at: Option<Instant>,
+}
+
+impl Default for ProtectionState {
+    fn default() -> Self {
+        ProtectionState {
+            last_check: None,
+            outstanding: true,
+            last_in_flight: None,
+            work_offered_at: None,
+        }
+    }
+}
+
+impl ProtectionState {
+    /// Notes whether work could have reached an idle worker by the time of `obs`.
+    fn observe(&mut self, obs: &crate::Observation) {
+        let more_held = match (obs.in_flight, self.last_in_flight) {
+            (None, _) => true,
+            (Some(now), Some(before)) => now > before,
+            (Some(_), None) => false,
+        };
+        if obs.ready > 0 || more_held {
+            self.work_offered_at = Some(obs.at);
+        }
+        self.last_in_flight = obs.in_flight;
+    }
 }
 
 /// How often protected units are looked at again when no scale-in is due: to release those
@@ -424,10 +456,20 @@ async fn protect_units(
     use crate::protection::{ProtectionRecord, plan};
     let now = Instant::now();
     let lowering = to < current;
+    if let Some(obs) = observation {
+        state.observe(obs);
+    }
+    // Often enough to renew protection that expires before it does.
+    let renew = protection.renew_within();
+    let every = if renew.is_zero() {
+        PROTECTION_RECHECK
+    } else {
+        PROTECTION_RECHECK.min(renew / 2)
+    };
     let recheck = state.outstanding
         && state
             .last_check
-            .is_none_or(|t| now.saturating_duration_since(t) >= PROTECTION_RECHECK);
+            .is_none_or(|t| now.saturating_duration_since(t) >= every);
     if !lowering && !recheck {
         return (None, to);
     }
@@ -438,23 +480,20 @@ async fn protect_units(
     let Some(obs) = observation else {
         return (Some(skipped("no observation")), to);
     };
-    if obs.workers_are_unknown() || obs.executing.is_none() {
-        // The unknown-workers guard already holds any scale-in.
-        return (Some(skipped("worker figures unknown")), to);
-    }
     let held = if lowering { current } else { to };
-    // Messages held beyond the tasks heard executing sit with some worker that the heartbeats
-    // show idle: a solo pool that just took a task (it beats again only when the task ends), a
-    // beat not yet sent, a prefetched task about to start. Which unit holds them is not known,
-    // so no unit is stopped until they are accounted for.
-    let executing = obs.executing.unwrap_or(0);
-    let unattributed = obs.in_flight.map_or(0, |f| f.saturating_sub(executing));
-    if lowering && unattributed > 0 {
-        let why = format!(
-            "scale-in held: {unattributed} held message(s) beyond the {executing} task(s) heard \
-             executing, on a worker not known"
+    if obs.workers_are_unknown() || obs.executing.is_none() {
+        // Which units are busy is not known (the worker-event feed is off, down or warming up,
+        // or a worker is silent): no unit is stopped.
+        return (Some(skipped("scale-in held: worker figures unknown")), held);
+    }
+    if lowering && obs.in_flight.is_none() {
+        return (
+            Some(skipped(
+                "scale-in held: the broker's held-message count is unknown, so work a worker \
+                 took since its last beat cannot be seen",
+            )),
+            current,
         );
-        return (Some(skipped(&why)), current);
     }
     // A ready message may be taken by any idle unit between this decision and its stop.
     if lowering && obs.ready > 0 {
@@ -473,16 +512,24 @@ async fn protect_units(
             return (Some(failed("cannot read the units to protect", &e)), held);
         }
     };
-    let renew = protection.renew_within();
     let nodes = &obs.worker_nodes;
+    let offered = state.work_offered_at;
     // Every busy unit stays (up to the current count), then at most that many are protected.
-    let busy = plan(&units, nodes, current, lowering, wall, renew).busy_floor();
+    let first = plan(&units, nodes, current, lowering, wall, renew, offered);
+    if lowering && let Some(why) = first.blocks_scale_in() {
+        let record = ProtectionRecord {
+            plan: first,
+            skipped: Some(format!("scale-in held: {why}")),
+            ..ProtectionRecord::default()
+        };
+        return (Some(record), current);
+    }
     let to = if lowering {
-        to.max(busy.min(current))
+        to.max(first.busy_floor().min(current))
     } else {
         to
     };
-    let plan = plan(&units, nodes, to, lowering, wall, renew);
+    let plan = plan(&units, nodes, to, lowering, wall, renew, offered);
     state.last_check = Some(now);
     state.outstanding = units
         .iter()

@@ -196,6 +196,22 @@ pub struct WorkerNode {
     pub hostname: String,
     /// Tasks it executes now (`active`).
     pub executing: u64,
+    /// When its last heartbeat arrived (the loop's clock); `None` when not known (a node set by
+    /// hand, as the in-memory backend's are). A node idle in a beat older than the last time
+    /// work could have reached it may have taken some since.
+    #[serde(skip)]
+    pub last_beat: Option<Instant>,
+}
+
+impl WorkerNode {
+    /// Node `hostname` executing `executing` tasks, its last beat not known.
+    pub fn new(hostname: impl Into<String>, executing: u64) -> Self {
+        WorkerNode {
+            hostname: hostname.into(),
+            executing,
+            last_beat: None,
+        }
+    }
 }
 
 /// What the live workers say, summed, and node by node.
@@ -390,6 +406,7 @@ impl WorkerRegistry {
                 .map(|(hostname, w)| WorkerNode {
                     hostname: hostname.clone(),
                     executing: w.active,
+                    last_beat: Some(w.last_beat),
                 })
                 .collect(),
         })

@@ -6,11 +6,11 @@
 //! instance protection) offers [`UnitProtection`] through [`Scaler::protection`](crate::Scaler::protection).
 //! The loop maps each Celery worker node heard in the heartbeats to a unit by the rule of
 //! [`unit_of`], makes a [`ProtectionPlan`] with [`plan`] (pure, so it is property-tested) and
-//! applies it. It never acts on protection while the worker figures are unknown, and it stops no
-//! unit while the broker holds more messages than the tasks heard executing: a solo pool that
-//! has just taken a task beats again only when the task ends, so until the held messages are
-//! accounted for, any unit the heartbeats show idle may be the busy one. Nor while messages are
-//! ready: an idle unit may take one between the decision and its stop. What remains is a task
+//! applies it. It stops no unit while the worker figures or the broker's held count are unknown,
+//! while messages are ready (an idle unit may take one between the decision and its stop), or
+//! while a busy worker maps to no unit or a unit has no worker heard. A worker that was idle in
+//! a beat no newer than the last time the broker held more messages counts as busy: a solo pool
+//! that has just taken a task beats again only when the task ends. What remains is a task
 //! published after the decision and taken by a unit the platform is about to stop; a worker that
 //! protects itself when a task starts (the recipes in `docs/`) closes that gap too.
 
@@ -107,12 +107,17 @@ fn has_token(host: &str, name: &str) -> bool {
 /// ```
 pub fn unit_of<'a>(node: &str, units: &'a [Unit]) -> Option<&'a Unit> {
     let host = host_of(node);
-    let first_label = |s: &str| s.split('.').next().unwrap_or_default().to_string();
+    // The first DNS label of a name (`ip-10-0-1-23` of `ip-10-0-1-23.ec2.internal`); none for
+    // a dotted address, whose first label (`10`) names no one host.
+    let first_label = |s: &str| {
+        let label = s.split('.').next().unwrap_or_default();
+        (!label.is_empty() && !label.bytes().all(|b| b.is_ascii_digit())).then(|| label.to_string())
+    };
     let host_label = first_label(host);
     let mut found = units.iter().filter(|u| {
         has_token(host, &u.id)
             || u.aliases.iter().any(|a| {
-                has_token(host, a) || (!host_label.is_empty() && first_label(a) == host_label)
+                has_token(host, a) || (host_label.is_some() && first_label(a) == host_label)
             })
     });
     let unit = found.next()?;
@@ -129,14 +134,35 @@ pub struct ProtectionPlan {
     /// Units with a worker executing tasks.
     pub busy_units: Vec<String>,
     /// Node names of workers executing tasks that map to no unit: each counts as a busy unit
-    /// nobody may remove.
+    /// nobody may remove, and since which unit runs it is not known, no unit may be stopped.
     pub unmapped_busy: Vec<String>,
+    /// Units (not stopping) with no worker heard: one may be starting, or busy under a name
+    /// that maps to nothing, so no unit may be stopped while there is one.
+    pub unheard: Vec<String>,
 }
 
 impl ProtectionPlan {
     /// How many units must stay: every busy unit, mapped or not.
     pub fn busy_floor(&self) -> u32 {
         u32::try_from(self.busy_units.len() + self.unmapped_busy.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Why no unit may be stopped now, if one may not (see [`ProtectionPlan::unmapped_busy`]
+    /// and [`ProtectionPlan::unheard`]).
+    pub fn blocks_scale_in(&self) -> Option<String> {
+        if !self.unmapped_busy.is_empty() {
+            return Some(format!(
+                "busy worker(s) of no known unit: {}",
+                self.unmapped_busy.join(", ")
+            ));
+        }
+        if !self.unheard.is_empty() {
+            return Some(format!(
+                "unit(s) with no worker heard: {}",
+                self.unheard.join(", ")
+            ));
+        }
+        None
     }
 
     /// Whether the plan changes nothing on the target.
@@ -151,6 +177,10 @@ impl ProtectionPlan {
 /// not), at most `desired` of them, busiest first; protected units whose workers are all idle
 /// are released. A unit with no worker heard is left as it is: it may be starting, or its
 /// worker may be busy under a name that maps to nothing.
+///
+/// A node counts as busy also when it was idle in a beat no newer than `work_offered_at`, the
+/// last time work could have reached it (messages ready, or more held than before): it may have
+/// taken some since, and a solo pool that did beats again only when the task ends.
 pub fn plan(
     units: &[Unit],
     nodes: &[WorkerNode],
@@ -158,6 +188,7 @@ pub fn plan(
     lowering: bool,
     now: SystemTime,
     renew_within: Duration,
+    work_offered_at: Option<tokio::time::Instant>,
 ) -> ProtectionPlan {
     let mut executing: Vec<(String, u64)> = Vec::new();
     let mut heard: BTreeSet<&str> = BTreeSet::new();
@@ -166,10 +197,17 @@ pub fn plan(
         match unit_of(&node.hostname, units) {
             Some(unit) => {
                 heard.insert(unit.id.as_str());
-                if node.executing > 0 {
+                let maybe_busy = node.executing == 0
+                    && node
+                        .last_beat
+                        .zip(work_offered_at)
+                        .is_some_and(|(beat, offered)| beat <= offered);
+                if node.executing > 0 || maybe_busy {
+                    // A node that may have taken work counts as one task.
+                    let n = node.executing.max(1);
                     match executing.iter_mut().find(|(id, _)| *id == unit.id) {
-                        Some((_, n)) => *n = n.saturating_add(node.executing),
-                        None => executing.push((unit.id.clone(), node.executing)),
+                        Some((_, busy)) => *busy = busy.saturating_add(n),
+                        None => executing.push((unit.id.clone(), n)),
                     }
                 }
             }
@@ -185,17 +223,21 @@ pub fn plan(
             .is_some_and(|until| until.duration_since(now).unwrap_or_default() <= renew_within)
     };
     let cap = usize::try_from(desired).unwrap_or(usize::MAX);
-    for id in out.busy_units.iter().take(cap) {
-        let Some(unit) = units.iter().find(|u| &u.id == id) else {
-            continue;
-        };
-        if unit.stopping {
-            continue;
-        }
+    let protectable = out
+        .busy_units
+        .iter()
+        .filter_map(|id| units.iter().find(|u| &u.id == id))
+        .filter(|u| !u.stopping);
+    for unit in protectable.take(cap) {
         if (!unit.protected && lowering) || (unit.protected && expiring(unit)) {
-            out.protect.push(id.clone());
+            out.protect.push(unit.id.clone());
         }
     }
+    out.unheard = units
+        .iter()
+        .filter(|u| !u.stopping && !heard.contains(u.id.as_str()))
+        .map(|u| u.id.clone())
+        .collect();
     let busy: BTreeSet<&str> = out.busy_units.iter().map(String::as_str).collect();
     out.release = units
         .iter()
@@ -229,10 +271,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn node(name: &str, executing: u64) -> WorkerNode {
-        WorkerNode {
-            hostname: name.into(),
-            executing,
-        }
+        WorkerNode::new(name, executing)
     }
 
     fn protected(id: &str) -> Unit {
@@ -257,13 +296,13 @@ mod tests {
             node("w@d", 1),
         ];
         let now = SystemTime::now();
-        let p = plan(&units, &nodes, 2, true, now, Duration::from_secs(60));
+        let p = plan(&units, &nodes, 2, true, now, Duration::from_secs(60), None);
         assert_eq!(p.busy_units, ["a", "d"]);
         assert_eq!(p.protect, ["a"], "d is protected already");
         assert_eq!(p.release, ["b"]);
         assert_eq!(p.busy_floor(), 2);
         // Not lowering: nothing new is protected, idle ones are still released.
-        let p = plan(&units, &nodes, 4, false, now, Duration::from_secs(60));
+        let p = plan(&units, &nodes, 4, false, now, Duration::from_secs(60), None);
         assert!(p.protect.is_empty());
         assert_eq!(p.release, ["b"]);
     }
@@ -272,7 +311,15 @@ mod tests {
     fn unmapped_busy_workers_count_as_units_and_unheard_units_are_left_alone() {
         let units = [protected("a"), Unit::new("b")];
         let nodes = [node("w@elsewhere", 3), node("w@b", 0)];
-        let p = plan(&units, &nodes, 1, true, SystemTime::now(), Duration::ZERO);
+        let p = plan(
+            &units,
+            &nodes,
+            1,
+            true,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
         assert_eq!(p.unmapped_busy, ["w@elsewhere"]);
         assert_eq!(p.busy_floor(), 1);
         assert!(
@@ -300,6 +347,7 @@ mod tests {
             false,
             now,
             Duration::from_secs(60),
+            None,
         );
         assert_eq!(p.protect, ["a"]);
         let p = plan(
@@ -312,8 +360,91 @@ mod tests {
             true,
             now,
             Duration::ZERO,
+            None,
         );
         assert!(p.protect.is_empty());
+    }
+
+    #[test]
+    fn a_node_idle_since_before_work_was_offered_counts_as_busy() {
+        let offered = tokio::time::Instant::now();
+        let before = offered - Duration::from_secs(1);
+        let after = offered + Duration::from_secs(1);
+        let beat = |name: &str, at| WorkerNode {
+            last_beat: Some(at),
+            ..node(name, 0)
+        };
+        let units = [Unit::new("a"), Unit::new("b")];
+        let nodes = [beat("w@a", before), beat("w@b", after)];
+        let p = plan(
+            &units,
+            &nodes,
+            1,
+            true,
+            SystemTime::now(),
+            Duration::ZERO,
+            Some(offered),
+        );
+        assert_eq!(
+            p.busy_units,
+            ["a"],
+            "a may have taken the work; b beat idle since"
+        );
+        assert_eq!(p.protect, ["a"]);
+        // Nothing offered since the loop started: both are idle.
+        let p = plan(
+            &units,
+            &nodes,
+            1,
+            true,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        assert!(p.busy_units.is_empty());
+    }
+
+    #[test]
+    fn a_dotted_address_names_a_unit_only_whole() {
+        let mut a = Unit::new("t1");
+        a.aliases = vec!["10.0.1.23".into(), "ip-10-0-1-23".into()];
+        let mut b = Unit::new("t2");
+        b.aliases = vec!["10.0.1.24".into(), "ip-10-0-1-24".into()];
+        let units = [a, b];
+        assert_eq!(unit_of("celery@10.0.1.23", &units).unwrap().id, "t1");
+        assert_eq!(
+            unit_of("celery@10.0.9.9", &units),
+            None,
+            "the first label 10 is no one's"
+        );
+        assert_eq!(unit_of("celery@ip-10-0-1-24", &units).unwrap().id, "t2");
+    }
+
+    #[test]
+    fn unheard_units_and_unmapped_busy_workers_block_the_scale_in() {
+        let units = [Unit::new("a"), Unit::new("b")];
+        let p = plan(
+            &units,
+            &[node("w@a", 0)],
+            1,
+            true,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        assert_eq!(p.unheard, ["b"]);
+        assert!(p.blocks_scale_in().unwrap().contains("b"));
+        let p = plan(
+            &units,
+            &[node("w@a", 0), node("w@b", 0), node("w@laptop", 2)],
+            1,
+            true,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        assert!(p.unheard.is_empty());
+        assert!(p.blocks_scale_in().unwrap().contains("w@laptop"));
     }
 
     #[test]
@@ -343,7 +474,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| node(&format!("celery@u{i}"), *n))
                 .collect();
-            let p = plan(&units, &nodes, desired, lowering, SystemTime::now(), Duration::ZERO);
+            let p = plan(&units, &nodes, desired, lowering, SystemTime::now(), Duration::ZERO, None);
             let busy_count = busy.iter().filter(|n| **n > 0).count();
             prop_assert!(p.protect.len() <= desired as usize);
             prop_assert_eq!(p.busy_floor() as usize, busy_count);

@@ -54,6 +54,7 @@ fn nodes(executing: &[(&str, u64)]) -> Vec<WorkerNode> {
         .map(|(unit, n)| WorkerNode {
             hostname: format!("celery@{unit}"),
             executing: *n,
+            last_beat: None,
         })
         .collect()
 }
@@ -128,7 +129,7 @@ async fn each_busy_unit_stays_though_fewer_units_would_hold_the_tasks() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn unknown_workers_protect_nothing_and_a_busy_worker_of_no_unit_holds_one() {
+async fn unknown_workers_and_a_busy_worker_of_no_unit_stop_nothing() {
     let queue = MemoryQueue::new();
     queue.declare("celery");
     let target = MemoryScaler::new(3).with_protection();
@@ -142,20 +143,12 @@ async fn unknown_workers_protect_nothing_and_a_busy_worker_of_no_unit_holds_one(
         "nothing protected"
     );
 
-    // A worker executing a task whose name maps to no unit: it counts as one busy unit.
+    // A worker executing a task whose name maps to no unit, and a unit with no worker heard:
+    // which unit runs that task is not known, so none is stopped.
     queue.set_worker_nodes(vec![
-        WorkerNode {
-            hostname: "celery@laptop".into(),
-            executing: 1,
-        },
-        WorkerNode {
-            hostname: "celery@unit-0".into(),
-            executing: 0,
-        },
-        WorkerNode {
-            hostname: "celery@unit-1".into(),
-            executing: 0,
-        },
+        WorkerNode::new("celery@laptop", 1),
+        WorkerNode::new("celery@unit-0", 0),
+        WorkerNode::new("celery@unit-1", 0),
     ]);
     tokio::time::advance(Duration::from_secs(5)).await;
     let record = b.tick().await;
@@ -164,7 +157,13 @@ async fn unknown_workers_protect_nothing_and_a_busy_worker_of_no_unit_holds_one(
         .clone()
         .unwrap_or_else(|| panic!("{record:?}"));
     assert_eq!(protection.plan.unmapped_busy, ["celery@laptop"]);
-    assert_eq!(target.desired(), 1);
+    assert_eq!(target.desired(), 3, "{record:?}");
+    assert!(
+        protection
+            .skipped
+            .is_some_and(|why| why.contains("celery@laptop")),
+        "{record:?}"
+    );
 }
 
 /// A memory target whose protection calls fail while `broken` is set.
@@ -242,29 +241,43 @@ async fn units_that_cannot_be_read_hold_the_scale_in() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn messages_held_beyond_the_tasks_heard_hold_the_scale_in() {
-    // A solo worker that just took a task beats again only when it ends: the heartbeats still
-    // show every node idle, but the broker holds the message.
+async fn a_worker_idle_in_a_beat_older_than_new_held_work_counts_as_busy() {
+    // Both workers busy: no scale-in, and nothing held yet.
     let queue = MemoryQueue::new();
     queue.declare("celery");
-    queue.publish("celery");
-    let taken = queue.take("celery").unwrap();
-    queue.set_worker_nodes(nodes(&[("unit-0", 0), ("unit-1", 0)]));
+    queue.set_worker_nodes(nodes(&[("unit-0", 1), ("unit-1", 1)]));
     let target = MemoryScaler::new(2).with_protection();
     let mut b = binding(&queue, target.clone());
-    let record = b.tick().await;
-    assert_eq!(target.desired(), 2, "{record:?}");
-    assert!(
-        record
-            .protection
-            .and_then(|p| p.skipped)
-            .is_some_and(|why| why.contains("1 held message")),
-    );
-    // Once it is acknowledged (the task ended), the idle units go.
-    queue.ack(taken.id);
-    tokio::time::advance(Duration::from_secs(5)).await;
     b.tick().await;
-    assert_eq!(target.desired(), 0);
+    let last_beats = tokio::time::Instant::now();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // Their tasks end and both beat idle; then a message is taken by one of them (a solo pool
+    // beats again only when the task ends): the broker holds one more than before.
+    let beat = |hostname: &str, at| WorkerNode {
+        last_beat: Some(at),
+        ..WorkerNode::new(hostname, 0)
+    };
+    queue.set_worker_nodes(vec![
+        beat("celery@unit-0", last_beats),
+        beat("celery@unit-1", last_beats),
+    ]);
+    queue.publish("celery");
+    let taken = queue.take("celery").unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let record = b.tick().await;
+    assert_eq!(
+        target.desired(),
+        2,
+        "either may be the busy one: {record:?}"
+    );
+    // Both beat idle since, and the task is acknowledged: the idle units go.
+    queue.ack(taken.id);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let now = tokio::time::Instant::now();
+    queue.set_worker_nodes(vec![beat("celery@unit-0", now), beat("celery@unit-1", now)]);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let record = b.tick().await;
+    assert_eq!(target.desired(), 0, "{record:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -1014,6 +1014,7 @@ fn queue_with_nodes(n: usize, busy: usize) -> MemoryQueue {
             .map(|i| WorkerNode {
                 hostname: format!("celery@{}", instance_id(i)),
                 executing: u64::from(i < busy),
+                last_beat: None,
             })
             .collect(),
     );

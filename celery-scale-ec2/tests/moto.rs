@@ -287,6 +287,7 @@ fn worker_nodes(ids: &[String], busy: &[u64]) -> Vec<celery_scale_core::celery_e
         .map(|(id, n)| celery_scale_core::celery_events::WorkerNode {
             hostname: format!("celery@{id}"),
             executing: *n,
+            last_beat: None,
         })
         .collect()
 }

@@ -559,14 +559,17 @@ fn binding(ecs: &Ecs) -> Binding {
         WorkerNode {
             hostname: "celery@ip-10-0-0-10".into(),
             executing: 1,
+            last_beat: None,
         },
         WorkerNode {
             hostname: "celery@ip-10-0-0-11".into(),
             executing: 0,
+            last_beat: None,
         },
         WorkerNode {
             hostname: "celery@ip-10-0-0-12.ec2.internal".into(),
             executing: 0,
+            last_beat: None,
         },
     ]);
     Binding::new(
