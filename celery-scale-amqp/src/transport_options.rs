@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use celery_scale_core::ConfigError;
+use celery_scale_core::transport_option;
 use serde_json::Value;
 
 use crate::broker_url::{BrokerAddress, connect_timeout, heartbeat_secs, login_method};
@@ -149,24 +150,6 @@ fn field(key: &str) -> String {
     format!("transport_options.{key}")
 }
 
-fn string(key: &str, v: &Value) -> Result<String, ConfigError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        _ => Err(ConfigError::new(field(key), "must be a string")),
-    }
-}
-
-/// A number of seconds (kombu takes an int or a float; a numeric string as py-amqp's `float()`).
-fn number(key: &str, v: &Value) -> Result<f64, ConfigError> {
-    let n = match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    };
-    n.filter(|n| n.is_finite() && *n >= 0.0)
-        .ok_or_else(|| ConfigError::new(field(key), "must be a number of seconds (0 or more)"))
-}
-
 /// `host` or `host:port`, with an IPv6 address in brackets.
 fn host_and_port(key: &str, s: &str) -> Result<(String, Option<u16>), ConfigError> {
     let bad = |rule: &str| ConfigError::new(field(key), format!("{s:?} {rule}"));
@@ -205,21 +188,21 @@ pub(crate) fn apply(
     for (key, v) in options {
         match key.as_str() {
             "virtual_host" => {
-                let vhost = string(key, v)?;
+                let vhost = transport_option::string(&field(key), v)?;
                 brokers.iter_mut().for_each(|b| b.vhost = vhost.clone());
             }
             "userid" => {
-                let user = string(key, v)?;
+                let user = transport_option::string(&field(key), v)?;
                 brokers.iter_mut().for_each(|b| b.user = user.clone());
             }
             "password" => {
-                let password = string(key, v)?;
+                let password = transport_option::string(&field(key), v)?;
                 brokers
                     .iter_mut()
                     .for_each(|b| b.password = password.clone());
             }
             "host" => {
-                let (host, port) = host_and_port(key, &string(key, v)?)?;
+                let (host, port) = host_and_port(key, &transport_option::string(&field(key), v)?)?;
                 for b in brokers.iter_mut() {
                     b.host = host.clone();
                     if let Some(p) = port {
@@ -228,18 +211,18 @@ pub(crate) fn apply(
                 }
             }
             "heartbeat" => {
-                let s = heartbeat_secs(number(key, v)?);
+                let s = heartbeat_secs(transport_option::seconds(&field(key), v)?);
                 brokers.iter_mut().for_each(|b| b.heartbeat = Some(s));
             }
             "connect_timeout" => {
-                let t = connect_timeout(number(key, v)?).ok_or_else(|| {
-                    ConfigError::new(field(key), "must be above 0 and at most 3600 seconds")
-                })?;
+                let t = connect_timeout(transport_option::seconds(&field(key), v)?).ok_or_else(
+                    || ConfigError::new(field(key), "must be above 0 and at most 3600 seconds"),
+                )?;
                 brokers.iter_mut().for_each(|b| b.connect_timeout = Some(t));
             }
             "login_method" => {
-                let m =
-                    login_method(&string(key, v)?).map_err(|r| ConfigError::new(field(key), r))?;
+                let m = login_method(&transport_option::string(&field(key), v)?)
+                    .map_err(|r| ConfigError::new(field(key), r))?;
                 brokers.iter_mut().for_each(|b| b.login_method = m);
             }
             "ssl" => {
@@ -256,9 +239,15 @@ pub(crate) fn apply(
                 };
                 brokers.iter_mut().for_each(|b| b.tls = on);
             }
-            "manager_hostname" => resolved.manager.hostname = Some(string(key, v)?),
-            "manager_userid" => resolved.manager.userid = Some(string(key, v)?),
-            "manager_password" => resolved.manager.password = Some(string(key, v)?),
+            "manager_hostname" => {
+                resolved.manager.hostname = Some(transport_option::string(&field(key), v)?)
+            }
+            "manager_userid" => {
+                resolved.manager.userid = Some(transport_option::string(&field(key), v)?)
+            }
+            "manager_password" => {
+                resolved.manager.password = Some(transport_option::string(&field(key), v)?)
+            }
             "manager_port" => {
                 let port = match v {
                     Value::Number(n) => n.as_u64(),

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod protection;
 pub mod record;
 mod redact;
+pub mod transport_option;
 
 pub use autoscaler::{Autoscaler, Binding, BindingFactory, LoopSettings, RunReport};
 pub use backend::{QueueSource, Scaler};

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use celery_scale_core::ConfigError;
+use celery_scale_core::transport_option;
 use serde_json::Value;
 
 use crate::config::{DEFAULT_PRIORITY_STEPS, DEFAULT_SEP, MAX_PRIORITY_STEP};
@@ -175,44 +176,14 @@ fn field(name: &str) -> String {
     format!("{FIELD}.{name}")
 }
 
-fn string(name: &str, v: &Value) -> Result<String, ConfigError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        _ => Err(ConfigError::new(field(name), "must be a string")),
-    }
-}
-
-/// Python truthiness of a JSON/TOML value (kombu tests `if self.fanout_patterns:`).
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
-
-fn boolean(name: &str, v: &Value) -> Result<bool, ConfigError> {
-    match v {
-        Value::Bool(b) => Ok(*b),
-        Value::Number(_) | Value::Null => Ok(truthy(v)),
-        _ => Err(ConfigError::new(
-            field(name),
-            "must be true or false (Python True/False)",
-        )),
-    }
-}
-
 /// Resolves `options` (the map as pasted from Celery).
 pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOptions, ConfigError> {
     let mut t = TransportOptions::default();
     for (name, v) in options {
         match name.as_str() {
-            "global_keyprefix" => t.global_keyprefix = string(name, v)?,
+            "global_keyprefix" => t.global_keyprefix = transport_option::string(&field(name), v)?,
             "sep" => {
-                t.sep = string(name, v)?;
+                t.sep = transport_option::string(&field(name), v)?;
                 if t.sep.is_empty() {
                     return Err(ConfigError::new(
                         field(name),
@@ -254,7 +225,7 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                     }
                     Value::String(_) => FanoutPrefix::Off,
                     Value::Bool(_) | Value::Number(_) | Value::Null => {
-                        if truthy(v) {
+                        if transport_option::truthy(v) {
                             FanoutPrefix::Default
                         } else {
                             FanoutPrefix::Off
@@ -268,14 +239,14 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                     }
                 }
             }
-            "fanout_patterns" => t.fanout_patterns = boolean(name, v)?,
+            "fanout_patterns" => t.fanout_patterns = transport_option::boolean(&field(name), v)?,
             "unacked_key" => {
-                t.unacked_key = string(name, v)?;
+                t.unacked_key = transport_option::string(&field(name), v)?;
                 if t.unacked_key.is_empty() {
                     return Err(ConfigError::new(field(name), "must not be empty"));
                 }
             }
-            "ack_emulation" => t.ack_emulation = boolean(name, v)?,
+            "ack_emulation" => t.ack_emulation = transport_option::boolean(&field(name), v)?,
             "visibility_timeout" => {
                 let secs = v
                     .as_f64()
@@ -289,13 +260,15 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                 t.visibility_timeout = Duration::from_secs_f64(secs);
             }
             "master_name" => {
-                let m = string(name, v)?;
+                let m = transport_option::string(&field(name), v)?;
                 if m.is_empty() {
                     return Err(ConfigError::new(field(name), "must not be empty"));
                 }
                 t.master_name = Some(m);
             }
-            "sentinel_fanout_compat" => t.sentinel_fanout_compat = boolean(name, v)?,
+            "sentinel_fanout_compat" => {
+                t.sentinel_fanout_compat = transport_option::boolean(&field(name), v)?
+            }
             "sentinel_kwargs" => {
                 let Value::Object(kwargs) = v else {
                     if v.is_null() {
@@ -311,13 +284,13 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                     match k.as_str() {
                         "password" if !kv.is_null() => {
                             t.sentinel_password =
-                                Some(string(name, kv).map_err(|_| {
+                                Some(transport_option::string(&field(name), kv).map_err(|_| {
                                     ConfigError::new(f.clone(), "must be a string")
                                 })?);
                         }
                         "username" if !kv.is_null() => {
                             t.sentinel_username =
-                                Some(string(name, kv).map_err(|_| {
+                                Some(transport_option::string(&field(name), kv).map_err(|_| {
                                     ConfigError::new(f.clone(), "must be a string")
                                 })?);
                         }
