@@ -4,6 +4,9 @@
 //!
 //! Everything is blocking: tests call it from any runtime or none.
 
+#[cfg(feature = "sqs")]
+pub mod sqs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

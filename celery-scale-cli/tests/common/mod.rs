@@ -1,114 +1,19 @@
-//! Shared by the CLI's tests on Amazon SQS (moto): an SDK client for fixtures, Celery's broker
-//! URL for moto, queues made, counted and removed.
+//! Shared by the CLI's tests on Amazon SQS (moto): the shared fixtures of
+//! `celery_scale_testing::sqs`, blocking (the CLI's tests are).
 
 #![allow(dead_code)]
 
-use celery_scale_sqs::aws_sdk_sqs::Client;
-use celery_scale_sqs::aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use celery_scale_sqs::aws_sdk_sqs::types::QueueAttributeName;
+use celery_scale_testing::sqs::{block_on, client};
 
-/// Runs `f` to completion on a runtime of its own (the tests are blocking).
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(f)
-}
-
-/// Celery's broker URL for moto: `sqs://testing:testing@host:port` (kombu, and the daemon,
-/// make the endpoint `http://host:port` from it).
-pub fn broker_url(moto: &str) -> String {
-    let host = moto
-        .trim_end_matches('/')
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    format!("sqs://testing:testing@{host}")
-}
-
-/// An SDK client on moto, for fixtures.
-pub fn client(moto: &str) -> Client {
-    let conf = celery_scale_sqs::aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(moto)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .build();
-    Client::from_conf(conf)
-}
+#[allow(unused_imports)]
+pub use celery_scale_testing::sqs::{Cleanup as Queues, broker_url};
 
 /// Creates the SQS queue `name` if missing; its URL.
 pub fn create(moto: &str, name: &str) -> String {
-    block_on(async {
-        client(moto)
-            .create_queue()
-            .queue_name(name)
-            .send()
-            .await
-            .expect("create a queue on moto")
-            .queue_url()
-            .expect("a queue URL")
-            .to_owned()
-    })
+    block_on(celery_scale_testing::sqs::create(&client(moto), name))
 }
 
 /// (visible, not visible) of the SQS queue `name`, read straight from SQS.
 pub fn counts(moto: &str, name: &str) -> (u64, u64) {
-    block_on(async {
-        let c = client(moto);
-        let url = c
-            .get_queue_url()
-            .queue_name(name)
-            .send()
-            .await
-            .expect("the queue's URL")
-            .queue_url()
-            .expect("a queue URL")
-            .to_owned();
-        let out = c
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .expect("the queue's attributes");
-        let get = |a: QueueAttributeName| -> u64 {
-            out.attributes()
-                .and_then(|m| m.get(&a))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{a:?} missing: {out:?}"))
-        };
-        (
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
-    })
-}
-
-/// Deletes every queue whose name starts with `prefix` when dropped (also when the test fails).
-pub struct Queues {
-    /// moto's server.
-    pub moto: String,
-    /// The test's own prefix.
-    pub prefix: String,
-}
-
-impl Drop for Queues {
-    fn drop(&mut self) {
-        let (moto, prefix) = (self.moto.clone(), self.prefix.clone());
-        // A thread of its own: a drop may run while a runtime is being torn down.
-        let _ = std::thread::spawn(move || {
-            block_on(async {
-                let c = client(&moto);
-                let Ok(out) = c.list_queues().queue_name_prefix(&prefix).send().await else {
-                    return;
-                };
-                for url in out.queue_urls() {
-                    let _ = c.delete_queue().queue_url(url).send().await;
-                }
-            })
-        })
-        .join();
-    }
+    block_on(celery_scale_testing::sqs::counts(&client(moto), name))
 }
