@@ -184,7 +184,7 @@ struct StubAgent {
 impl StubAgent {
     async fn start() -> Self {
         use std::sync::{Arc, Mutex};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -193,45 +193,23 @@ impl StubAgent {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let record = Arc::clone(&record);
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let text = String::from_utf8_lossy(&buf).to_string();
-                        let Some(end) = text.find("\r\n\r\n") else {
-                            continue;
-                        };
-                        let head = &text[..end];
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if buf.len() < end + 4 + len {
-                            continue;
-                        }
-                        let request_line = head.lines().next().unwrap_or_default().to_string();
-                        let body = &text[end + 4..end + 4 + len];
-                        let value = if request_line.starts_with("PUT /task-protection/v1/state ") {
-                            serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
-                        } else {
-                            serde_json::json!({ "unexpected request": request_line })
-                        };
-                        record.lock().unwrap().push(value);
-                        let _ = sock
-                            .write_all(
-                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-                            )
-                            .await;
+                    let Some((head, body)) =
+                        celery_scale_testing::read_http_request(&mut sock).await
+                    else {
                         return;
-                    }
+                    };
+                    let request_line = head.lines().next().unwrap_or_default().to_string();
+                    let value = if request_line.starts_with("PUT /task-protection/v1/state ") {
+                        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+                    } else {
+                        serde_json::json!({ "unexpected request": request_line })
+                    };
+                    record.lock().unwrap().push(value);
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                        )
+                        .await;
                 });
             }
         });

@@ -384,7 +384,7 @@ async fn a_throttled_update_fails_the_set_and_the_next_tick_retries() {
 /// A stub ECS endpoint: the first `hang` connections are accepted and never answered; later
 /// ones get a `DescribeServices` answer with the service at 3 tasks.
 async fn stub_endpoint(hang: usize) -> (String, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -395,27 +395,12 @@ async fn stub_endpoint(hang: usize) -> (String, tokio::task::JoinHandle<()>) {
                 continue;
             }
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
                 // Read the request head and body (Content-Length), then answer and close.
-                loop {
-                    let n = sock.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-                    let Some(end) = text.find("\r\n\r\n") else {
-                        continue;
-                    };
-                    let len = text[..end]
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break;
-                    }
+                if celery_scale_testing::read_http_request(&mut sock)
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 let body = format!(
                     r#"{{"services":[{{"serviceName":"{SERVICE}","status":"ACTIVE","desiredCount":3,"runningCount":3,"pendingCount":0}}],"failures":[]}}"#

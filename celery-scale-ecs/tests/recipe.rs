@@ -16,7 +16,7 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// metadata endpoint: `DesiredStatus` is `stopped_after_release` once a release was seen, else
 /// RUNNING). Anything else is recorded as unexpected.
 async fn stub(stopped_after_release: bool) -> (String, Seen, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen: Seen = Arc::default();
@@ -25,32 +25,9 @@ async fn stub(stopped_after_release: bool) -> (String, Seen, tokio::task::JoinHa
         while let Ok((mut sock, _)) = listener.accept().await {
             let record = record.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head, body) = loop {
-                    let n = sock.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    let Some(end) = text.find("\r\n\r\n") else {
-                        continue;
-                    };
-                    let len = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break (
-                            text[..end].to_string(),
-                            text[end + 4..end + 4 + len].to_string(),
-                        );
-                    }
+                let Some((head, body)) = celery_scale_testing::read_http_request(&mut sock).await
+                else {
+                    return;
                 };
                 let line = head.lines().next().unwrap_or_default().to_string();
                 let answer = if line.starts_with("PUT /task-protection/v1/state ") {

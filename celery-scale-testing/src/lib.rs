@@ -752,6 +752,37 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Reads one HTTP/1.1 request from `sock`: its head (request line and headers) and its body of
+/// `Content-Length` bytes, for the stub servers of tests. `None` when the peer closes first.
+pub async fn read_http_request(sock: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let len = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            })
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+            return Some((text[..end].to_string(), body));
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
