@@ -18,13 +18,7 @@ use serde_json::{Value, json};
 /// The venv Python with kombu, or `None` (skip) when unset outside CI; under `CI=true` a missing
 /// one fails the test.
 fn python() -> Option<String> {
-    match std::env::var("CELERY_SCALE_PYTHON") {
-        Ok(py) if !py.is_empty() => Some(py),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CELERY_SCALE_PYTHON is not set and CI=true")
-        }
-        _ => None,
-    }
+    celery_scale_testing::service("CELERY_SCALE_PYTHON")
 }
 
 /// What kombu makes of `url` with `options`: one object per broker of the list, or `{"error":
