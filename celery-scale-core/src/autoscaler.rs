@@ -8,6 +8,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::lease::{Leadership, Role};
 use crate::policy::{PolicyInput, ScalingPolicy, decide_guarded};
 use crate::record::{
     CapacityRecord, DecisionRecord, DecisionSink, ObservedRecord, Outcome, RecordedError,
@@ -156,6 +157,27 @@ pub struct Binding {
     consecutive_failures: u32,
     transient_errors: u32,
     protection: ProtectionState,
+    leadership: Option<LeaderState>,
+}
+
+/// Builds a fresh policy for a new term of leadership (one that assumes the most).
+pub type PolicyFactory = Arc<dyn Fn() -> Result<Box<dyn ScalingPolicy>, ConfigError> + Send + Sync>;
+
+/// A binding's lease and what it needs to start each term afresh.
+struct LeaderState {
+    lease: Leadership,
+    fresh_policy: PolicyFactory,
+    /// The term the policy and protection state were started in.
+    term: Option<u64>,
+}
+
+impl std::fmt::Debug for LeaderState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderState")
+            .field("lease", &self.lease)
+            .field("term", &self.term)
+            .finish()
+    }
 }
 
 /// What the loop remembers of scale-in protection between ticks.
@@ -221,7 +243,21 @@ impl Binding {
             consecutive_failures: 0,
             transient_errors: 0,
             protection: ProtectionState::default(),
+            leadership: None,
         })
+    }
+
+    /// Acts only while this process holds the binding's lease (see [`crate::lease`]): without
+    /// it the binding observes, decides and records as a follower, and sets nothing. Each new
+    /// term starts with a policy from `fresh_policy` and fresh protection state, as a fresh
+    /// loop does, so a new leader never scales in on its first ticks.
+    pub fn with_leadership(mut self, lease: Leadership, fresh_policy: PolicyFactory) -> Self {
+        self.leadership = Some(LeaderState {
+            lease,
+            fresh_policy,
+            term: None,
+        });
+        self
     }
 
     /// Also hands every record to `sink`.
@@ -252,10 +288,18 @@ impl Binding {
     pub async fn tick(&mut self) -> DecisionRecord {
         let started = Instant::now();
         let wall = SystemTime::now();
-        let (mut observed, capacity) = tokio::join!(
+        let role = async {
+            match &self.leadership {
+                Some(l) => Some(l.lease.role(self.settings.timeout).await),
+                None => None,
+            }
+        };
+        let (mut observed, capacity, role) = tokio::join!(
             self.timed("observe", self.source.observe()),
-            self.timed("capacity", self.scaler.capacity())
+            self.timed("capacity", self.scaler.capacity()),
+            role
         );
+        let (leading, leadership_record) = self.start_term(role.as_ref());
         if let (Ok(obs), Ok(units)) = (&mut observed, &capacity) {
             mark_unheard_units(obs, units.running);
         }
@@ -305,6 +349,7 @@ impl Binding {
             desired_units: None,
             outcome: Outcome::Held { why: String::new() },
             protection: None,
+            leadership: leadership_record,
             dry_run: self.settings.dry_run,
             duration: Duration::ZERO,
             next_tick_in: self.settings.interval,
@@ -332,7 +377,12 @@ impl Binding {
                 };
                 let decision = decide_guarded(self.policy.as_mut(), &input);
                 let mut to = per_unit.units_for(decision.desired);
-                if let Some(protection) = self.scaler.protection() {
+                let may_act = |b: &Self| match (&b.leadership, leading) {
+                    (None, _) => true,
+                    (Some(l), Some(term)) => l.lease.may_act(term),
+                    (Some(_), None) => false,
+                };
+                if let Some(protection) = self.scaler.protection().filter(|_| may_act(self)) {
                     let (protected, held_to) = protect_units(
                         protection,
                         &self.settings,
@@ -349,7 +399,11 @@ impl Binding {
                 }
                 record.desired_units = Some(to);
                 record.decision = Some(decision);
-                record.outcome = if to == units.desired {
+                record.outcome = if !may_act(self) {
+                    Outcome::Follower {
+                        why: follower_why(record.leadership.as_ref(), units.desired, to),
+                    }
+                } else if to == units.desired {
                     Outcome::Unchanged { units: to }
                 } else if self.settings.dry_run {
                     Outcome::WouldSet {
@@ -388,6 +442,36 @@ impl Binding {
             sink.record(&record);
         }
         record
+    }
+
+    /// Notes this tick's role: a term this binding has not acted in yet starts afresh (a new
+    /// policy and protection state). Returns the term to act in, if leading, and the record.
+    fn start_term(
+        &mut self,
+        role: Option<&Role>,
+    ) -> (Option<u64>, Option<crate::lease::LeadershipRecord>) {
+        let (Some(l), Some(role)) = (self.leadership.as_mut(), role) else {
+            return (None, None);
+        };
+        let record = Some(l.lease.record(role));
+        let Role::Leader { term } = role else {
+            return (None, record);
+        };
+        if l.term != Some(*term) {
+            match (l.fresh_policy)() {
+                Ok(policy) => {
+                    self.policy = policy;
+                    self.protection = ProtectionState::default();
+                    l.term = Some(*term);
+                    tracing::info!(binding = %self.settings.name, term, "leading this binding: starting as a fresh loop");
+                }
+                Err(e) => {
+                    tracing::error!(binding = %self.settings.name, error = %e, "cannot build a fresh policy for the new term: not acting");
+                    return (None, record);
+                }
+            }
+        }
+        (Some(*term), record)
     }
 
     /// The interval, doubled for each tick in a row that met a transient error, up to
@@ -435,6 +519,9 @@ impl Binding {
     /// Closes the source (its background tasks and connections), waiting at most the call
     /// timeout (a dead broker must not hold up a shutdown).
     pub async fn close(self) {
+        if let Some(l) = &self.leadership {
+            l.lease.release(self.settings.timeout).await;
+        }
         let _ = tokio::time::timeout(self.settings.timeout, self.source.close()).await;
     }
 }
@@ -603,6 +690,26 @@ fn mark_unheard_units(obs: &mut crate::Observation, running_units: u32) {
     });
 }
 
+/// Why a follower set nothing this tick.
+fn follower_why(leadership: Option<&crate::lease::LeadershipRecord>, from: u32, to: u32) -> String {
+    let would = if from == to {
+        format!("would keep {to}")
+    } else {
+        format!("would set {from} -> {to}")
+    };
+    match leadership {
+        Some(l) if l.role == "follower" => format!(
+            "following: {} leads; {would}",
+            l.leader.as_deref().unwrap_or("another process")
+        ),
+        Some(l) if l.role == "unknown" => format!(
+            "no lease held, the lease store cannot be asked ({}); {would}",
+            l.error.as_deref().unwrap_or("unknown error")
+        ),
+        _ => format!("the lease ran out before acting; {would}"),
+    }
+}
+
 /// Logs a record through `tracing` and updates `metrics`.
 fn emit(r: &DecisionRecord) {
     let binding = r.binding.clone();
@@ -680,6 +787,15 @@ fn emit(r: &DecisionRecord) {
         .set(known(r.desired_units.map(f64::from)));
     metrics::gauge!("celery_scale_running_units", &labels)
         .set(known(units.map(|u| f64::from(u.running))));
+    if let Some(l) = &r.leadership {
+        // 1 leading, 0 following, NaN when the lease store cannot be asked.
+        let leading = match l.role.as_str() {
+            "leader" => 1.0,
+            "follower" => 0.0,
+            _ => f64::NAN,
+        };
+        metrics::gauge!("celery_scale_leader", &labels).set(leading);
+    }
     for (stage, err) in [
         ("observe", &r.observation_error),
         ("capacity", &r.capacity_error),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conformance;
 mod error;
 pub mod layer;
+pub mod lease;
 mod memory;
 mod observation;
 pub mod policy;
@@ -20,7 +21,7 @@ pub mod record;
 mod redact;
 pub mod transport_option;
 
-pub use autoscaler::{Autoscaler, Binding, BindingFactory, LoopSettings, RunReport};
+pub use autoscaler::{Autoscaler, Binding, BindingFactory, LoopSettings, PolicyFactory, RunReport};
 pub use backend::{QueueSource, Scaler};
 pub use capacity::{Capacity, CapacityUnit, SetOutcome, WorkersPerUnit};
 pub use celery_events::wildcard_match;

@@ -136,6 +136,12 @@ pub enum Outcome {
         /// The reason.
         why: String,
     },
+    /// Another process leads this binding (or no lease could be held): decided for the
+    /// record, nothing set or protected.
+    Follower {
+        /// Who leads, or why no lease is held.
+        why: String,
+    },
     /// Setting the desired count failed.
     SetFailed {
         /// Units asked for.
@@ -146,13 +152,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A short label (`unchanged`, `set`, `would_set`, `held`, `set_failed`) for metrics.
+    /// A short label (`unchanged`, `set`, `would_set`, `held`, `follower`, `set_failed`) for
+    /// metrics.
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Unchanged { .. } => "unchanged",
             Outcome::Set { .. } => "set",
             Outcome::WouldSet { .. } => "would_set",
             Outcome::Held { .. } => "held",
+            Outcome::Follower { .. } => "follower",
             Outcome::SetFailed { .. } => "set_failed",
         }
     }
@@ -186,6 +194,9 @@ pub struct DecisionRecord {
     /// looked at them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<crate::protection::ProtectionRecord>,
+    /// Who leads the binding, when it runs with a lease (several copies of the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leadership: Option<crate::lease::LeadershipRecord>,
     /// Whether this binding runs dry.
     pub dry_run: bool,
     /// How long the tick took.
@@ -200,7 +211,7 @@ impl DecisionRecord {
     /// The decision's reason in one sentence, or what held the tick.
     pub fn reason(&self) -> String {
         match (&self.outcome, &self.decision) {
-            (Outcome::Held { why }, _) => why.clone(),
+            (Outcome::Held { why } | Outcome::Follower { why }, _) => why.clone(),
             (_, Some(d)) => d.reason().to_string(),
             (_, None) => String::new(),
         }

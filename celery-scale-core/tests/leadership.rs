@@ -1,0 +1,390 @@
+//! Leadership on tokio's paused clock: one copy acts per binding, a follower takes over when
+//! the leader dies or hands over, a paused leader acts on nothing once its lease ran out, a
+//! lost lease store stops everyone, and a new leader starts as a fresh loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_scale_core::config::{PolicyConfig, PolicyKind};
+use celery_scale_core::lease::{Leadership, LeaseReply, LeaseStore, MemoryLeaseStore};
+use celery_scale_core::record::Outcome;
+use celery_scale_core::{
+    Binding, Capacity, LoopSettings, MemoryQueue, MemoryScaler, PolicyFactory, Result, Scaler,
+    SetOutcome,
+};
+use tokio::time::Instant;
+
+const PERIOD: Duration = Duration::from_secs(6);
+
+fn settings(name: &str) -> LoopSettings {
+    LoopSettings {
+        name: name.into(),
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+        ..LoopSettings::default()
+    }
+}
+
+fn policy(stabilize_down: Duration) -> PolicyConfig {
+    PolicyConfig {
+        kind: PolicyKind::TargetBacklog,
+        messages_per_worker: 5.0,
+        max_workers: 50,
+        stabilize_down,
+        scale_to_zero_after: stabilize_down,
+        ..PolicyConfig::default()
+    }
+}
+
+fn factory(p: PolicyConfig) -> PolicyFactory {
+    Arc::new(move || p.build())
+}
+
+fn leader_binding(
+    queue: &MemoryQueue,
+    scaler: Box<dyn Scaler>,
+    store: impl LeaseStore + 'static,
+    p: PolicyConfig,
+) -> Binding {
+    Binding::new(
+        settings("b"),
+        Box::new(queue.clone()),
+        scaler,
+        p.build().unwrap(),
+    )
+    .unwrap()
+    .with_leadership(Leadership::new(Arc::new(store)), factory(p))
+}
+
+fn role(b: &celery_scale_core::record::DecisionRecord) -> &str {
+    b.leadership
+        .as_ref()
+        .map(|l| l.role.as_str())
+        .unwrap_or("none")
+}
+
+#[tokio::test(start_paused = true)]
+async fn exactly_one_copy_acts_and_a_follower_takes_over_within_two_periods() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(0);
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(Duration::ZERO),
+    );
+    let mut b = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.holder_handle("b"),
+        policy(Duration::ZERO),
+    );
+    queue.publish_n("celery", 20);
+    let ra = a.tick().await;
+    let rb = b.tick().await;
+    assert_eq!((role(&ra), role(&rb)), ("leader", "follower"));
+    assert!(
+        matches!(ra.outcome, Outcome::Set { to: 4, .. }),
+        "{:?}",
+        ra.outcome
+    );
+    assert!(
+        matches!(&rb.outcome, Outcome::Follower { why } if why.contains("a leads")),
+        "{:?}",
+        rb.outcome
+    );
+    assert_eq!(scaler.sets().len(), 1);
+
+    // Both keep ticking: only the leader ever sets.
+    for n in [40, 10, 60] {
+        queue.purge("celery");
+        queue.publish_n("celery", n);
+        let ra = a.tick().await;
+        let rb = b.tick().await;
+        assert_eq!((role(&ra), role(&rb)), ("leader", "follower"));
+        assert!(!matches!(rb.outcome, Outcome::Set { .. }));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(scaler.desired(), 12);
+
+    // The leader dies without giving the lease up (kill -9): its renewals stop.
+    drop(a);
+    let died = Instant::now();
+    queue.publish_n("celery", 40);
+    let took_over = loop {
+        let r = b.tick().await;
+        if role(&r) == "leader" {
+            assert!(matches!(r.outcome, Outcome::Set { .. }), "{:?}", r.outcome);
+            break Instant::now();
+        }
+        assert!(!matches!(r.outcome, Outcome::Set { .. }));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let after = took_over - died;
+    assert!(after <= PERIOD * 2, "took over after {after:?}");
+    assert!(
+        after >= PERIOD / 2,
+        "took over while the old lease ran: {after:?}"
+    );
+    assert_eq!(store.current_holder().as_deref(), Some("b"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_close_hands_over_within_one_tick() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(0);
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(Duration::ZERO),
+    );
+    let mut b = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.holder_handle("b"),
+        policy(Duration::ZERO),
+    );
+    assert_eq!(role(&a.tick().await), "leader");
+    assert_eq!(role(&b.tick().await), "follower");
+    a.close().await;
+    assert_eq!(store.current_holder(), None);
+    assert_eq!(role(&b.tick().await), "leader");
+}
+
+/// A lease store whose calls hang while `frozen` (a process paused by SIGSTOP sends nothing).
+#[derive(Debug)]
+struct Freezable {
+    inner: MemoryLeaseStore,
+    frozen: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl LeaseStore for Freezable {
+    async fn acquire(&self) -> Result<LeaseReply> {
+        while self.frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.inner.acquire().await
+    }
+    async fn release(&self) -> Result<()> {
+        self.inner.release().await
+    }
+    fn period(&self) -> Duration {
+        self.inner.period()
+    }
+    fn holder(&self) -> &str {
+        self.inner.holder()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A scaler whose capacity read takes `delay` once `slow` is set.
+#[derive(Debug)]
+struct SlowRead {
+    inner: MemoryScaler,
+    slow: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Scaler for SlowRead {
+    fn unit(&self) -> celery_scale_core::CapacityUnit {
+        self.inner.unit()
+    }
+    fn workers_per_unit(&self) -> celery_scale_core::WorkersPerUnit {
+        self.inner.workers_per_unit()
+    }
+    async fn capacity(&self) -> Result<Capacity> {
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.capacity().await
+    }
+    async fn set_desired(&self, desired: u32) -> Result<SetOutcome> {
+        self.inner.set_desired(desired).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_lease_ran_out_mid_tick_sets_nothing_and_steps_down() {
+    let queue = MemoryQueue::new();
+    let memory = MemoryScaler::new(0);
+    let slow = Arc::new(AtomicBool::new(false));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = Binding::new(
+        LoopSettings {
+            timeout: PERIOD * 3,
+            ..settings("b")
+        },
+        Box::new(queue.clone()),
+        Box::new(SlowRead {
+            inner: memory.clone(),
+            slow: Arc::clone(&slow),
+            delay: PERIOD * 2,
+        }),
+        policy(Duration::ZERO).build().unwrap(),
+    )
+    .unwrap()
+    .with_leadership(
+        Leadership::new(Arc::new(Freezable {
+            inner: store.clone(),
+            frozen: Arc::clone(&frozen),
+        })),
+        factory(policy(Duration::ZERO)),
+    );
+    let mut b = leader_binding(
+        &queue,
+        Box::new(memory.clone()),
+        store.holder_handle("b"),
+        policy(Duration::ZERO),
+    );
+    assert_eq!(role(&a.tick().await), "leader");
+
+    // `a` is paused inside a tick, after it learnt it leads and before it sets: its renewals
+    // stop, and `b` takes the lease once it has run out.
+    queue.publish_n("celery", 30);
+    slow.store(true, Ordering::SeqCst);
+    frozen.store(true, Ordering::SeqCst);
+    let paused = tokio::spawn(async move {
+        let r = a.tick().await;
+        (a, r)
+    });
+    tokio::time::sleep(PERIOD + Duration::from_secs(1)).await;
+    let rb = b.tick().await;
+    assert_eq!(role(&rb), "leader", "{:?}", rb.outcome);
+    assert_eq!(memory.desired(), 6);
+    frozen.store(false, Ordering::SeqCst);
+    let (mut a, ra) = paused.await.unwrap();
+    assert!(
+        matches!(&ra.outcome, Outcome::Follower { why } if why.contains("ran out")),
+        "{:?}",
+        ra.outcome
+    );
+    assert_eq!(memory.sets().len(), 1, "only b set: {:?}", memory.sets());
+
+    // Resumed, `a` asks the store, finds `b` leading, and follows.
+    slow.store(false, Ordering::SeqCst);
+    let ra = a.tick().await;
+    assert_eq!(role(&ra), "follower");
+    assert!(!matches!(ra.outcome, Outcome::Set { .. }));
+    assert_eq!(memory.sets().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nobody_acts_while_the_lease_store_is_lost() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(0);
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(Duration::ZERO),
+    );
+    let mut b = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.holder_handle("b"),
+        policy(Duration::ZERO),
+    );
+    assert_eq!(role(&a.tick().await), "leader");
+    assert_eq!(role(&b.tick().await), "follower");
+    store.set_reachable(false);
+    let lost = Instant::now();
+    // The leader acts on what its lease has left, then nobody acts.
+    let mut last_set = None;
+    for n in 1..=20u64 {
+        queue.purge("celery");
+        queue.publish_n("celery", 5 * n);
+        for r in [a.tick().await, b.tick().await] {
+            if matches!(r.outcome, Outcome::Set { .. }) {
+                assert_eq!(role(&r), "leader");
+                last_set = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let acted_for = last_set.map_or(Duration::ZERO, |t| t - lost);
+    assert!(
+        acted_for < PERIOD,
+        "acted {acted_for:?} after the store was lost"
+    );
+    let (ra, rb) = (a.tick().await, b.tick().await);
+    assert_eq!((role(&ra), role(&rb)), ("unknown", "unknown"));
+    assert!(
+        matches!(&ra.outcome, Outcome::Follower { why } if why.contains("cannot be asked")),
+        "{:?}",
+        ra.outcome
+    );
+    let before = scaler.desired();
+    assert!(before < 20, "{before}");
+
+    // The store returns: a leader is elected again and acts.
+    store.set_reachable(true);
+    let (ra, rb) = (a.tick().await, b.tick().await);
+    let roles = [role(&ra), role(&rb)];
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{roles:?}"
+    );
+    assert_eq!(scaler.desired(), 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_starts_as_a_fresh_loop_and_never_scales_in_on_its_first_ticks() {
+    let window = Duration::from_secs(30);
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(5);
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(window),
+    );
+    let mut b = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.holder_handle("b"),
+        policy(window),
+    );
+    // An idle queue for 25 s: the leader waits its window, the follower decides along (its
+    // own window fills with recommendations of 0).
+    for _ in 0..25 {
+        let (ra, rb) = (a.tick().await, b.tick().await);
+        assert_eq!((role(&ra), role(&rb)), ("leader", "follower"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(scaler.desired(), 5);
+    // Still idle after the leader died: by the time the follower leads, its own window has
+    // long been full of 0s, but a new term starts with a fresh policy, which waits its window
+    // again.
+    drop(a);
+    let died = Instant::now();
+    let promoted = loop {
+        let r = b.tick().await;
+        if role(&r) == "leader" {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(promoted - died >= PERIOD / 2);
+    loop {
+        b.tick().await;
+        if scaler.desired() < 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let waited = Instant::now() - promoted;
+    assert!(waited >= window, "scaled in {waited:?} after leading");
+}
