@@ -116,6 +116,14 @@ impl Observation {
     ///
     /// While the worker figures are unknown the executing tasks count at their known floor
     /// ([`WorkersUnknown::executing_at_least`]).
+    ///
+    /// While the held count is unknown (`in_flight` is `None`) it adds nothing: the work rests
+    /// on the ready and executing tasks. A prefetched message waits only behind busy pool
+    /// processes, which the executing count keeps; a countdown/ETA task held by an idle worker
+    /// goes back to the broker when that worker shuts down warm (kombu restores Redis's unacked
+    /// messages on channel close; RabbitMQ requeues a closed channel's unacknowledged ones).
+    /// See [`InFlightFloor`](crate::layer::InFlightFloor); scale to zero still waits for a known
+    /// held count ([`Activation`](crate::layer::Activation)).
     pub fn outstanding(&self) -> u64 {
         self.ready
             .saturating_add(self.in_flight.unwrap_or(0).max(self.executing_at_least()))

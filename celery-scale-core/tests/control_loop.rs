@@ -613,3 +613,72 @@ async fn units_whose_workers_are_not_heard_are_never_scaled_in() {
     }
     assert!(scaler.desired() < 8);
 }
+
+/// Idle queues and idle heard workers, with the held (in-flight) count as given: `None` is a
+/// source that cannot count unacknowledged messages (Redis with `in_flight = off`, RabbitMQ
+/// without the management API), with two consumers connected.
+#[derive(Debug)]
+struct IdleHeld {
+    in_flight: Option<u64>,
+}
+
+#[async_trait]
+impl QueueSource for IdleHeld {
+    async fn observe(&self) -> Result<Observation> {
+        let mut obs = Observation::new(0, Instant::now());
+        obs.in_flight = self.in_flight;
+        obs.executing = Some(0);
+        obs.live_workers = Some(2);
+        obs.consumers = Some(2);
+        Ok(obs)
+    }
+}
+
+/// The shipped default policy (30 s `stabilize_down` and `scale_to_zero_after`) over `IdleHeld`.
+fn idle_held_binding(in_flight: Option<u64>, scaler: &MemoryScaler) -> Binding {
+    Binding::new(
+        settings(5),
+        Box::new(IdleHeld { in_flight }),
+        Box::new(scaler.clone()),
+        PolicyConfig::default().build().unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_held_count_with_workers_connected_never_scales_to_zero() {
+    let scaler = MemoryScaler::new(2);
+    let mut b = idle_held_binding(None, &scaler);
+    let mut last = None;
+    // Ten minutes, twenty times the idle window.
+    for _ in 0..120 {
+        let r = b.tick().await;
+        assert!(scaler.desired() >= 1, "{:?}", r.decision);
+        last = Some(r);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(scaler.desired(), 1, "scales in, down to one");
+    let reason = last.unwrap().reason().to_string();
+    assert!(reason.contains("held count unknown"), "{reason}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_known_empty_held_count_scales_to_zero_after_the_idle_window() {
+    let scaler = MemoryScaler::new(2);
+    let mut b = idle_held_binding(Some(0), &scaler);
+    let start = Instant::now();
+    let mut zero_after = None;
+    for _ in 0..120 {
+        b.tick().await;
+        if scaler.desired() == 0 {
+            zero_after = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let zero_after = zero_after.expect("never reached zero");
+    assert!(
+        zero_after >= Duration::from_secs(30),
+        "zero {zero_after:?} after start, before the 30 s idle window"
+    );
+}

@@ -9,6 +9,12 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 /// (until then at least one worker stays). The idle time counts from the first observation
 /// that shows the queues idle with the worker figures known (or not watched): a fresh layer
 /// (a start, a restart) waits the whole `idle_for` before it goes to zero.
+///
+/// Idle also needs the held (in-flight) count known, or no consumer connected: a source that
+/// cannot count unacknowledged messages (Redis with `in_flight = off`, RabbitMQ without the
+/// management API) cannot tell a worker holding countdown/ETA tasks from an idle one, so with
+/// workers connected the fleet keeps one worker rather than stop the last holder (its warm
+/// shutdown would hand the held tasks back to the broker, and the loop start a worker again).
 #[derive(Debug, Clone)]
 pub struct Activation<P> {
     inner: P,
@@ -36,8 +42,13 @@ impl<P: ScalingPolicy> ScalingPolicy for Activation<P> {
             return d;
         };
         let outstanding = obs.outstanding();
+        // An unknown held count is not zero while a consumer may hold messages.
+        let held_known = obs.in_flight.is_some() || obs.consumers == Some(0);
         // Unknown worker figures are never idle: a silent worker may be running a task.
-        let idle = outstanding == 0 && obs.executing_at_least() == 0 && !obs.workers_are_unknown();
+        let idle = outstanding == 0
+            && obs.executing_at_least() == 0
+            && !obs.workers_are_unknown()
+            && held_known;
         if idle {
             self.idle_since.get_or_insert(input.now);
         } else {
@@ -58,11 +69,19 @@ impl<P: ScalingPolicy> ScalingPolicy for Activation<P> {
                 .idle_since
                 .is_some_and(|since| input.now.saturating_duration_since(since) >= self.idle_for);
             if !idle_long_enough {
-                d.push(
-                    "activation",
-                    1,
-                    format!("keep one worker until idle for {:?}", self.idle_for),
-                );
+                let note = if held_known {
+                    format!("keep one worker until idle for {:?}", self.idle_for)
+                } else {
+                    let connected = obs.consumers.map_or_else(
+                        || "consumers unknown".to_string(),
+                        |n| format!("{n} consumer(s) connected"),
+                    );
+                    format!(
+                        "keep one worker: held count unknown ({connected}), a worker may hold \
+                         countdown/ETA tasks; scale to zero waits for a known held count"
+                    )
+                };
+                d.push("activation", 1, note);
             }
         }
         d
@@ -85,7 +104,8 @@ mod tests {
         assert_eq!(p.decide(&input(&obs, 0, t0)).desired, 1);
 
         p.inner.next = 0;
-        let idle = Observation::new(0, t0);
+        let mut idle = Observation::new(0, t0);
+        idle.in_flight = Some(0);
         assert_eq!(p.decide(&input(&idle, 1, t0)).desired, 1, "idle just began");
         let t1 = t0 + Duration::from_secs(59);
         assert_eq!(p.decide(&input(&idle, 1, t1)).desired, 1);
@@ -101,5 +121,26 @@ mod tests {
         busy.executing = Some(1);
         let mut p = Activation::new(Scripted { next: 0 }, 1, Duration::ZERO);
         assert_eq!(p.decide(&input(&busy, 1, t2)).desired, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_held_count_is_idle_only_with_no_consumer() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(600);
+        let mut unknown = Observation::new(0, t0);
+        unknown.executing = Some(0);
+        assert_eq!(unknown.in_flight, None);
+        for consumers in [None, Some(2)] {
+            unknown.consumers = consumers;
+            let mut p = Activation::new(Scripted { next: 0 }, 1, Duration::ZERO);
+            p.decide(&input(&unknown, 1, t0));
+            let d = p.decide(&input(&unknown, 1, later));
+            assert_eq!(d.desired, 1, "{consumers:?}: {d:?}");
+            assert!(d.reason().contains("held count unknown"), "{}", d.reason());
+        }
+        // Nobody connected: nobody holds anything.
+        unknown.consumers = Some(0);
+        let mut p = Activation::new(Scripted { next: 0 }, 1, Duration::ZERO);
+        assert_eq!(p.decide(&input(&unknown, 1, t0)).desired, 0);
     }
 }

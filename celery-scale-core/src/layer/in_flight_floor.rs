@@ -15,6 +15,24 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy, kept_workers, unknown_
 /// every running worker may be busy: the floor is then at least the running workers, up to the
 /// current desired count (the same floor the loop's guard enforces, applied here so that the
 /// layers outside, such as stabilization, remember it).
+///
+/// While the held count is unknown (`in_flight` is `None`: Redis with `in_flight = off`,
+/// RabbitMQ without the management API) the floor rests on the executing tasks alone, and the
+/// reason says "held count unknown". That loses no work, because of what a held message can be:
+/// - a prefetched message waits in a worker only while every pool process of that worker is
+///   busy (a free process takes it at once), so its worker runs as many executing tasks as it
+///   has processes, and the executing floor keeps those workers;
+/// - a countdown/ETA task may be held by an idle worker, which the floor does not keep; but a
+///   worker stopped by a scale-in shuts down warm and hands its held messages back to the
+///   broker: on Redis kombu's virtual `Channel.close` calls `QoS.restore_unacked_once`
+///   (`restore_at_shutdown = True`), which puts every unacknowledged message back in its list
+///   (`kombu/transport/virtual/base.py`, `kombu/transport/redis.py`); on RabbitMQ the broker
+///   requeues every unacknowledged delivery when the worker's channel closes. Back in the queue
+///   they count as ready, and the remaining workers take them (or the backlog scales out).
+///
+/// What the held count adds when known is the workers needed to keep the messages where they
+/// are; [`Activation`](crate::layer::Activation) still never goes to zero on an unknown held
+/// count while a consumer is connected.
 #[derive(Debug, Clone)]
 pub struct InFlightFloor<P> {
     inner: P,
@@ -64,14 +82,16 @@ impl<P: ScalingPolicy> ScalingPolicy for InFlightFloor<P> {
         }
         let floor = known_floor;
         if d.desired < floor {
+            let held = match obs.in_flight {
+                Some(n) => format!("{n} in flight at {} per worker", self.held_per_worker),
+                None => "held count unknown (the floor rests on the executing tasks)".to_string(),
+            };
             d.push(
                 "in_flight_floor",
                 floor,
                 format!(
                     "keep {floor}: {executing} executing (counted up to the {kept} workers kept), \
-                     {} in flight at {} per worker",
-                    obs.in_flight.unwrap_or(0),
-                    self.held_per_worker
+                     {held}"
                 ),
             );
         }
@@ -117,5 +137,23 @@ mod tests {
         };
         assert_eq!(p.decide(&protected).desired, 3);
         assert!(InFlightFloor::new(Scripted::default(), 0).is_err());
+    }
+
+    #[test]
+    fn an_unknown_held_count_rests_on_the_executing_tasks_and_says_so() {
+        let now = Instant::now();
+        let mut obs = Observation::new(0, now);
+        obs.executing = Some(3);
+        let mut p = InFlightFloor::new(Scripted { next: 0 }, 4).unwrap();
+        let d = p.decide(&input(&obs, 9, now));
+        assert_eq!(d.desired, 3);
+        assert!(d.reason().contains("held count unknown"), "{}", d.reason());
+        obs.in_flight = Some(4);
+        let d = p.decide(&input(&obs, 9, now));
+        assert!(
+            d.reason().contains("4 in flight at 4 per worker"),
+            "{}",
+            d.reason()
+        );
     }
 }
