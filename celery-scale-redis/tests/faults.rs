@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,22 +13,9 @@ use celery_scale_core::{Binding, ErrorKind, LoopSettings, MemoryScaler, QueueSou
 use celery_scale_redis::{
     InFlightMode, RedisQueueSource, RedisSourceConfig, RedisSourceError, TlsConfig,
 };
+use common::certs::*;
 use common::*;
 use redis::AsyncCommands as _;
-
-/// Throwaway servers need only the redis-server binary; in CI a missing binary fails the test.
-fn have_redis_server() -> bool {
-    let ok = std::process::Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "redis-server is not installed and CI=true");
-        eprintln!("skipping: redis-server is not installed");
-    }
-    ok
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_run_gives_typed_errors_and_recovers() {
@@ -236,117 +222,14 @@ async fn auth_username_and_unix_socket() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique(name));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl CLI");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for 127.0.0.1 and localhost, made now.
-fn make_certificates(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=celery-scale test CA",
-    ];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
-    openssl(dir, &ca);
-    let mut csr = vec!["req", "-subj", "/CN=localhost"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    openssl(dir, &csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.crt",
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_test_certificate() {
-    if !have_redis_server() {
-        return;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            !ci,
-            "the openssl CLI is needed to make the test certificate and CI=true"
-        );
-        eprintln!("skipping: no openssl CLI to make a test certificate");
+    if !have_redis_server() || !have_openssl() {
         return;
     }
     let dir = temp_dir("tls");
     make_certificates(&dir);
-    let tls_port = free_port();
-    let path = |f: &str| dir.join(f).display().to_string();
-    let _server = RedisServer::start(
-        0,
-        &[
-            "--port".into(),
-            "0".into(),
-            "--tls-port".into(),
-            tls_port.to_string(),
-            "--tls-cert-file".into(),
-            path("server.crt"),
-            "--tls-key-file".into(),
-            path("server.key"),
-            "--tls-ca-cert-file".into(),
-            path("ca.crt"),
-            "--tls-auth-clients".into(),
-            "no".into(),
-            "--requirepass".into(),
-            "tls-pw".into(),
-        ],
-    );
+    let (_server, tls_port) = tls_server(&dir, &["--requirepass".into(), "tls-pw".into()]);
     let url = format!("rediss://:tls-pw@127.0.0.1:{tls_port}/1");
     let tls = TlsConfig {
         ca_file: Some(dir.join("ca.crt")),
@@ -493,14 +376,7 @@ async fn first_observation_after_redis_returns_succeeds() {
 /// made, before any connection: each bad file is an error naming its field.
 #[tokio::test]
 async fn tls_files_are_checked_before_connecting() {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        assert!(!ci, "the openssl CLI is needed and CI=true");
-        eprintln!("skipping: no openssl CLI to make test certificates");
+    if !have_openssl() {
         return;
     }
     let dir = temp_dir("tls-files");

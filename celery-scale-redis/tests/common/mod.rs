@@ -14,6 +14,8 @@ use celery_scale_testing::service as service_url;
 use redis::AsyncCommands as _;
 use serde_json::json;
 
+pub mod certs;
+
 /// The shared Redis, or `None` (skip) when unset outside CI.
 pub fn redis_url() -> Option<String> {
     service_url("CELERY_SCALE_REDIS_URL")
@@ -341,6 +343,20 @@ impl std::ops::Deref for CeleryWorker {
     fn deref(&self) -> &Self::Target {
         &self.0
     }
+}
+
+/// Throwaway servers need only the redis-server binary; in CI a missing binary fails the test.
+pub fn have_redis_server() -> bool {
+    let ok = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "redis-server is not installed and CI=true");
+        eprintln!("skipping: redis-server is not installed");
+    }
+    ok
 }
 
 /// A throwaway `redis-server`: the shared [`celery_scale_testing::RedisServer`].
