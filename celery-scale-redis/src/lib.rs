@@ -7,6 +7,7 @@ mod connect;
 mod error;
 mod heartbeats;
 mod layout;
+mod lease;
 mod options;
 mod source;
 mod tls;
@@ -16,5 +17,6 @@ pub use config::{
     MAX_QUEUES, MAX_TIMEOUT, MIN_TIMEOUT, RedisSourceConfig, RedisSourceConfigBuilder, TlsConfig,
 };
 pub use error::RedisSourceError;
+pub use lease::RedisLease;
 pub use options::{DEFAULT_VISIBILITY_TIMEOUT, HONOURED_OPTIONS, IGNORED_OPTIONS};
 pub use source::RedisQueueSource;

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use celery_scale_core::celery_events::{WorkerFeed, WorkerSummary};
@@ -313,6 +313,24 @@ impl RedisQueueSource {
             heartbeats,
             bad_stamps: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A leader lease on `key` of the database this source reads, for `holder`, lasting
+    /// `period` from each renewal (see [`RedisLease`](crate::RedisLease)). It shares the
+    /// source's connection and outlives the source.
+    pub fn lease(
+        &self,
+        key: impl Into<String>,
+        holder: impl Into<String>,
+        period: Duration,
+    ) -> crate::RedisLease {
+        crate::RedisLease::new(
+            Arc::clone(&self.conn),
+            self.url.clone(),
+            key.into(),
+            holder.into(),
+            period,
+        )
     }
 
     /// The configuration.
