@@ -23,7 +23,7 @@ use std::time::Duration;
 use celery_scale_amqp::AmqpSourceConfig;
 use celery_scale_aws::AwsSettings;
 use celery_scale_core::ConfigError;
-use celery_scale_core::config::{BindingConfig, Config};
+use celery_scale_core::config::{BindingConfig, Config, KindTagged};
 use celery_scale_ec2::AutoScalingGroupConfig;
 use celery_scale_ecs::EcsServiceConfig;
 use celery_scale_redis::RedisSourceConfig;
@@ -31,7 +31,10 @@ use celery_scale_sqs::SqsSourceConfig;
 use serde::{Deserialize, Serialize};
 
 /// Where a binding reads its backlog.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read by its `kind` through [`KindTagged`], so that an error inside the section names its
+/// field (`bindings[0].source.timeout`); written with `kind` first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
     /// Celery on Redis.
@@ -44,13 +47,40 @@ pub enum SourceConfig {
 }
 
 /// What a binding scales.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read by its `kind` like [`SourceConfig`] (`bindings[0].scaler.workers_per_task`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ScalerConfig {
     /// An ECS service.
     Ecs(EcsServiceConfig),
     /// An EC2 Auto Scaling Group.
     Ec2(AutoScalingGroupConfig),
+}
+
+// Not `#[derive(Deserialize)]` with `#[serde(tag = "kind")]`: an internally tagged enum buffers
+// its section, and an error inside it would name only `bindings[0].source`.
+impl<'de> Deserialize<'de> for SourceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let tagged = KindTagged::deserialize(deserializer)?;
+        match tagged.kind() {
+            "redis" => tagged.into_variant().map(SourceConfig::Redis),
+            "amqp" => tagged.into_variant().map(SourceConfig::Amqp),
+            "sqs" => tagged.into_variant().map(SourceConfig::Sqs),
+            _ => Err(tagged.unknown_kind(&["redis", "amqp", "sqs"])),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ScalerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let tagged = KindTagged::deserialize(deserializer)?;
+        match tagged.kind() {
+            "ecs" => tagged.into_variant().map(ScalerConfig::Ecs),
+            "ec2" => tagged.into_variant().map(ScalerConfig::Ec2),
+            _ => Err(tagged.unknown_kind(&["ecs", "ec2"])),
+        }
+    }
 }
 
 impl SourceConfig {

@@ -125,21 +125,57 @@ fn a_broker_it_cannot_reach_fails_the_check_with_status_1() {
 fn configuration_mistakes_are_sentences_naming_the_field_with_status_2() {
     let Some(s) = Services::get() else { return };
     let dir = TempDir::new("cli-config");
+    const POLICY: &str = "policy = { max_workers = 40 }";
+    const QUEUES: &str = "queues = [\"celery\"]";
+    const PER_TASK: &str = "workers_per_task = 4 ";
+    // (text of the sample, its replacement, what the error must say)
     let cases = [
         (
+            POLICY,
             "policy = { max_workers = -1 }",
-            "bindings[0].policy.max_workers",
+            "bindings[0].policy.max_workers: ",
         ),
         (
+            POLICY,
             "policy = { max_worker = 3 }",
-            "bindings[0].policy.max_worker",
+            "bindings[0].policy.max_worker: ",
         ),
-        ("policy = { max_workers = 1000000000 }", "above the maximum"),
+        (
+            POLICY,
+            "policy = { max_workers = 1000000000 }",
+            "above the maximum",
+        ),
+        // Inside the `kind`-tagged sections the path goes down to the field.
+        (
+            PER_TASK,
+            "workers_per_task = -1 ",
+            "bindings[0].scaler.workers_per_task: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            QUEUES,
+            "queues = [\"celery\"]\ntimeout = -5",
+            "bindings[0].source.timeout: ",
+        ),
+        (
+            QUEUES,
+            "queues = [\"celery\", 7]",
+            "bindings[0].source.queues[1]: ",
+        ),
+        (
+            "kind = \"redis\"",
+            "kind = \"redis-cluster\"",
+            "bindings[0].source.kind: unknown variant `redis-cluster`",
+        ),
+        (
+            "kind = \"ecs\"",
+            "kind = \"fargate\"",
+            "bindings[0].scaler.kind: unknown variant `fargate`",
+        ),
     ];
-    for (policy, expected) in cases {
-        let text = std::fs::read_to_string(sample("ecs-redis.toml"))
-            .unwrap()
-            .replace("policy = { max_workers = 40 }", policy);
+    for (from, policy, expected) in cases {
+        let sample_text = std::fs::read_to_string(sample("ecs-redis.toml")).unwrap();
+        assert_eq!(sample_text.matches(from).count(), 1, "{from}");
+        let text = sample_text.replace(from, policy);
         let path = dir.join("bad.toml");
         std::fs::write(&path, text).unwrap();
         let env = env_with(&s, &[("CELERY_BROKER_URL", s.redis_db(DB))]);

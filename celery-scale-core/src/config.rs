@@ -471,7 +471,25 @@ impl<S: serde::de::DeserializeOwned, T: serde::de::DeserializeOwned> Config<S, T
 /// The field path of a deserialization error: `bindings[0].policy.max_workers`, or `config` for
 /// the root (e.g. a missing top-level key). A trailing segment the tracker could not name (a
 /// JSON key that is not a string) is left off, so the path ends at the enclosing table.
-fn path_field(path: &serde_path_to_error::Path) -> String {
+///
+/// `message` is the deserializer's message; when it comes from a [`KindTagged`] section it
+/// carries the path below that section, which is joined here: the field and the message as
+/// they are shown.
+fn path_field<'m>(path: &serde_path_to_error::Path, message: &'m str) -> (String, &'m str) {
+    let (field, message) = match split_nested(message) {
+        Some((below, rest)) => (join_path(&path_string(path), below), rest),
+        None => (path_string(path), message),
+    };
+    let field = if field.is_empty() {
+        "config".to_string()
+    } else {
+        field
+    };
+    (field, message)
+}
+
+/// A tracked path as text (`bindings[0].source`), empty at the root.
+fn path_string(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut segments: Vec<&Segment> = path.iter().collect();
     while matches!(segments.last(), Some(Segment::Unknown)) {
@@ -489,10 +507,115 @@ fn path_field(path: &serde_path_to_error::Path) -> String {
             }
         }
     }
-    if field.is_empty() {
-        field.push_str("config");
-    }
     field
+}
+
+/// `outer` then `inner` (`bindings[0].source` + `queues[1]` = `bindings[0].source.queues[1]`).
+fn join_path(outer: &str, inner: &str) -> String {
+    if outer.is_empty() {
+        inner.to_string()
+    } else if inner.is_empty() || inner.starts_with('[') {
+        format!("{outer}{inner}")
+    } else {
+        format!("{outer}.{inner}")
+    }
+}
+
+/// Marks the path below a [`KindTagged`] section in an error message, so that [`parse_toml`]
+/// and [`parse_json`] join it to the path they track: `\u{1f}path\u{1f}message`.
+const NESTED: char = '\u{1f}';
+
+/// An error at `path` below the section being deserialized (joined to a path already nested
+/// in `message`, when a tagged section sits inside another).
+fn nested_error<E: serde::de::Error>(path: &str, message: &str) -> E {
+    let (path, message) = match split_nested(message) {
+        Some((below, rest)) => (join_path(path, below), rest),
+        None => (path.to_string(), message),
+    };
+    if path.is_empty() {
+        E::custom(message)
+    } else {
+        E::custom(format!("{NESTED}{path}{NESTED}{message}"))
+    }
+}
+
+/// The path and the message of an error made by [`nested_error`].
+fn split_nested(message: &str) -> Option<(&str, &str)> {
+    let rest = message.strip_prefix(NESTED)?;
+    rest.split_once(NESTED)
+}
+
+/// A configuration section that picks its variant by a `kind` field (`source = { kind =
+/// "redis", url = ... }`), read so that an error inside the variant still names its whole field
+/// path.
+///
+/// serde's internally tagged enums (`#[serde(tag = "kind")]`) buffer the section and report any
+/// error inside it at the section (`bindings[0].scaler: invalid value: integer -1, expected
+/// u32`). A backend enum's `Deserialize` reads this instead, matches on [`kind`](Self::kind)
+/// and reads the variant's struct with [`into_variant`](Self::into_variant); through
+/// [`parse_toml`] and [`parse_json`] (and [`Config::from_toml`], [`Config::from_json`]) errors
+/// then name the field (`bindings[0].scaler.workers_per_task: ...`), and an unknown kind names
+/// `bindings[0].scaler.kind`.
+///
+/// ```
+/// use celery_scale_core::config::{KindTagged, parse_toml};
+/// # #[derive(Debug, serde::Deserialize)] #[serde(deny_unknown_fields)]
+/// # struct Ecs { workers_per_task: u32 }
+/// #[derive(Debug)]
+/// enum Scaler { Ecs(Ecs) }
+/// impl<'de> serde::Deserialize<'de> for Scaler {
+///     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+///         let tagged = KindTagged::deserialize(d)?;
+///         match tagged.kind() {
+///             "ecs" => tagged.into_variant().map(Scaler::Ecs),
+///             _ => Err(tagged.unknown_kind(&["ecs"])),
+///         }
+///     }
+/// }
+/// #[derive(Debug, serde::Deserialize)]
+/// struct File { scaler: Scaler }
+/// let e = parse_toml::<File>("scaler = { kind = \"ecs\", workers_per_task = -1 }").unwrap_err();
+/// assert_eq!(e.field, "scaler.workers_per_task");
+/// let e = parse_toml::<File>("scaler = { kind = \"ec3\" }").unwrap_err();
+/// assert_eq!(e.field, "scaler.kind");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct KindTagged {
+    kind: String,
+    body: serde_json::Map<String, serde_json::Value>,
+}
+
+impl KindTagged {
+    /// The `kind` field's value.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The section without its `kind`, read as the variant's struct; an error names the field
+    /// within the section (joined to the section's path by [`parse_toml`]/[`parse_json`]).
+    pub fn into_variant<T: serde::de::DeserializeOwned, E: serde::de::Error>(self) -> Result<T, E> {
+        serde_path_to_error::deserialize(serde_json::Value::Object(self.body)).map_err(|e| {
+            let path = path_string(e.path());
+            nested_error(&path, &e.inner().to_string())
+        })
+    }
+
+    /// The error for a `kind` that is none of `expected`, at the `kind` field.
+    pub fn unknown_kind<E: serde::de::Error>(&self, expected: &'static [&'static str]) -> E {
+        let e = <serde_json::Error as serde::de::Error>::unknown_variant(&self.kind, expected);
+        nested_error("kind", &e.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for KindTagged {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut body = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let kind = body
+            .remove("kind")
+            .ok_or_else(|| <D::Error as serde::de::Error>::missing_field("kind"))?;
+        let kind = String::deserialize(kind).map_err(|e| nested_error("kind", &e.to_string()))?;
+        Ok(KindTagged { kind, body })
+    }
 }
 
 /// The 1-based line of byte offset `at` in `text` (an offset past the end counts as the end).
@@ -521,11 +644,11 @@ fn toml_parse<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigErr
         ConfigError::new(field, e.message().to_string())
     })?;
     serde_path_to_error::deserialize(document).map_err(|e| {
-        let field = path_field(e.path());
         let inner = e.inner();
+        let (field, message) = path_field(e.path(), inner.message());
         let rule = match line(inner) {
-            Some(l) => format!("{} (line {l})", inner.message()),
-            None => inner.message().to_string(),
+            Some(l) => format!("{message} (line {l})"),
+            None => message.to_string(),
         };
         ConfigError::new(field, rule)
     })
@@ -546,8 +669,11 @@ fn json_parse<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, ConfigErr
             format!("{message} (line {} column {})", e.line(), e.column())
         }
     };
-    let config = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| ConfigError::new(path_field(e.path()), describe(e.inner())))?;
+    let config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let described = describe(e.inner());
+        let (field, rule) = path_field(e.path(), &described);
+        ConfigError::new(field, rule)
+    })?;
     // Trailing characters after the document (serde_json::from_str checks the same).
     de.end()
         .map_err(|e| ConfigError::new("config", describe(&e)))?;
@@ -1118,5 +1244,131 @@ fallback = { after_failures = 3, capacity = 2 }
         let e = Config::<Src, Tgt>::from_toml(&typo, no_backend_rules).unwrap_err();
         assert_eq!(e.field, "bindings[0].policy.max_worker", "{e}");
         assert!(e.rule.starts_with("unknown field `max_worker`"), "{e}");
+    }
+
+    /// A backend enum read through [`KindTagged`], with a tagged section inside a variant.
+    #[derive(Debug, PartialEq)]
+    enum Backend {
+        Queue(QueueSection),
+        Nested(NestedSection),
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct QueueSection {
+        queues: Vec<String>,
+        #[serde(default, with = "humantime_serde")]
+        timeout: Option<Duration>,
+        workers_per_task: Option<u32>,
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NestedSection {
+        inner: Box<Backend>,
+    }
+
+    impl<'de> Deserialize<'de> for Backend {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let tagged = KindTagged::deserialize(d)?;
+            match tagged.kind() {
+                "queue" => tagged.into_variant().map(Backend::Queue),
+                "nested" => tagged.into_variant().map(Backend::Nested),
+                _ => Err(tagged.unknown_kind(&["queue", "nested"])),
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Slot {
+        name: String,
+        source: Backend,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Sections {
+        bindings: Vec<Slot>,
+    }
+
+    #[test]
+    fn errors_inside_kind_tagged_sections_name_the_whole_path() {
+        let toml = |section: &str| {
+            parse_toml::<Sections>(&format!(
+                "[[bindings]]\nname = \"a\"\nsource = {{ kind = \"queue\", queues = [] }}\n\n\
+                 [[bindings]]\nname = \"b\"\nsource = {{ {section} }}\n"
+            ))
+        };
+        let ok = toml(r#"kind = "queue", queues = ["a"], timeout = "5s""#).unwrap();
+        assert_eq!(ok.bindings[1].name, "b");
+        assert_eq!(
+            ok.bindings[1].source,
+            Backend::Queue(QueueSection {
+                queues: vec!["a".into()],
+                timeout: Some(Duration::from_secs(5)),
+                workers_per_task: None,
+            })
+        );
+        // (section, field, words the rule must hold)
+        let cases = [
+            (
+                r#"kind = "queue", queues = [], workers_per_task = -1"#,
+                "bindings[1].source.workers_per_task",
+                "integer `-1`, expected u32 (line 7)",
+            ),
+            (
+                r#"kind = "queue", queues = [], timeout = -5"#,
+                "bindings[1].source.timeout",
+                "-5",
+            ),
+            (
+                r#"kind = "queue", queues = ["a", 3]"#,
+                "bindings[1].source.queues[1]",
+                "expected a string",
+            ),
+            (
+                r#"kind = "queue", queues = [], queue = 1"#,
+                "bindings[1].source.queue",
+                "unknown field `queue`",
+            ),
+            (
+                r#"kind = "queue""#,
+                "bindings[1].source",
+                "missing field `queues`",
+            ),
+            (
+                r#"kind = "quue""#,
+                "bindings[1].source.kind",
+                "unknown variant `quue`, expected `queue` or `nested`",
+            ),
+            ("kind = 3", "bindings[1].source.kind", "expected a string"),
+            ("queues = []", "bindings[1].source", "missing field `kind`"),
+            (
+                r#"kind = "nested", inner = { kind = "queue", queues = [], workers_per_task = 1.5 }"#,
+                "bindings[1].source.inner.workers_per_task",
+                "1.5",
+            ),
+            (
+                r#"kind = "nested", inner = { kind = "nope" }"#,
+                "bindings[1].source.inner.kind",
+                "nope",
+            ),
+        ];
+        for (section, field, rule) in cases {
+            let e = toml(section).unwrap_err();
+            assert_eq!(e.field, field, "{section}: {e}");
+            assert!(e.rule.contains(rule), "{section}: {e}");
+            assert!(!e.rule.contains(NESTED), "{e:?}");
+        }
+        let e = parse_json::<Sections>(
+            r#"{"bindings": [{"name": "a", "source": {"queues": ["a"], "kind": "queue", "workers_per_task": -1}}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "bindings[0].source.workers_per_task", "{e}");
+        assert!(e.rule.contains("expected u32 (line 1 column"), "{e}");
+        let e =
+            parse_json::<Sections>(r#"{"bindings": [{"name": "a", "source": {"kind": "sqs"}}]}"#)
+                .unwrap_err();
+        assert_eq!(e.field, "bindings[0].source.kind", "{e}");
     }
 }
