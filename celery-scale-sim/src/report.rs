@@ -1,20 +1,41 @@
 //! The policy report: every trace x policy on one simulated world, as rows with the same keys
 //! as `target/policy-report/report.json` (`cargo run --release --example policy_report`).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use celery_scale_core::ConfigError;
 use celery_scale_core::config::PolicyConfig;
 use celery_scale_core::policy::ScalingPolicy;
 
-use crate::baselines::{AwsTargetTracking, Fixed, Keda};
+use crate::baselines::{AwsTargetTracking, Fixed, Judoscale, Keda};
+use crate::bounds::{busy_bound, startup_bound};
 use crate::{SimConfig, SimResult, Simulator, Trace};
 
 /// The policies compared, in report order.
-pub const POLICIES: [&str; 4] = ["celery-scale", "keda", "aws-target-tracking", "static"];
+pub const POLICIES: [&str; 6] = [
+    "celery-scale",
+    "keda",
+    "aws-target-tracking",
+    "aws-high-resolution",
+    "judoscale",
+    "static",
+];
+
+/// The autoscalers the default policy is ranked against (the static fleet is a reference).
+pub const BASELINES: [&str; 4] = [
+    "keda",
+    "aws-target-tracking",
+    "aws-high-resolution",
+    "judoscale",
+];
 
 /// Most workers any policy may run (the fewest is 0, or 1 where the policy cannot reach 0).
 pub const MAX_WORKERS: u32 = 100;
+
+/// The Judoscale-like baseline's queue-time range: upscale above, downscale below.
+pub const JUDOSCALE_RANGE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
 
 /// One trace x policy: exactly the keys of `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,10 +45,21 @@ pub struct ReportRow {
     pub trace: String,
     /// One of [`POLICIES`].
     pub policy: String,
+    /// The world's billed start-up for this trace, in seconds.
+    pub startup_s: f64,
+    /// Tasks in the trace.
+    pub tasks: u64,
+    /// Tasks the run completed before it stopped.
+    pub completed: u64,
+    /// Whether every task completed; a run that did not is never ranked ([`dominates`]).
+    pub complete: bool,
     /// Worker-seconds billed (start-up, idle and warm-shutdown time included).
     pub worker_seconds: f64,
     /// The trace's busy time: the sum of task durations.
     pub lower_bound_worker_seconds: f64,
+    /// The start-up-aware bound: a clairvoyant schedule with every wait within one start-up
+    /// ([`startup_bound`]).
+    pub startup_bound_worker_seconds: f64,
     /// Median wait from arrival to start.
     pub wait_p50_s: f64,
     /// 95th percentile wait.
@@ -38,6 +70,24 @@ pub struct ReportRow {
     pub wait_max_s: f64,
     /// Times the policy changed the desired count.
     pub scaling_actions: u32,
+}
+
+/// Whether `a` dominates `b`: both completed every task, and `a`'s worker-seconds and p95 wait
+/// are both at most `b`'s. A run that did not complete is never ranked: it dominates nothing
+/// and nothing dominates it.
+pub fn dominates(a: &ReportRow, b: &ReportRow) -> bool {
+    a.complete && b.complete && a.worker_seconds <= b.worker_seconds && a.wait_p95_s <= b.wait_p95_s
+}
+
+/// A trace of the report and the start-up its world bills.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// The trace's name.
+    pub name: String,
+    /// The trace.
+    pub trace: Trace,
+    /// Time from asking for a unit to its workers taking tasks (billed), for this trace.
+    pub startup: Duration,
 }
 
 /// Workers a static fleet needs for `trace`: the peak, over 5-minute windows, of the work
@@ -62,16 +112,18 @@ pub fn peak_workers(trace: &Trace) -> u32 {
 /// A named policy of the report.
 pub type NamedPolicy = (&'static str, Box<dyn ScalingPolicy>);
 
-/// The four policies for `trace`, named as in [`POLICIES`]: the shipped default policy
-/// (`PolicyConfig::default()` with `max_workers` = [`MAX_WORKERS`]), KEDA and AWS target
-/// tracking at the default's `messages_per_worker`, and a static fleet of
-/// [`peak_workers`]`(trace)`.
+/// The policies for `trace`, named as in [`POLICIES`]: the shipped default policy
+/// (`PolicyConfig::default()` with `max_workers` = [`MAX_WORKERS`]); KEDA (uncached, its
+/// default) and AWS target tracking (standard and high-resolution) at the default's
+/// `messages_per_worker`; the Judoscale-like latency autoscaler at [`JUDOSCALE_RANGE`]; and a
+/// static fleet of [`peak_workers`]`(trace)`.
 pub fn policies(trace: &Trace) -> Result<Vec<NamedPolicy>, ConfigError> {
     let ours = PolicyConfig {
         max_workers: MAX_WORKERS,
         ..PolicyConfig::default()
     };
     let target = ours.messages_per_worker;
+    let (up, down) = JUDOSCALE_RANGE;
     Ok(vec![
         (POLICIES[0], ours.build()?),
         (POLICIES[1], Box::new(Keda::new(target, 0, MAX_WORKERS))),
@@ -79,7 +131,15 @@ pub fn policies(trace: &Trace) -> Result<Vec<NamedPolicy>, ConfigError> {
             POLICIES[2],
             Box::new(AwsTargetTracking::new(target, 1, MAX_WORKERS)),
         ),
-        (POLICIES[3], Box::new(Fixed(peak_workers(trace)))),
+        (
+            POLICIES[3],
+            Box::new(AwsTargetTracking::high_resolution(target, 1, MAX_WORKERS)),
+        ),
+        (
+            POLICIES[4],
+            Box::new(Judoscale::new(up, down, 0, MAX_WORKERS)),
+        ),
+        (POLICIES[5], Box::new(Fixed(peak_workers(trace)))),
     ])
 }
 
@@ -102,24 +162,49 @@ pub fn run(
 }
 
 /// [`run`] in another world (e.g. [`world`] with `scale_in_protection`), the same for every
-/// policy.
+/// policy and trace.
 pub fn run_in(
     traces: &[(String, Trace)],
     world: SimConfig,
 ) -> Result<Vec<(ReportRow, SimResult)>, ConfigError> {
-    let sim = Simulator::new(world);
+    let cases: Vec<Case> = traces
+        .iter()
+        .map(|(name, trace)| Case {
+            name: name.clone(),
+            trace: trace.clone(),
+            startup: world.startup,
+        })
+        .collect();
+    run_cases(&cases, world)
+}
+
+/// As [`run_in`], each trace in `world` with its own start-up ([`Case::startup`]).
+pub fn run_cases(
+    cases: &[Case],
+    world: SimConfig,
+) -> Result<Vec<(ReportRow, SimResult)>, ConfigError> {
     let mut out = Vec::new();
-    for (name, trace) in traces {
-        let lower_bound = trace.busy_time().as_secs_f64();
-        for (policy, p) in policies(trace)? {
-            let r = sim.run(trace, p)?;
+    for case in cases {
+        let sim = Simulator::new(SimConfig {
+            startup: case.startup,
+            ..world.clone()
+        });
+        let lower_bound = busy_bound(&case.trace);
+        let startup_bound = startup_bound(&case.trace, case.startup, case.startup);
+        for (policy, p) in policies(&case.trace)? {
+            let r = sim.run(&case.trace, p)?;
             let s = &r.summary;
             out.push((
                 ReportRow {
-                    trace: name.clone(),
+                    trace: case.name.clone(),
                     policy: policy.to_string(),
+                    startup_s: case.startup.as_secs_f64(),
+                    tasks: s.tasks,
+                    completed: s.completed,
+                    complete: s.completed == s.tasks,
                     worker_seconds: s.worker_seconds,
                     lower_bound_worker_seconds: lower_bound,
+                    startup_bound_worker_seconds: startup_bound,
                     wait_p50_s: s.wait_p50_s,
                     wait_p95_s: s.wait_p95_s,
                     wait_p99_s: s.wait_p99_s,

