@@ -7,6 +7,9 @@
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
+mod proxy;
+pub use proxy::Proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
