@@ -843,15 +843,17 @@ impl AmqpSourceConfigBuilder {
     }
 }
 
-/// Celery's (and RabbitMQ's) internal queues, which discovery leaves out.
+/// Celery's (and RabbitMQ's) internal queues, which discovery leaves out, and the leader
+/// lease's lock queues ([`crate::AmqpLease`]).
 pub(crate) fn is_internal_queue(name: &str) -> bool {
-    const PATTERNS: [&str; 6] = [
+    const PATTERNS: [&str; 7] = [
         "*.celery.pidbox",
         "*.reply.celery.pidbox",
         "celeryev.*",
         "*.dq2",
         "celery_delayed_*",
         "amq.gen-*",
+        "celery-scale.leader.*",
     ];
     PATTERNS.iter().any(|p| wildcard_match(p, name))
 }
@@ -1232,10 +1234,18 @@ mod tests {
             "celery.dq2",
             "celery_delayed_27",
             "amq.gen-abc",
+            "celery-scale.leader.emails",
+            crate::lease::lock_queue("binding-1").as_str(),
         ] {
             assert!(is_internal_queue(internal), "{internal}");
         }
-        for user in ["celery", "emails", "celeryev", "pidbox"] {
+        for user in [
+            "celery",
+            "emails",
+            "celeryev",
+            "pidbox",
+            "celery-scale.leader",
+        ] {
             assert!(!is_internal_queue(user), "{user}");
         }
     }

@@ -129,6 +129,23 @@ pub enum AmqpSourceError {
         /// The deadline that passed.
         after: Duration,
     },
+    /// The broker lowered the leader lease connection's heartbeat so far that it would drop a
+    /// silent holder's connection, and hand the lease to another copy, sooner than the lease's
+    /// period (it waits between 2 and 3 heartbeats). Raise the broker's `heartbeat` setting
+    /// (default 60 s) to at least half the period, or shorten the period. Not transient.
+    #[error(
+        "RabbitMQ at {url} lowered the lease connection's heartbeat to {negotiated} s (asked          {asked} s): a silent holder would lose the lease after 2 x {negotiated} s, sooner than          its period of {period:?}"
+    )]
+    LeaseHeartbeat {
+        /// The broker URL, redacted.
+        url: String,
+        /// The heartbeat asked for (seconds): half the period, rounded up.
+        asked: u16,
+        /// The heartbeat the connection got (seconds).
+        negotiated: u16,
+        /// The lease's period.
+        period: Duration,
+    },
     /// The management API could not be reached or the request failed on the way.
     #[error("RabbitMQ management API at {url} is unavailable")]
     ManagementUnavailable {
@@ -241,6 +258,7 @@ impl AmqpSourceError {
             | AmqpSourceError::QueueNotFound { .. }
             | AmqpSourceError::QueueAccessRefused { .. }
             | AmqpSourceError::QueueLocked { .. }
+            | AmqpSourceError::LeaseHeartbeat { .. }
             | AmqpSourceError::ManagementData { .. } => false,
         }
     }
@@ -284,7 +302,8 @@ impl From<AmqpSourceError> for Error {
             }
             AmqpSourceError::NoRuntime(_)
             | AmqpSourceError::HttpClient(_)
-            | AmqpSourceError::QueueLocked { .. } => Error::Other {
+            | AmqpSourceError::QueueLocked { .. }
+            | AmqpSourceError::LeaseHeartbeat { .. } => Error::Other {
                 backend: BACKEND,
                 message,
                 transient: false,

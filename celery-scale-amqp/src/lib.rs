@@ -3,8 +3,10 @@
 
 mod broker_url;
 mod config;
+mod connect;
 mod error;
 mod heartbeats;
+mod lease;
 mod management;
 mod source;
 mod tls;
@@ -15,6 +17,7 @@ pub use config::{
     AmqpSourceConfig, AmqpSourceConfigBuilder, DiscoveryConfig, ManagementConfig, TlsConfig,
 };
 pub use error::AmqpSourceError;
+pub use lease::{AmqpLease, HOLDER_ARGUMENT, LOCK_QUEUE_PREFIX};
 pub use management::{
     MAX_CLOCK_SKEW, MAX_COUNT, MIN_HEAD_TIMESTAMP_SECS, ManagementClient, QueueStats,
 };

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,15 +13,14 @@ use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
 use futures::StreamExt as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::uri::AMQPUri;
 
 use crate::config::ManagementConfig;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
 use crate::config::{AmqpSourceConfig, is_internal_queue};
+use crate::connect::Brokers;
 use crate::error::{AmqpSourceError, amqp_kind, is_unavailable};
 use crate::management::{ManagementClient, QueueStats};
 
@@ -95,24 +94,12 @@ struct QueueSet {
     refreshed: Option<Instant>,
 }
 
-/// One broker of the URL's failover list.
-struct Broker {
-    uri: AMQPUri,
-    /// `amqp://user:***@host:port/vhost`.
-    shown: String,
-    connect_timeout: Duration,
-}
-
 /// What the source shares with its worker-event task.
 pub(crate) struct Inner {
     config: AmqpSourceConfig,
-    /// The brokers of the URL, in the order kombu tries them.
-    brokers: Vec<Broker>,
-    /// The broker in use, or the one to try first at the next connection.
-    current: AtomicUsize,
-    /// The CA and client identity for `amqps://` (empty: the web PKI roots, no identity).
-    /// Its `Debug` prints the PKCS#12 password and the key: never derive `Debug` for `Inner`.
-    tls: OwnedTLSConfig,
+    /// The brokers of the URL and how to connect to them (TLS included). Never derive
+    /// `Debug` for `Inner`: theirs would print secrets.
+    brokers: Brokers,
     url: String,
     vhost: String,
     link: tokio::sync::Mutex<Option<Link>>,
@@ -151,82 +138,33 @@ impl Inner {
     }
 
     /// Connects to the first broker of the failover list that answers, starting with the
-    /// current one (kombu's round-robin failover: the list in order, from where it is).
+    /// current one (kombu's round-robin failover: the list in order, from where it is), and
+    /// opens the declares' channel.
     async fn connect(&self) -> Result<Link, AmqpSourceError> {
-        let start = self.current.load(Ordering::Relaxed) % self.brokers.len();
-        let mut last_error = None;
-        for k in 0..self.brokers.len() {
-            let i = (start + k) % self.brokers.len();
-            match self.connect_to(&self.brokers[i]).await {
-                Ok(link) => {
-                    self.current.store(i, Ordering::Relaxed);
-                    let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n > 1 {
-                        tracing::info!(url = %self.brokers[i].shown, connections = n, "reconnected to RabbitMQ");
-                    } else {
-                        tracing::debug!(url = %self.brokers[i].shown, "connected to RabbitMQ");
-                    }
-                    return Ok(link);
-                }
-                Err(e) => {
-                    if self.brokers.len() > 1 {
-                        tracing::warn!(url = %self.brokers[i].shown, error = %e, "cannot connect to this broker of the failover list; trying the next");
-                    }
-                    last_error = Some(e);
-                }
-            }
+        let connection = self.brokers.connect(&self.config.connection_name).await?;
+        let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > 1 {
+            tracing::info!(url = %self.brokers.current_broker(), connections = n, "reconnected to RabbitMQ");
+        } else {
+            tracing::debug!(url = %self.brokers.current_broker(), "connected to RabbitMQ");
         }
-        // The list is never empty, so some attempt failed.
-        Err(last_error.unwrap_or_else(|| AmqpSourceError::Timeout {
-            url: self.url.clone(),
-            operation: "connect",
-            after: self.config.connect_timeout,
-        }))
-    }
-
-    async fn connect_to(&self, broker: &Broker) -> Result<Link, AmqpSourceError> {
-        let after = broker.connect_timeout;
-        let props = ConnectionProperties::default()
-            .with_connection_name(self.config.connection_name.as_str().into());
-        let attempt = async {
-            let connect_error = |e| AmqpSourceError::from_connect(&broker.shown, &self.vhost, e);
-            let runtime = lapin::runtime::default_runtime().map_err(connect_error)?;
-            let connection = Connection::connect_uri_with_config(
-                broker.uri.clone(),
-                props,
-                self.tls.clone(),
-                runtime,
-            )
-            .await
-            .map_err(connect_error)?;
-            let channel = self.open_channel(&connection).await?;
-            Ok::<_, AmqpSourceError>(Link {
-                connection: Arc::new(connection),
-                channel,
-                busy: false,
-            })
-        };
-        tokio::time::timeout(after, attempt)
-            .await
-            .map_err(|_| AmqpSourceError::Timeout {
-                url: broker.shown.clone(),
-                operation: "connect",
-                after,
-            })?
+        let channel = self.open_channel(&connection).await?;
+        Ok(Link {
+            connection: Arc::new(connection),
+            channel,
+            busy: false,
+        })
     }
 
     /// After the connection in use failed: the next connection starts with the next broker
     /// of the list, as kombu's failover moves on.
     fn move_on(&self) {
-        if self.brokers.len() > 1 {
-            let next = (self.current.load(Ordering::Relaxed) + 1) % self.brokers.len();
-            self.current.store(next, Ordering::Relaxed);
-        }
+        self.brokers.move_on();
     }
 
     /// The broker in use (or to try first), redacted.
     pub(crate) fn current_broker(&self) -> &str {
-        &self.brokers[self.current.load(Ordering::Relaxed) % self.brokers.len()].shown
+        self.brokers.current_broker()
     }
 
     /// The management API to read now (the current broker's, when derived for each).
@@ -238,7 +176,7 @@ impl Inner {
         if self.management_derived && paused.is_some_and(|until| Instant::now() < until) {
             return None;
         }
-        let i = self.current.load(Ordering::Relaxed) % self.management.len();
+        let i = self.brokers.current_index() % self.management.len();
         self.management.get(i)
     }
 
@@ -706,7 +644,7 @@ impl Inner {
         // per refresh), so that a source with no configured queues reports the failure.
         let client = self
             .management
-            .get(self.current.load(Ordering::Relaxed) % self.management.len().max(1));
+            .get(self.brokers.current_index() % self.management.len().max(1));
         let (Some(discovery), Some(client)) = (&self.config.discovery, client) else {
             return Ok(Arc::clone(&lock(&self.queues).names));
         };
@@ -829,21 +767,7 @@ impl AmqpQueueSource {
         for (key, why) in &resolved.ignored {
             tracing::info!(option = %key, why, "ignoring a transport option that does not change what is counted");
         }
-        let brokers: Vec<Broker> = resolved
-            .brokers
-            .iter()
-            .map(|b| Broker {
-                uri: b.to_uri(DEFAULT_AMQP_HEARTBEAT),
-                shown: b.to_string(),
-                connect_timeout: b.connect_timeout().unwrap_or(config.connect_timeout),
-            })
-            .collect();
-        let tls = config
-            .tls
-            .as_ref()
-            .map(crate::tls::load)
-            .transpose()?
-            .unwrap_or_default();
+        let brokers = Brokers::new(&config, &resolved.brokers, None, DEFAULT_AMQP_HEARTBEAT)?;
         // The management API trusts the broker's CA too unless it names its own.
         let management = resolved
             .management_urls
@@ -860,11 +784,9 @@ impl AmqpQueueSource {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let inner = Arc::new(Inner {
-            tls,
-            url: config.url.redacted(),
-            vhost: resolved.brokers[0].vhost().to_string(),
+            url: brokers.url().to_string(),
+            vhost: brokers.vhost().to_string(),
             brokers,
-            current: AtomicUsize::new(0),
             link: tokio::sync::Mutex::new(None),
             connections: AtomicU64::new(0),
             channels: AtomicU64::new(0),

@@ -498,23 +498,32 @@ impl std::ops::Deref for Worker {
 }
 
 /// A TCP proxy in front of RabbitMQ that the test can cut off (drop every connection and stop
-/// listening, as a broker restart does) and bring back on the same port.
+/// listening, as a broker restart does) and bring back on the same port, or stall (keep every
+/// connection open and forward nothing either way, as a paused process or a black-holed
+/// network does) and resume.
 pub struct Proxy {
     pub port: u16,
     upstream: String,
     task: Option<tokio::task::JoinHandle<()>>,
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
     pub async fn start(upstream: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let mut p = Proxy {
             port,
             upstream: upstream.to_string(),
             task: None,
+            stalled,
         };
-        p.task = Some(tokio::spawn(serve(listener, p.upstream.clone())));
+        p.task = Some(tokio::spawn(serve(
+            listener,
+            p.upstream.clone(),
+            p.stalled.subscribe(),
+        )));
         p
     }
 
@@ -537,7 +546,22 @@ impl Proxy {
             },
         )
         .await;
-        self.task = Some(tokio::spawn(serve(listener, self.upstream.clone())));
+        self.task = Some(tokio::spawn(serve(
+            listener,
+            self.upstream.clone(),
+            self.stalled.subscribe(),
+        )));
+    }
+
+    /// Stops forwarding, both ways, on every connection (new ones are accepted and stalled
+    /// too); the sockets stay open and a close is not passed on.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwards again (what was held back is delivered).
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 }
 
@@ -547,18 +571,57 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, upstream: String) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    upstream: String,
+    stalled: tokio::sync::watch::Receiver<bool>,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
+        let Ok((inbound, _)) = listener.accept().await else {
             continue;
         };
         let upstream = upstream.clone();
+        let stalled = stalled.clone();
         conns.spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            if let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::join!(
+                    pipe(in_read, out_write, stalled.clone()),
+                    pipe(out_read, in_write, stalled)
+                );
             }
         });
+    }
+}
+
+/// Copies `from` to `to` while not stalled.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Read while the stall began: held back until it ends.
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    if stalled.wait_for(|s| !*s).await.is_ok() {
+        let _ = to.shutdown().await;
     }
 }
 
