@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use celery_scale_testing::{
-    Daemon, MotoTarget, Services, TempDir, Worker, publish, python_unchecked, unique, wait_for,
+    Daemon, MotoTarget, Services, TempDir, Worker, WorkerCommand, publish, python_unchecked,
+    unique, wait_for,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_celery-scale");
@@ -201,6 +202,9 @@ fn serves_metrics_health_and_readiness() {
     assert!(status.success(), "{status}: {}", daemon.tail(20));
 }
 
+/// The policy line of the busy-worker tests: the shipped default with 5 s scale-in windows.
+const SHORT_WINDOWS: &str = "policy = { stabilize_down = \"5s\", scale_to_zero_after = \"5s\" }";
+
 /// Unknown is never zero, in the daemon: it starts while two workers run long tasks (the queue
 /// empty, the service at 2). Its first ticks cannot see them (the worker-event warm-up), and a
 /// fresh loop remembers nothing: it must not scale in under them.
@@ -210,15 +214,25 @@ fn a_daemon_started_under_busy_workers_never_scales_them_in() {
     let broker = Broker::Redis(15);
     let queue = unique("cli-busy");
     let target = MotoTarget::ecs_at(&s, "cli-busy", 2);
-    let _worker = Worker::start(&s.python, &broker.url(&s), &queue, &["-c", "2"]);
+    // One worker node per ECS task, each heard (so no unit counts as unheard): one process and,
+    // with `acks_late`, one message at a time, so each node runs one of the two tasks.
+    let _workers = ["a", "b"].map(|n| {
+        WorkerCommand::new(&s.python, &broker.url(&s))
+            .queues(&queue)
+            .name(&format!("{queue}@{n}-%h"))
+            .concurrency(1)
+            .config(&serde_json::json!({"task_acks_late": true}))
+            .spawn()
+    });
     publish(&s.python, &broker.url(&s), &queue, 2, 45.0);
     let dir = TempDir::new("cli-busy");
     let path = dir.join("celery-scale.toml");
-    // The shipped default policy; one worker process per task.
+    // The shipped default policy with 5 s scale-in windows (30 s by default, longer than this
+    // test's run): only the rules for busy workers can hold them. One worker process per task.
     std::fs::write(
         &path,
         format!(
-            "[[bindings]]\nloop = {{ name = \"busy\", interval = \"1s\" }}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
+            "[[bindings]]\nloop = {{ name = \"busy\", interval = \"1s\" }}\n{SHORT_WINDOWS}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
             broker.source_toml(&s, &queue),
             target.scaler_toml(1)
         ),
@@ -262,16 +276,21 @@ fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
     let queue = unique("cli-solo");
     let target = MotoTarget::ecs_at(&s, "cli-solo", 2);
     let solo = ["-P", "solo", "--prefetch-multiplier", "1"];
-    let _workers = [
-        Worker::start(&s.python, &broker.url(&s), &queue, &solo),
-        Worker::start(&s.python, &broker.url(&s), &queue, &solo),
-    ];
+    // Each its own node name, as one per ECS task would be: both are heard, so what holds them
+    // is silent-worker detection, not fewer nodes heard than units.
+    let _workers = ["a", "b"].map(|n| {
+        WorkerCommand::new(&s.python, &broker.url(&s))
+            .queues(&queue)
+            .name(&format!("{queue}@{n}-%h"))
+            .args(&solo)
+            .spawn()
+    });
     let dir = TempDir::new("cli-solo");
     let path = dir.join("celery-scale.toml");
     std::fs::write(
         &path,
         format!(
-            "[[bindings]]\nloop = {{ name = \"solo\", interval = \"1s\" }}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
+            "[[bindings]]\nloop = {{ name = \"solo\", interval = \"1s\" }}\n{SHORT_WINDOWS}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
             broker.source_toml(&s, &queue),
             target.scaler_toml(1)
         ),
@@ -283,14 +302,14 @@ fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
         &s.aws_env(),
         &dir.join("daemon.log"),
     );
-    // Heard before the tasks arrive (both are named `queue@host` on this one machine, so the
-    // feed hears them as one node; what matters is that it hears it go silent).
+    // Both heard before the tasks arrive.
     wait_for(
         Duration::from_secs(40),
-        "the solo workers heard",
-        || daemon.output().contains("live_workers=").then_some(()),
+        "the two solo workers heard",
+        || daemon.output().contains("live_workers=2").then_some(()),
         || daemon.tail(10),
     );
+    let before_tasks = daemon.output().len();
     publish(&s.python, &broker.url(&s), &queue, 2, 40.0);
     let until = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < until {
@@ -302,9 +321,11 @@ fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    let log = daemon.output();
+    let log = log.get(before_tasks..).unwrap_or_default();
     assert!(
-        daemon.output().contains("silent") || daemon.output().contains("no worker heard"),
-        "the busy solo workers were unknown, not idle:\n{}",
+        log.contains("silent without worker-offline") && !log.contains("worker node(s) heard"),
+        "the busy solo workers were silent (not unheard units), unknown, not idle:\n{}",
         daemon.tail(10)
     );
     let status = daemon.stop(Duration::from_secs(20));

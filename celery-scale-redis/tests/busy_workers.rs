@@ -32,7 +32,9 @@ fn source(broker: &str, queue: &str, worker: &str) -> RedisQueueSource {
     .unwrap()
 }
 
-/// A fresh binding with the shipped default policy on `target`.
+/// A fresh binding with the shipped default policy on `target`, but with 5 s scale-in windows
+/// (`stabilize_down`, `scale_to_zero_after`; 30 s by default): shorter than each test's run, so
+/// that a fresh loop's window cannot be what holds the busy workers, only the rules for them.
 fn binding(name: &str, source: RedisQueueSource, target: &MemoryScaler) -> Binding {
     Binding::new(
         LoopSettings {
@@ -42,10 +44,19 @@ fn binding(name: &str, source: RedisQueueSource, target: &MemoryScaler) -> Bindi
         },
         Box::new(source),
         Box::new(target.clone()),
-        PolicyConfig::default().build().unwrap(),
+        PolicyConfig {
+            stabilize_down: SHORT_WINDOW,
+            scale_to_zero_after: SHORT_WINDOW,
+            ..PolicyConfig::default()
+        }
+        .build()
+        .unwrap(),
     )
     .unwrap()
 }
+
+/// The scale-in windows of these tests' policy.
+const SHORT_WINDOW: Duration = Duration::from_secs(5);
 
 /// Ticks `b` for `run`, asserting after every tick that the target keeps at least `floor`;
 /// returns the records.
