@@ -8,14 +8,18 @@ use std::sync::Arc;
 use aws_config::SdkConfig;
 use celery_scale_amqp::AmqpQueueSource;
 use celery_scale_aws::{AwsSettings, cache_ttl_for};
+use celery_scale_core::lease::Leadership;
 use celery_scale_core::record::DecisionSink;
-use celery_scale_core::{Binding, BindingFactory, Error, LoopSettings, QueueSource, Scaler};
+use celery_scale_core::{
+    Binding, BindingFactory, Error, LoopSettings, PolicyFactory, QueueSource, Scaler,
+};
 use celery_scale_ec2::AutoScalingGroups;
 use celery_scale_ecs::EcsServices;
 use celery_scale_redis::RedisQueueSource;
 use celery_scale_sqs::SqsQueueSource;
 
 use crate::config::{DaemonBinding, DaemonConfig, ScalerConfig, SourceConfig};
+use crate::leader::LeaderElection;
 
 /// The shared AWS handles the bindings need (none when no binding uses that service).
 #[derive(Debug, Default)]
@@ -110,12 +114,14 @@ fn missing(section: &str, kind: &str) -> Error {
 }
 
 /// A factory that builds binding `b` (its loop settings with `dry_run` forced on when asked,
-/// its policy, source and scaler), feeding `sink`, if any, with every record.
+/// its policy, source and scaler), feeding `sink`, if any, with every record. With `leader`
+/// (the section and this copy's holder name) the binding acts only while it holds its lease.
 pub fn factory(
     backends: Arc<Backends>,
     b: &DaemonBinding,
     dry_run: bool,
     sink: Option<Arc<dyn DecisionSink>>,
+    leader: Option<(LeaderElection, String)>,
 ) -> BindingFactory {
     let b = b.clone();
     Arc::new(move || {
@@ -134,7 +140,15 @@ pub fn factory(
         let scaler = backends
             .scaler(&b.scaler)
             .map_err(|e| context(e, &at("scaler")))?;
-        let binding = Binding::new(settings, source, scaler, policy)?;
+        let mut binding = Binding::new(settings.clone(), source, scaler, policy)?;
+        if let Some((election, holder)) = &leader {
+            let store = election
+                .store(&settings.name, &b.source, holder)
+                .map_err(|e| context(e, &at("leader_election")))?;
+            let config = b.policy.clone();
+            let fresh: PolicyFactory = Arc::new(move || config.build());
+            binding = binding.with_leadership(Leadership::new(store), fresh);
+        }
         Ok(match &sink {
             Some(sink) => binding.with_sink(Arc::clone(sink)),
             None => binding,

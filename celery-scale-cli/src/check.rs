@@ -18,7 +18,8 @@ pub async fn check(path: &Path, warmup: Duration, json: bool) -> Result<(), Fail
     let (config, backends) = load(path).await?;
     let mut bindings = Vec::with_capacity(config.bindings.len());
     for b in &config.bindings {
-        let build = backends::factory(Arc::clone(&backends), b, true, None);
+        // No lease: a check must never take the lease from, or keep it away from, a running copy.
+        let build = backends::factory(Arc::clone(&backends), b, true, None, None);
         bindings.push(build().map_err(|e| Failure::Setup(e.to_string()))?);
     }
     // The feeds warm up in the background together: one deadline for all of them.

@@ -124,6 +124,9 @@ pub struct DaemonConfig {
     /// an SQS source reads its queues afresh every tick).
     #[serde(default)]
     pub aws: AwsSettings,
+    /// Several copies, one acting per binding (optional: without it this copy acts alone).
+    #[serde(default)]
+    pub leader_election: Option<crate::leader::LeaderElection>,
     /// The bindings.
     pub bindings: Vec<DaemonBinding>,
 }
@@ -152,6 +155,13 @@ impl DaemonConfig {
     /// Checks every section; errors name the path (`bindings[1].source.url`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.aws.validate().map_err(|e| e.within("aws"))?;
+        if let Some(l) = &self.leader_election {
+            l.validate(
+                self.bindings
+                    .iter()
+                    .map(|b| (b.settings.name.as_str(), &b.source)),
+            )?;
+        }
         let bindings = Config {
             bindings: self.bindings.clone(),
         };

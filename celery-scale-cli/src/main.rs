@@ -13,6 +13,7 @@
 mod backends;
 mod check;
 mod config;
+mod leader;
 mod logging;
 mod serve;
 mod simulate;
@@ -198,6 +199,14 @@ async fn run(
         }
         None => None,
     };
+    let leader = config.leader_election.clone().map(|l| {
+        let holder = l
+            .holder
+            .clone()
+            .unwrap_or_else(celery_scale_core::lease::holder_name);
+        tracing::info!(%holder, lease = %humantime::format_duration(l.lease), "leader election on: acting on a binding only while holding its lease");
+        (l, holder)
+    });
     let mut autoscaler = Autoscaler::new();
     for b in &config.bindings {
         health.register(&b.settings.name, b.settings.interval, b.settings.timeout);
@@ -206,6 +215,7 @@ async fn run(
             b,
             dry_run,
             Some(Arc::clone(&health) as _),
+            leader.clone(),
         );
         autoscaler = autoscaler
             .with_restartable_binding(factory)

@@ -156,7 +156,7 @@ pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "celery_scale_decisions_total",
-        "Ticks of a binding, by outcome (unchanged, set, would_set, set_failed, held)"
+        "Ticks of a binding, by outcome (unchanged, set, would_set, set_failed, held, follower)"
     );
     describe_histogram!(
         "celery_scale_tick_duration_seconds",
@@ -197,6 +197,10 @@ pub fn describe_metrics() {
     describe_gauge!(
         "celery_scale_running_units",
         "Units the target reported running at the last tick; NaN when capacity could not be read"
+    );
+    describe_gauge!(
+        "celery_scale_leader",
+        "With [leader_election]: 1 while this copy holds the binding's lease and acts, 0 while another copy does, NaN while the lease store cannot be asked"
     );
     describe_counter!(
         "celery_scale_errors_total",

@@ -382,7 +382,16 @@ impl Binding {
                     (Some(l), Some(term)) => l.lease.may_act(term),
                     (Some(_), None) => false,
                 };
-                if let Some(protection) = self.scaler.protection().filter(|_| may_act(self)) {
+                // A leader about to change the target asks the store once more first: a lease
+                // already given to another copy is found out now, not at the next renewal.
+                let about_to_act = self.scaler.protection().is_some() || to != units.desired;
+                let confirmed = match (&self.leadership, leading) {
+                    (Some(l), Some(term)) if about_to_act && !self.settings.dry_run => {
+                        l.lease.confirm(term, self.settings.timeout).await
+                    }
+                    _ => may_act(self),
+                };
+                if let Some(protection) = self.scaler.protection().filter(|_| confirmed) {
                     let (protected, held_to) = protect_units(
                         protection,
                         &self.settings,
@@ -399,7 +408,7 @@ impl Binding {
                 }
                 record.desired_units = Some(to);
                 record.decision = Some(decision);
-                record.outcome = if !may_act(self) {
+                record.outcome = if !(confirmed && may_act(self)) {
                     Outcome::Follower {
                         why: follower_why(record.leadership.as_ref(), units.desired, to),
                     }

@@ -243,6 +243,17 @@ impl Leadership {
                 .is_some_and(|t| Instant::now() + self.act_margin() < t)
     }
 
+    /// Asks the store once more, now, and says whether a call that changes the target may
+    /// start in `term` (see [`may_act`](Self::may_act)). The loop asks this right before it
+    /// sets capacity or protection: a lease the store already gave to another copy (a RabbitMQ
+    /// connection closed under us, a Redis key lost in a failover) is found out then, not at
+    /// the next renewal. Costs one round trip per change of the target.
+    pub async fn confirm(&self, term: u64, timeout: Duration) -> bool {
+        let timeout = timeout.min(self.store.period() / 3);
+        Self::ask(self.store.as_ref(), &self.state, timeout).await;
+        self.may_act(term)
+    }
+
     /// The record of `role`.
     pub fn record(&self, role: &Role) -> LeadershipRecord {
         let holder = self.store.holder().to_string();
@@ -378,6 +389,13 @@ impl MemoryLeaseStore {
             .as_ref()
             .filter(|(_, until)| Instant::now() < *until)
             .map(|(h, _)| h.clone())
+    }
+
+    /// Gives the lease to `holder` now, whoever held it (as a broker does that drops the
+    /// holder's connection while another copy is asking).
+    pub fn hand_to(&self, holder: &str) {
+        let until = Instant::now() + self.period;
+        self.lock().holder = Some((holder.to_string(), until));
     }
 
     /// How many requests were granted.

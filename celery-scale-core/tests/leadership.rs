@@ -388,3 +388,32 @@ async fn a_new_leader_starts_as_a_fresh_loop_and_never_scales_in_on_its_first_ti
     let waited = Instant::now() - promoted;
     assert!(waited >= window, "scaled in {waited:?} after leading");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_asks_the_store_before_it_sets_so_a_lease_taken_under_it_stops_it() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(0);
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(Duration::ZERO),
+    );
+    queue.publish_n("celery", 10);
+    assert_eq!(role(&a.tick().await), "leader");
+    assert_eq!(scaler.desired(), 2);
+    // The store gives the lease to `b` (a RabbitMQ connection closed under `a`): `a` still
+    // counts itself leader until its next renewal, but asks before it sets.
+    store.hand_to("b");
+    queue.publish_n("celery", 30);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = a.tick().await;
+    assert!(
+        matches!(r.outcome, Outcome::Follower { .. }),
+        "{:?}",
+        r.outcome
+    );
+    assert_eq!(scaler.sets().len(), 1, "{:?}", scaler.sets());
+    assert_eq!(role(&a.tick().await), "follower");
+}

@@ -1,7 +1,8 @@
 //! A TCP proxy a test controls: cut it off (every connection dropped, the port closed, as a
-//! restart or a lost network does), bring it back on the same port, and count the requests of
-//! one kind that went through it (a byte pattern in what clients sent, such as an AWS
-//! `X-Amz-Target`).
+//! restart does) and bring it back on the same port; stall it (every connection kept open and
+//! nothing forwarded, as a paused process or a black-holed network does) and resume; and count
+//! the requests of one kind that went through it (a byte pattern in what clients sent, such as
+//! an AWS `X-Amz-Target`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ pub struct Proxy {
     pub port: u16,
     upstream: String,
     watch: Option<Arc<Watch>>,
+    stalled: tokio::sync::watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -45,18 +47,32 @@ impl Proxy {
             .await
             .expect("bind a proxy port");
         let port = listener.local_addr().expect("the proxy's address").port();
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let mut p = Proxy {
             port,
             upstream: upstream.to_string(),
             watch,
+            stalled,
             task: None,
         };
         p.task = Some(tokio::spawn(serve(
             listener,
             p.upstream.clone(),
             p.watch.clone(),
+            p.stalled.subscribe(),
         )));
         p
+    }
+
+    /// Stops forwarding, both ways, on every connection (new ones are accepted and stalled
+    /// too); the sockets stay open and a close is not passed on.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwards again (what was held back is delivered).
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     /// When clients sent the watched pattern, in order.
@@ -87,6 +103,7 @@ impl Proxy {
             listener,
             self.upstream.clone(),
             self.watch.clone(),
+            self.stalled.subscribe(),
         )));
     }
 }
@@ -97,66 +114,79 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve(listener: TcpListener, upstream: String, watch: Option<Arc<Watch>>) {
+async fn serve(
+    listener: TcpListener,
+    upstream: String,
+    watch: Option<Arc<Watch>>,
+    stalled: tokio::sync::watch::Receiver<bool>,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
+        let Ok((inbound, _)) = listener.accept().await else {
             continue;
         };
         let upstream = upstream.clone();
         let watch = watch.clone();
+        let stalled = stalled.clone();
         conns.spawn(async move {
-            let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+            let Ok(outbound) = TcpStream::connect(&upstream).await else {
                 return;
             };
-            match watch {
-                None => {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-                Some(watch) => {
-                    let (mut from_client, mut to_client) = inbound.split();
-                    let (mut from_server, mut to_server) = outbound.split();
-                    let up = forward_watching(&mut from_client, &mut to_server, &watch);
-                    let down = tokio::io::copy(&mut from_server, &mut to_client);
-                    tokio::select! {
-                        _ = up => {}
-                        _ = down => {}
-                    }
-                }
-            }
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::join!(
+                pipe(in_read, out_write, stalled.clone(), watch),
+                pipe(out_read, in_write, stalled, None)
+            );
         });
     }
 }
 
-/// Copies `from` to `to`, noting each occurrence of the watched pattern (also across reads).
-async fn forward_watching(
-    from: &mut (impl AsyncReadExt + Unpin),
-    to: &mut (impl AsyncWriteExt + Unpin),
-    watch: &Watch,
-) -> std::io::Result<()> {
+/// Copies `from` to `to` except while stalled, noting each occurrence of the watched pattern
+/// (also across reads).
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+    watch: Option<Arc<Watch>>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut tail: Vec<u8> = Vec::new();
-    let keep = watch.pattern.len().saturating_sub(1);
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
         }
-        let mut window = std::mem::take(&mut tail);
-        window.extend_from_slice(&buf[..n]);
-        let found = window
-            .windows(watch.pattern.len().max(1))
-            .filter(|w| *w == watch.pattern.as_slice())
-            .count();
-        if found > 0 {
-            let now = Instant::now();
-            watch
-                .hits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(std::iter::repeat_n(now, found));
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(watch) = &watch {
+            let keep = watch.pattern.len().saturating_sub(1);
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            let found = window
+                .windows(watch.pattern.len().max(1))
+                .filter(|w| *w == watch.pattern.as_slice())
+                .count();
+            if found > 0 {
+                let now = Instant::now();
+                watch
+                    .hits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(std::iter::repeat_n(now, found));
+            }
+            tail = window[window.len().saturating_sub(keep)..].to_vec();
         }
-        tail = window[window.len().saturating_sub(keep)..].to_vec();
-        to.write_all(&buf[..n]).await?;
+        // Read while the stall began: held back until it ends.
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    if stalled.wait_for(|s| !*s).await.is_ok() {
+        let _ = to.shutdown().await;
     }
 }
