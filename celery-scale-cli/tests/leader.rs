@@ -85,6 +85,47 @@ fn all_sets(copies: &[Copy]) -> Vec<(Instant, usize)> {
     all
 }
 
+/// Three copies of the daemon on the configuration at `path`, each with its own AWS proxy.
+fn start_copies(
+    s: &Services,
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    dir: &TempDir,
+) -> Vec<Copy> {
+    let moto_hostport = s
+        .moto
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut copies = Vec::new();
+    for i in 0..3 {
+        let aws = rt.block_on(Proxy::watching(&moto_hostport, UPDATE_SERVICE));
+        let metrics = format!("127.0.0.1:{}", celery_scale_testing::free_port());
+        let mut env = s.aws_env();
+        env.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+        env.push(("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", aws.port)));
+        env.push(("RUST_LOG", "info".into()));
+        let daemon = Daemon::start(
+            Path::new(BIN),
+            &[
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+                "--listen",
+                &metrics,
+            ],
+            &env,
+            &dir.join(&format!("daemon-{i}.log")),
+        );
+        copies.push(Copy {
+            daemon,
+            metrics,
+            aws,
+        });
+    }
+    copies
+}
+
 #[test]
 fn one_copy_acts_through_kill_stop_store_loss_and_shutdown() {
     let Some(s) = Services::get() else { return };
@@ -95,11 +136,6 @@ fn one_copy_acts_through_kill_stop_store_loss_and_shutdown() {
     let redis_hostport = s
         .redis
         .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
-    let moto_hostport = s
-        .moto
-        .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
     let mut store = rt.block_on(Proxy::start(&redis_hostport));
@@ -134,32 +170,7 @@ heartbeats = false
     )
     .unwrap();
 
-    let mut copies = Vec::new();
-    for i in 0..3 {
-        let aws = rt.block_on(Proxy::watching(&moto_hostport, UPDATE_SERVICE));
-        let metrics = format!("127.0.0.1:{}", celery_scale_testing::free_port());
-        let mut env = s.aws_env();
-        env.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
-        env.push(("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", aws.port)));
-        env.push(("RUST_LOG", "info".into()));
-        let daemon = Daemon::start(
-            Path::new(BIN),
-            &[
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-                "--listen",
-                &metrics,
-            ],
-            &env,
-            &dir.join(&format!("daemon-{i}.log")),
-        );
-        copies.push(Copy {
-            daemon,
-            metrics,
-            aws,
-        });
-    }
+    let mut copies = start_copies(&s, &rt, &path, &dir);
     let broker = s.redis_db(0);
     let backlog = |n: u32| publish(&s.python, &broker, &queue, n, 0.0);
     let target = &target;
@@ -297,4 +308,99 @@ heartbeats = false
         "sets per copy: {:?}",
         copies.iter().map(|c| c.sets().len()).collect::<Vec<_>>()
     );
+}
+
+/// The same on RabbitMQ, whose lease is an exclusive queue: kill -9 of the leader mid-burst and
+/// a clean shutdown hand over; only the leader sets.
+#[test]
+fn amqp_copies_hand_over_on_kill_and_on_shutdown() {
+    let Some(s) = Services::get() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let queue = unique("cli-leader-amqp");
+    let namespace = unique("cli-leader-");
+    let target = MotoTarget::ecs(&s, "cli-leader-amqp");
+    let dir = TempDir::new("cli-leader-amqp");
+    let path = dir.join("celery-scale.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[leader_election]
+lease = "4s"
+namespace = "{namespace}"
+
+[[bindings]]
+loop = {{ name = "leased", interval = "1s", timeout = "2s" }}
+policy = {{ kind = "target_backlog", messages_per_worker = 5.0, max_workers = 40, stabilize_down = "2m", scale_to_zero_after = "2m" }}
+
+[bindings.source]
+kind = "amqp"
+url = "{amqp}"
+queues = ["{queue}"]
+heartbeats = false
+
+[bindings.scaler]
+{scaler}"#,
+            amqp = s.amqp,
+            scaler = target.scaler_toml(1),
+        ),
+    )
+    .unwrap();
+    let mut copies = start_copies(&s, &rt, &path, &dir);
+    let backlog = |n: u32| publish(&s.python, &s.amqp, &queue, n, 0.0);
+    let target = &target;
+    let desired_at_least = |n: u64| move || target.desired() >= n;
+
+    let first = sole_leader(&copies, &[0, 1, 2], Duration::from_secs(30));
+    backlog(10);
+    wait_until(
+        "the leader scales out to 2",
+        Duration::from_secs(30),
+        desired_at_least(2),
+        &copies,
+    );
+    copies[first].daemon.signal("KILL");
+    let killed = Instant::now();
+    backlog(10);
+    let alive: Vec<usize> = (0..3).filter(|i| *i != first).collect();
+    let second = sole_leader(
+        &copies,
+        &alive,
+        Duration::from_secs(8) * 2 + Duration::from_secs(2),
+    );
+    eprintln!("amqp takeover after kill -9: {:?}", killed.elapsed());
+    wait_until(
+        "the new leader scales out to 4",
+        Duration::from_secs(30),
+        desired_at_least(4),
+        &copies,
+    );
+    let other = alive.iter().copied().find(|i| *i != second).unwrap();
+    assert!(
+        copies[other].sets().is_empty(),
+        "a follower set: {:?}",
+        copies[other].sets()
+    );
+    let status = copies[second].daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let stopped = Instant::now();
+    wait_until(
+        "the last copy leads after a clean shutdown",
+        Duration::from_secs(4),
+        || copies[other].leader() == Some(1.0),
+        &copies,
+    );
+    eprintln!(
+        "amqp handover after a clean shutdown: {:?}",
+        stopped.elapsed()
+    );
+    let status = copies[other].daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let _ = std::process::Command::new(&s.python)
+        .current_dir(celery_scale_testing::celery_dir())
+        .env("CELERY_SCALE_TEST_BROKER", &s.amqp)
+        .args([
+            "-c",
+            &format!("from app import app\nwith app.connection_for_write() as c:\n    c.default_channel.queue_delete({queue:?})"),
+        ])
+        .output();
 }
