@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 /// Longest name EC2 Auto Scaling accepts for a group.
 const MAX_GROUP_NAME: usize = 255;
 
+/// The most worker processes one instance may say it runs
+/// ([`AutoScalingGroupConfig::workers_per_instance`]): 1024, already far more Celery pool
+/// processes than one instance sensibly runs. A larger value is a typo, and would make one unit
+/// of capacity stand for that many workers.
+pub const MAX_WORKERS_PER_INSTANCE: u32 = 1024;
+
 fn default_workers_per_instance() -> u32 {
     1
 }
@@ -34,7 +40,7 @@ pub struct AutoScalingGroupConfig {
     /// The group's name (`AutoScalingGroupName`).
     pub group_name: String,
     /// Celery worker processes one instance runs (its `--concurrency`, times the workers
-    /// started per instance). Default 1.
+    /// started per instance): 1 to [`MAX_WORKERS_PER_INSTANCE`]. Default 1.
     #[serde(default = "default_workers_per_instance")]
     pub workers_per_instance: u32,
     /// Pass `HonorCooldown = true` to `SetDesiredCapacity`, so a set during the group's cooldown
@@ -102,6 +108,16 @@ impl AutoScalingGroupConfig {
                 "must be at least 1",
             ));
         }
+        if self.workers_per_instance > MAX_WORKERS_PER_INSTANCE {
+            return Err(ConfigError::new(
+                "workers_per_instance",
+                format!(
+                    "{} is above the maximum {MAX_WORKERS_PER_INSTANCE} (Celery processes per \
+                     instance)",
+                    self.workers_per_instance
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -140,5 +156,18 @@ mod tests {
             on,
             AutoScalingGroupConfig::new("a").protect_busy_units(true)
         );
+    }
+
+    #[test]
+    fn workers_per_instance_is_bounded() {
+        let at = |n: u32| AutoScalingGroupConfig::new("g").workers_per_instance(n);
+        at(1).validate().unwrap();
+        at(MAX_WORKERS_PER_INSTANCE).validate().unwrap();
+        for n in [0, MAX_WORKERS_PER_INSTANCE + 1, 4_000_000_000] {
+            let e = at(n).validate().unwrap_err();
+            assert_eq!(e.field, "workers_per_instance", "{n}: {e}");
+        }
+        let e = at(4_000_000_000).validate().unwrap_err();
+        assert!(e.rule.contains("above the maximum 1024"), "{e}");
     }
 }

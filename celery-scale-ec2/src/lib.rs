@@ -6,7 +6,7 @@ mod error;
 mod groups;
 mod scaler;
 
-pub use config::AutoScalingGroupConfig;
+pub use config::{AutoScalingGroupConfig, MAX_WORKERS_PER_INSTANCE};
 pub use error::{BACKEND, Ec2Error};
 pub use groups::{
     AutoScalingGroups, GroupInstance, GroupSnapshot, INSTANCES_PER_PROTECTION_CALL, NAMES_PER_CALL,

@@ -9,7 +9,7 @@ pub use error::{BACKEND, EcsError, TaskFailure};
 pub use protection::{TASKS_PER_DESCRIBE, TASKS_PER_GET_PROTECTION, TASKS_PER_UPDATE_PROTECTION};
 pub use services::{
     DEFAULT_PROTECTION_EXPIRES_IN, EcsCalls, EcsServiceConfig, EcsServiceScaler, EcsServices,
-    MAX_PROTECTION_EXPIRES_IN, SERVICES_PER_CALL,
+    MAX_PROTECTION_EXPIRES_IN, MAX_WORKERS_PER_TASK, SERVICES_PER_CALL,
 };
 
 /// The shared AWS layer this crate is built on: its settings, start-up errors, classified call

@@ -22,6 +22,11 @@ use crate::error::{DESCRIBE_SERVICES, UPDATE_SERVICE, classify, code_of};
 /// Services per `DescribeServices` call (the API's limit).
 pub const SERVICES_PER_CALL: usize = 10;
 
+/// The most worker processes one task may say it runs ([`EcsServiceConfig::workers_per_task`]):
+/// 1024, already far more Celery pool processes than one task sensibly runs. A larger value is
+/// a typo, and would make one unit of capacity stand for that many workers.
+pub const MAX_WORKERS_PER_TASK: u32 = 1024;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -34,7 +39,8 @@ pub struct EcsServiceConfig {
     pub cluster: String,
     /// Service name or ARN.
     pub service: String,
-    /// Celery worker processes per task (the worker's `--concurrency`).
+    /// Celery worker processes per task (the worker's `--concurrency`): 1 to
+    /// [`MAX_WORKERS_PER_TASK`].
     #[serde(default, deserialize_with = "workers_per_task")]
     pub workers_per_task: WorkersPerUnit,
     /// Whether the loop protects the tasks whose workers execute Celery tasks from scale-in
@@ -62,8 +68,7 @@ fn default_protection_expires_in() -> Duration {
 
 fn workers_per_task<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WorkersPerUnit, D::Error> {
     let n = u32::deserialize(d)?;
-    WorkersPerUnit::new(n)
-        .ok_or_else(|| serde::de::Error::custom("workers_per_task: must be at least 1"))
+    WorkersPerUnit::new(n).ok_or_else(|| serde::de::Error::custom("must be at least 1"))
 }
 
 impl EcsServiceConfig {
@@ -92,11 +97,25 @@ impl EcsServiceConfig {
         i32::try_from(self.protection_expires_in.as_secs() / 60).unwrap_or(i32::MAX)
     }
 
-    /// Sets the worker processes per task (at least 1).
+    /// Sets the worker processes per task (1 to [`MAX_WORKERS_PER_TASK`]).
     pub fn workers_per_task(mut self, n: u32) -> Result<Self, ConfigError> {
         self.workers_per_task = WorkersPerUnit::new(n)
             .ok_or_else(|| ConfigError::new("workers_per_task", "must be at least 1"))?;
+        self.check_workers_per_task()?;
         Ok(self)
+    }
+
+    fn check_workers_per_task(&self) -> Result<(), ConfigError> {
+        let n = self.workers_per_task.get();
+        if n > MAX_WORKERS_PER_TASK {
+            return Err(ConfigError::new(
+                "workers_per_task",
+                format!(
+                    "{n} is above the maximum {MAX_WORKERS_PER_TASK} (Celery processes per task)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the fields (names relative to this struct).
@@ -107,6 +126,7 @@ impl EcsServiceConfig {
         if self.service.trim().is_empty() {
             return Err(ConfigError::new("service", "must not be empty"));
         }
+        self.check_workers_per_task()?;
         let expires = self.protection_expires_in;
         if expires < Duration::from_secs(60) || expires > MAX_PROTECTION_EXPIRES_IN {
             return Err(ConfigError::new(
@@ -551,6 +571,33 @@ mod tests {
                 .field,
             "workers_per_task"
         );
+    }
+
+    #[test]
+    fn workers_per_task_is_bounded() {
+        let at = |n: u32| {
+            toml::from_str::<EcsServiceConfig>(&format!(
+                "cluster = \"p\"\nservice = \"w\"\nworkers_per_task = {n}\n"
+            ))
+            .unwrap()
+        };
+        at(MAX_WORKERS_PER_TASK).validate().unwrap();
+        for n in [MAX_WORKERS_PER_TASK + 1, 4_000_000_000] {
+            let e = at(n).validate().unwrap_err();
+            assert_eq!(e.field, "workers_per_task", "{e}");
+            assert!(e.rule.contains("above the maximum 1024"), "{e}");
+            let e = EcsServiceConfig::new("p", "w")
+                .workers_per_task(n)
+                .unwrap_err();
+            assert_eq!(e.field, "workers_per_task", "{e}");
+        }
+        // Through the configuration parser the zero check names the field once.
+        let e = celery_scale_core::config::parse_toml::<EcsServiceConfig>(
+            "cluster = \"p\"\nservice = \"w\"\nworkers_per_task = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "workers_per_task", "{e}");
+        assert!(e.rule.starts_with("must be at least 1"), "{e}");
     }
 
     #[test]
