@@ -946,6 +946,31 @@ impl Autoscaler {
     }
 }
 
+/// While a binding's task is down (rebuilding after a failure, or lost), nothing it last
+/// reported is data we have: every figure gauge of the binding is set to NaN and
+/// `celery_scale_observation_fresh` / `celery_scale_worker_figures_known` to 0 (a frozen gauge
+/// reads as a fact). Its next tick, once rebuilt, sets them again.
+fn mark_binding_down(binding: &str) {
+    let labels = [("binding", binding.to_string())];
+    for gauge in [
+        "celery_scale_ready_messages",
+        "celery_scale_in_flight_messages",
+        "celery_scale_executing_tasks",
+        "celery_scale_live_workers",
+        "celery_scale_desired_workers",
+        "celery_scale_desired_units",
+        "celery_scale_running_units",
+    ] {
+        metrics::gauge!(gauge, &labels).set(f64::NAN);
+    }
+    for gauge in [
+        "celery_scale_observation_fresh",
+        "celery_scale_worker_figures_known",
+    ] {
+        metrics::gauge!(gauge, &labels).set(0.0);
+    }
+}
+
 /// Runs one binding until `cancel`, rebuilding it after each abnormal end; returns the failures
 /// and, when it could not be brought back, the binding's name.
 async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<String>) {
@@ -968,6 +993,7 @@ async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<St
         failures += 1;
         metrics::counter!("celery_scale_binding_failures_total", "binding" => slot.name.clone())
             .increment(1);
+        mark_binding_down(&slot.name);
         let Some(factory) = slot.factory.clone() else {
             tracing::error!(binding = %slot.name, error = %e, "a binding's task ended abnormally and cannot be rebuilt");
             return (failures, Some(slot.name));
