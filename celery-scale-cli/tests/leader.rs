@@ -192,6 +192,9 @@ heartbeats = false
             "copy {i} sets: {:?}",
             c.sets()
         );
+        // Followers are ready too (they observe and read capacity): a deployment rolls.
+        let ready = http_get(&c.metrics, "/readyz").map(|(code, _)| code);
+        assert_eq!(ready, Some(200), "copy {i}");
     }
 
     // 2. kill -9 the leader mid-burst: another copy leads within two lease periods and sets.
