@@ -316,7 +316,24 @@ impl AmqpLease {
         }
     }
 
+    /// Takes or extends the lease. Whenever this holder had the lease and the link that owned
+    /// the queue failed or was dropped, the reply is [`LeaseReply::Lost`] (the broker deletes
+    /// the queue with the connection), unless the lease was taken again in the same call; a
+    /// lease taken afresh is [`LeaseReply::Taken`] (the broker cannot tell whether the previous
+    /// holder gave it up).
     async fn acquire_inner(&self) -> Result<LeaseReply, AmqpSourceError> {
+        let mut lost = None;
+        let reply = self.acquire_link(&mut lost).await;
+        match (reply, lost) {
+            (Err(e), Some(why)) => Ok(LeaseReply::Lost {
+                why: format!("{why}: {e}"),
+            }),
+            (Ok(LeaseReply::HeldByOther { .. }), Some(why)) => Ok(LeaseReply::Lost { why }),
+            (reply, _) => reply,
+        }
+    }
+
+    async fn acquire_link(&self, lost: &mut Option<String>) -> Result<LeaseReply, AmqpSourceError> {
         let mut slot = self.link.lock().await;
         if let Some(link) = slot.as_ref() {
             let broken = link.busy
@@ -325,6 +342,7 @@ impl AmqpLease {
             if broken {
                 if link.owner.is_some() {
                     tracing::warn!(url = %self.brokers.current_broker(), lease = %self.queue, "the lease connection failed: the lease is lost; connecting again");
+                    *lost = Some("the connection that owned the lock queue failed".into());
                 }
                 self.discard(&mut slot);
             }
@@ -345,10 +363,13 @@ impl AmqpLease {
                 }
                 Ok(Err(e)) => {
                     self.discard(&mut slot);
+                    *lost = Some("the renewal failed and the owning connection was closed".into());
                     Err(self.declare_error("queue.declare(passive)", e))
                 }
                 Err(_) => {
                     self.discard(&mut slot);
+                    *lost =
+                        Some("the renewal timed out and the owning connection was closed".into());
                     Err(self.timeout("lease renewal"))
                 }
             };
@@ -395,7 +416,7 @@ impl AmqpLease {
             Ok(Ok((channel, Ok(_)))) => {
                 link.owner = Some(channel);
                 link.busy = false;
-                Ok(LeaseReply::Held)
+                Ok(LeaseReply::Taken)
             }
             Ok(Ok((_, Err(e)))) => {
                 if matches!(

@@ -35,8 +35,13 @@ fn lease(amqp: &str, name: &str, period: Duration, holder: &str) -> AmqpLease {
     AmqpLease::new(&config(amqp), name, period, holder).unwrap()
 }
 
+/// The store's reply, with a lease taken afresh ([`LeaseReply::Taken`]: RabbitMQ cannot tell
+/// whether the previous holder gave it up) shown as held: these tests are about who holds it.
 async fn reply(lease: &AmqpLease) -> LeaseReply {
-    lease.acquire().await.expect("the lease store answers")
+    match lease.acquire().await.expect("the lease store answers") {
+        LeaseReply::Taken => LeaseReply::Held,
+        other => other,
+    }
 }
 
 /// The lock queue as the management API shows it.
@@ -98,7 +103,9 @@ async fn one_of_two_holders_gets_it_and_extends_it() {
     let period = Duration::from_secs(4);
     let a = lease(&amqp, &name, period, "holder-a");
     let b = lease(&amqp, &name, period, "holder-b");
-    assert_eq!(reply(&a).await, LeaseReply::Held);
+    // Taken afresh, then extended.
+    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Taken);
+    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Held);
     assert_eq!(reply(&b).await, LeaseReply::HeldByOther { holder: None });
     for _ in 0..3 {
         sleep(Duration::from_millis(200)).await;
@@ -170,8 +177,9 @@ async fn a_closed_or_dropped_owner_hands_over_within_the_period() {
         || async {
             match a.acquire().await {
                 Ok(LeaseReply::HeldByOther { .. }) => Some(()),
-                Ok(LeaseReply::Held) => panic!("a holds a lease that b holds"),
-                Err(_) => None,
+                Ok(LeaseReply::Held | LeaseReply::Taken) => panic!("a holds a lease that b holds"),
+                // First it hears that its own lease is gone.
+                Ok(LeaseReply::Lost { .. }) | Err(_) => None,
             }
         },
     )
@@ -229,7 +237,8 @@ async fn silent_holder(amqp: &str, mgmt: &Mgmt, period: Duration) -> Duration {
             loop {
                 sleep(period / 3).await;
                 let r = match tokio::time::timeout(period / 2, a.acquire()).await {
-                    Ok(Ok(LeaseReply::Held)) => Seen::Held,
+                    Ok(Ok(LeaseReply::Held | LeaseReply::Taken)) => Seen::Held,
+                    Ok(Ok(LeaseReply::Lost { why })) => Seen::Failed(why),
                     Ok(Ok(LeaseReply::HeldByOther { .. })) => Seen::Other,
                     Ok(Err(e)) => {
                         let typed = std::error::Error::source(&e)
@@ -248,8 +257,8 @@ async fn silent_holder(amqp: &str, mgmt: &Mgmt, period: Duration) -> Duration {
     let granted = loop {
         let sent = Instant::now();
         match reply(&b).await {
-            LeaseReply::Held => break Instant::now(),
-            LeaseReply::HeldByOther { .. } => last_refused = sent,
+            LeaseReply::Held | LeaseReply::Taken => break Instant::now(),
+            LeaseReply::HeldByOther { .. } | LeaseReply::Lost { .. } => last_refused = sent,
         }
         assert!(
             stalled_at.elapsed() < 3 * heartbeat + Duration::from_secs(5),
@@ -296,9 +305,11 @@ async fn silent_holder(amqp: &str, mgmt: &Mgmt, period: Duration) -> Duration {
         Duration::from_secs(15),
         || async {
             match a.acquire().await {
-                Ok(LeaseReply::Held) => panic!("the old holder says Held while b holds it"),
+                Ok(LeaseReply::Held | LeaseReply::Taken) => {
+                    panic!("the old holder says Held while b holds it")
+                }
                 Ok(LeaseReply::HeldByOther { .. }) => Some(()),
-                Err(_) => None,
+                Ok(LeaseReply::Lost { .. }) | Err(_) => None,
             }
         },
     )

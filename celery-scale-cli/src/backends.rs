@@ -141,7 +141,8 @@ pub fn factory(
             .scaler(&b.scaler)
             .map_err(|e| context(e, &at("scaler")))?;
         let mut binding = Binding::new(settings.clone(), source, scaler, policy)?;
-        if let Some((election, holder)) = &leader {
+        // A binding that runs dry takes no lease (it would keep it from a copy that acts).
+        if let Some((election, holder)) = leader.as_ref().filter(|_| !settings.dry_run) {
             let store = election
                 .store(&settings.name, &b.source, holder)
                 .map_err(|e| context(e, &at("leader_election")))?;

@@ -44,7 +44,9 @@ pub struct LeaderElection {
     /// binding reads SQS.
     #[serde(default)]
     pub redis_url: Option<SecretUrl>,
-    /// This copy's name as other copies see it (default: host, process id and start time).
+    /// This copy's name as other copies see it (default: the host and start time). A process
+    /// id and a random number are always added, so copies that share this setting never share
+    /// a lease.
     #[serde(default)]
     pub holder: Option<String>,
 }
@@ -84,19 +86,48 @@ impl LeaderElection {
                 "must be at most 100 characters",
             ));
         }
-        if self.redis_url.is_none()
-            && let Some((name, _)) = sources
-                .into_iter()
-                .find(|(_, s)| matches!(s, SourceConfig::Sqs(_)))
+        if let Some(url) = &self.redis_url
+            && url.expose().contains(';')
         {
             return Err(ConfigError::new(
                 "leader_election.redis_url",
-                format!(
-                    "binding {name:?} reads SQS, which holds no lease: name a Redis for the leases"
-                ),
+                "a failover list of independent servers cannot hold one lease (two copies could each hold it on a different server): name one Redis, or Sentinel",
             ));
         }
+        if self.redis_url.is_some() {
+            return Ok(());
+        }
+        for (name, source) in sources {
+            match source {
+                SourceConfig::Sqs(_) => {
+                    return Err(ConfigError::new(
+                        "leader_election.redis_url",
+                        format!(
+                            "binding {name:?} reads SQS, which holds no lock: name a Redis for the leases"
+                        ),
+                    ));
+                }
+                SourceConfig::Redis(c) if c.url.expose().contains(';') => {
+                    return Err(ConfigError::new(
+                        "leader_election.redis_url",
+                        format!(
+                            "binding {name:?} reads a Redis failover list, whose servers are independent: two copies could each hold the lease on a different one; name one Redis (or Sentinel) for the leases"
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// This copy's holder name: the configured one or the host and start time, with the
+    /// process id and a random number.
+    pub fn holder_name(&self) -> String {
+        match &self.holder {
+            Some(h) => format!("{h}:{}", celery_scale_core::lease::holder_suffix()),
+            None => celery_scale_core::lease::holder_name(),
+        }
     }
 
     /// The lease of binding `name` reading `source`, held as `holder` (no I/O yet).
@@ -138,5 +169,107 @@ impl LeaderElection {
                 "required for SQS bindings",
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::DaemonConfig;
+
+    const BASE: &str = r#"
+[leader_election]
+lease = "15s"
+
+[[bindings]]
+loop = { name = "emails" }
+source = { kind = "redis", url = "redis://h:6379/0", queues = ["emails"] }
+scaler = { kind = "ecs", cluster = "prod", service = "workers" }
+"#;
+
+    fn error(text: &str) -> String {
+        DaemonConfig::parse(text, false).unwrap_err().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_redis_binding_takes_its_lease_on_its_broker() {
+        let c = DaemonConfig::parse(BASE, false).unwrap();
+        let l = c.leader_election.unwrap();
+        assert_eq!(l.lease, std::time::Duration::from_secs(15));
+        let store = l.store("emails", &c.bindings[0].source, "me").unwrap();
+        assert!(
+            store.describe().contains("celery-scale:leader:emails"),
+            "{}",
+            store.describe()
+        );
+    }
+
+    #[test]
+    fn mistakes_name_the_field() {
+        for (from, to, field) in [
+            ("lease = \"15s\"", "lease = \"1s\"", "leader_election.lease"),
+            (
+                "lease = \"15s\"",
+                "lease = \"11m\"",
+                "leader_election.lease",
+            ),
+            (
+                "lease = \"15s\"",
+                "holder = \" \"",
+                "leader_election.holder",
+            ),
+            ("lease = \"15s\"", "lease_period = \"15s\"", "lease_period"),
+            (
+                "url = \"redis://h:6379/0\"",
+                "url = \"redis://a:6379/0;redis://b:6379/0\"",
+                "leader_election.redis_url",
+            ),
+            (
+                "lease = \"15s\"",
+                "redis_url = \"redis://a:6379/0;redis://b:6379/0\"",
+                "leader_election.redis_url",
+            ),
+        ] {
+            let e = error(&BASE.replace(from, to));
+            assert!(e.contains(field), "{to}: {e}");
+        }
+        let long = format!("namespace = \"{}\"", "n".repeat(101));
+        assert!(
+            error(&BASE.replace("lease = \"15s\"", &long)).contains("leader_election.namespace")
+        );
+    }
+
+    #[tokio::test]
+    async fn sqs_bindings_need_a_redis_for_their_leases() {
+        let sqs = BASE.replace(
+            "source = { kind = \"redis\", url = \"redis://h:6379/0\", queues = [\"emails\"] }",
+            "source = { kind = \"sqs\", url = \"sqs://\", queues = [\"emails\"] }",
+        );
+        let e = error(&sqs);
+        assert!(
+            e.contains("leader_election.redis_url") && e.contains("SQS"),
+            "{e}"
+        );
+        let with_store = sqs.replace("lease = \"15s\"", "redis_url = \"redis://lease:6379/0\"");
+        let c = DaemonConfig::parse(&with_store, false).unwrap();
+        let store = c
+            .leader_election
+            .unwrap()
+            .store("emails", &c.bindings[0].source, "me")
+            .unwrap();
+        assert!(
+            store.describe().contains("lease:6379"),
+            "{}",
+            store.describe()
+        );
+    }
+
+    #[test]
+    fn copies_sharing_a_configured_holder_name_get_their_own() {
+        let c = DaemonConfig::parse(&BASE.replace("lease = \"15s\"", "holder = \"web\""), false)
+            .unwrap();
+        let l = c.leader_election.unwrap();
+        let (a, b) = (l.holder_name(), l.holder_name());
+        assert!(a.starts_with("web:") && b.starts_with("web:"), "{a} {b}");
+        assert_ne!(a, b);
     }
 }

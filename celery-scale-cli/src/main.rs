@@ -199,14 +199,19 @@ async fn run(
         }
         None => None,
     };
-    let leader = config.leader_election.clone().map(|l| {
-        let holder = l
-            .holder
-            .clone()
-            .unwrap_or_else(celery_scale_core::lease::holder_name);
-        tracing::info!(%holder, lease = %humantime::format_duration(l.lease), "leader election on: acting on a binding only while holding its lease");
-        (l, holder)
-    });
+    // A dry run never takes a lease: it would keep the lease from a copy that acts.
+    let leader = match (&config.leader_election, dry_run) {
+        (Some(_), true) => {
+            tracing::info!("dry run: no lease is taken (leader_election ignored)");
+            None
+        }
+        (Some(l), false) => {
+            let holder = l.holder_name();
+            tracing::info!(%holder, lease = %humantime::format_duration(l.lease), "leader election on: acting on a binding only while holding its lease");
+            Some((l.clone(), holder))
+        }
+        (None, _) => None,
+    };
     let mut autoscaler = Autoscaler::new();
     for b in &config.bindings {
         health.register(&b.settings.name, b.settings.interval, b.settings.timeout);

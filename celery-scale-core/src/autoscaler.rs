@@ -401,7 +401,21 @@ impl Binding {
                         to,
                         wall,
                     )
+                let act_time = |b: &Self| -> Option<Duration> {
+                    match (&b.leadership, leading) {
+                        (None, _) => Some(b.settings.timeout),
+                        (Some(l), Some(term)) => l.lease.time_left(term),
+                        (Some(_), None) => None,
+                    }
+                };
                     .await;
+                    let leadership = self.leadership.as_ref().map(|l| &l.lease);
+                    let timeout = self.settings.timeout;
+                    let act = move || match (leadership, leading) {
+                        (None, _) => Some(timeout),
+                        (Some(l), Some(term)) => l.time_left(term),
+                        (Some(_), None) => None,
+                    };
                     had_transient |= protected.as_ref().is_some_and(|p| p.transient);
                     record.protection = protected;
                     to = held_to;
@@ -410,7 +424,8 @@ impl Binding {
                 record.decision = Some(decision);
                 record.outcome = if !(confirmed && may_act(self)) {
                     Outcome::Follower {
-                        why: follower_why(record.leadership.as_ref(), units.desired, to),
+                        &act,
+                        why: follower_why(record.leadership.as_ref(), waiting, units.desired, to),
                     }
                 } else if to == units.desired {
                     Outcome::Unchanged { units: to }
@@ -419,8 +434,23 @@ impl Binding {
                         from: units.desired,
                         to,
                     }
+                    let waiting = self
+                        .leadership
+                        .as_ref()
+                        .and_then(|l| l.lease.waiting_until())
+                        .map(|t| t.saturating_duration_since(Instant::now()));
                 } else {
-                    match self.timed("set_desired", self.scaler.set_desired(to)).await {
+                    // The call ends by the lease's deadline (with several copies): a copy
+                    // whose lease passed must not still be changing the target.
+                    let limit = act_time(self).unwrap_or(Duration::ZERO);
+                    let call = tokio::time::timeout(
+                        self.settings.timeout.min(limit),
+                        self.scaler.set_desired(to),
+                    );
+                    match call
+                        .await
+                        .unwrap_or_else(|_| Err(Error::timeout("set_desired", limit)))
+                    {
                         Ok(out) => Outcome::Set {
                             from: units.desired,
                             to,
@@ -558,6 +588,7 @@ async fn protect_units(
     // Often enough to renew protection that expires before it does.
     let renew = protection.renew_within();
     let every = if renew.is_zero() {
+    act_time: &(dyn Fn() -> Option<Duration> + Sync),
         PROTECTION_RECHECK
     } else {
         PROTECTION_RECHECK.min(renew / 2)
@@ -657,6 +688,17 @@ async fn protect_units(
             let failure = failed(&format!("cannot {verb} {}", ids.join(", ")), &e);
             record.error = failure.error;
             record.error_kind = failure.error_kind;
+        // Each call that changes the target checks the lease (with several copies) and ends by
+        // its deadline.
+        let Some(limit) = act_time() else {
+            record.error = Some(format!(
+                "the lease ran out before {verb}ing {}",
+                ids.join(", ")
+            ));
+            record.transient = true;
+            return (Some(record), held);
+        };
+        let timeout = timeout.min(limit);
             record.transient = failure.transient;
             // A busy unit may be unprotected: no scale-in this tick.
             let to = if protect { held } else { to };
@@ -700,7 +742,12 @@ fn mark_unheard_units(obs: &mut crate::Observation, running_units: u32) {
 }
 
 /// Why a follower set nothing this tick.
-fn follower_why(leadership: Option<&crate::lease::LeadershipRecord>, from: u32, to: u32) -> String {
+fn follower_why(
+    leadership: Option<&crate::lease::LeadershipRecord>,
+    waiting: Option<Duration>,
+    from: u32,
+    to: u32,
+) -> String {
     let would = if from == to {
         format!("would keep {to}")
     } else {
@@ -715,7 +762,16 @@ fn follower_why(leadership: Option<&crate::lease::LeadershipRecord>, from: u32, 
             "no lease held, the lease store cannot be asked ({}); {would}",
             l.error.as_deref().unwrap_or("unknown error")
         ),
-        _ => format!("the lease ran out before acting; {would}"),
+        _ => match waiting {
+            Some(w) => format!(
+                "leading a new term, acting in {}: the previous holder's lease ran out and it may \
+                 have changed the target until then; {would}",
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(w.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ),
+            None => format!("the lease ran out before acting; {would}"),
+        },
     }
 }
 
@@ -973,6 +1029,9 @@ fn mark_binding_down(binding: &str) {
 
 /// Runs one binding until `cancel`, rebuilding it after each abnormal end; returns the failures
 /// and, when it could not be brought back, the binding's name.
+    // Whether this copy leads is unknown too (for a binding without leader election the
+    // series then exists, NaN, which reads as "not known").
+    metrics::gauge!("celery_scale_leader", &labels).set(f64::NAN);
 async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<String>) {
     const FIRST_BACKOFF: Duration = Duration::from_secs(1);
     let mut failures = 0u32;

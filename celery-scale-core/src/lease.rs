@@ -20,6 +20,12 @@
 //! - **Terms.** Each time the lease is taken afresh (not extended) the term grows. The loop
 //!   starts a new term like a fresh loop: a new policy, which assumes the most, so a new leader
 //!   never scales in on its first ticks.
+//! - **No two copies act within one period.** The previous holder may start a call until 0.65
+//!   of the period after its last granted renewal and each call is cut off at its deadline, so
+//!   a lease the store hands over because the previous one *ran out* ([`LeaseReply::Taken`])
+//!   lets the new term act only 0.65 of a period after it was granted: a copy's last change of
+//!   the target and another copy's first are at least a period apart. A lease given up on a
+//!   clean shutdown ([`LeaseReply::Held`]) is acted on at once.
 //! - **Losing the store** is a fault like any other: renewals fail, the lease runs out within
 //!   one period, and nobody acts until a store grants a lease again.
 
@@ -37,12 +43,23 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseReply {
     /// This holder has the lease for the store's period, counted from when the request was
-    /// sent.
+    /// sent: it already had it, or took it from a holder that gave it up.
     Held,
+    /// This holder took the lease for the store's period because the previous holder's ran
+    /// out (or the store cannot tell whether it was given up): the previous holder may have
+    /// started a change of the target up to 0.65 of a period before, so the new term waits
+    /// that long before it acts.
+    Taken,
     /// Another holder has it.
     HeldByOther {
         /// Who, when the store can tell.
         holder: Option<String>,
+    },
+    /// The store knows this holder's lease is gone (its RabbitMQ connection closed, so the
+    /// broker deleted the lock), though it could not ask who holds it now.
+    Lost {
+        /// Why.
+        why: String,
     },
 }
 
@@ -53,6 +70,9 @@ pub enum LeaseReply {
 pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     /// Takes the lease when nobody holds it, or extends it when this holder does: one round
     /// trip. Must be safe to repeat (a retried request of the holder extends its own lease).
+    /// An `Err` means the store could not be asked and, as far as this holder knows, its lease
+    /// stands until it runs out; a store that knows the lease is gone says
+    /// [`LeaseReply::Lost`].
     async fn acquire(&self) -> Result<LeaseReply, Error>;
     /// Gives the lease up when this holder has it (a clean shutdown hands over at once).
     async fn release(&self) -> Result<(), Error>;
@@ -103,6 +123,11 @@ pub struct LeadershipRecord {
 struct State {
     /// Until when the lease is ours (monotonic).
     held_until: Option<Instant>,
+    /// When the current term may start acting (see [`LeaseReply::Taken`]).
+    act_from: Option<Instant>,
+    /// When the newest request whose reply was applied was sent: a reply to an older one
+    /// arriving late is ignored.
+    last_sent: Option<Instant>,
     term: u64,
     /// Who else holds it, from the last reply.
     other: Option<Option<String>>,
@@ -121,7 +146,7 @@ impl State {
 pub struct Leadership {
     store: Arc<dyn LeaseStore>,
     state: Arc<Mutex<State>>,
-    keeper: Mutex<Option<CancellationToken>>,
+    keeper: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Leadership {
@@ -163,13 +188,24 @@ impl Leadership {
             Err(_) => Err(Error::timeout("lease", timeout)),
         };
         let mut s = Self::lock(state);
+        if s.last_sent.is_some_and(|last| last > sent) {
+            // A newer request's reply was applied already.
+            return;
+        }
+        s.last_sent = Some(sent);
+        let period = store.period();
         match reply {
-            Ok(LeaseReply::Held) => {
-                if !s.held(Instant::now()) {
+            Ok(reply @ (LeaseReply::Held | LeaseReply::Taken)) => {
+                let now = Instant::now();
+                if !s.held(now) {
                     s.term += 1;
-                    tracing::info!(holder = store.holder(), lease = %store.describe(), term = s.term, "lease taken: leading");
+                    s.act_from = match reply {
+                        LeaseReply::Taken => Some(now + Self::previous_horizon(period)),
+                        _ => None,
+                    };
+                    tracing::info!(holder = store.holder(), lease = %store.describe(), term = s.term, after_expiry = matches!(reply, LeaseReply::Taken), "lease taken: leading");
                 }
-                s.held_until = Some(sent + Self::validity(store.period()));
+                s.held_until = Some(sent + Self::validity(period));
                 s.other = None;
                 s.error = None;
             }
@@ -179,6 +215,13 @@ impl Leadership {
                 }
                 s.other = Some(holder);
                 s.error = None;
+            }
+            Ok(LeaseReply::Lost { why }) => {
+                if s.held_until.take().is_some() {
+                    tracing::warn!(holder = store.holder(), lease = %store.describe(), why = %why, "lease lost: not acting");
+                }
+                s.other = None;
+                s.error = Some(format!("lease lost: {why}"));
             }
             Err(e) => {
                 if s.error.is_none() {
@@ -190,25 +233,35 @@ impl Leadership {
         }
     }
 
+    /// How long after its last granted renewal a previous holder may still have started a
+    /// change of the target: its validity less the act margin.
+    fn previous_horizon(period: Duration) -> Duration {
+        Self::validity(period).saturating_sub(period / 4)
+    }
+
     fn start_keeper(&self) {
         let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
         if keeper.is_some() {
             return;
         }
         let cancel = CancellationToken::new();
-        *keeper = Some(cancel.clone());
+        let token = cancel.clone();
         let store = Arc::clone(&self.store);
         let state = Arc::clone(&self.state);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let every = (store.period() / 3).max(Duration::from_millis(10));
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(every) => {}
                 }
-                Self::ask(store.as_ref(), &state, every).await;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = Self::ask(store.as_ref(), &state, every) => {}
+                }
             }
         });
+        *keeper = Some((token, task));
     }
 
     /// The role for this tick: a process that does not hold the lease asks the store now
@@ -235,12 +288,33 @@ impl Leadership {
     }
 
     /// Whether a call that changes the target may start now in `term`: the lease is still held
-    /// in that term with at least a quarter of its period left.
+    /// in that term with at least a quarter of its period left, and the term may act already
+    /// (see [`LeaseReply::Taken`]).
     pub fn may_act(&self, term: u64) -> bool {
+        let now = Instant::now();
         let s = Self::lock(&self.state);
         s.term == term
-            && s.held_until
-                .is_some_and(|t| Instant::now() + self.act_margin() < t)
+            && s.act_from.is_none_or(|t| now >= t)
+            && s.held_until.is_some_and(|t| now + self.act_margin() < t)
+    }
+
+    /// How long a call that changes the target may run in `term`: until the lease's deadline.
+    /// `None` when it may not start.
+    pub fn time_left(&self, term: u64) -> Option<Duration> {
+        if !self.may_act(term) {
+            return None;
+        }
+        let s = Self::lock(&self.state);
+        s.held_until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// When the current term may start acting, if it is still waiting for the previous
+    /// holder's lease to pass.
+    pub fn waiting_until(&self) -> Option<Instant> {
+        Self::lock(&self.state)
+            .act_from
+            .filter(|t| Instant::now() < *t)
     }
 
     /// Asks the store once more, now, and says whether a call that changes the target may
@@ -282,10 +356,13 @@ impl Leadership {
         }
     }
 
-    /// Stops renewing and gives the lease up when held (bounded by `timeout`).
+    /// Stops renewing (waiting, bounded by `timeout`, for a renewal in flight) and gives the
+    /// lease up when held (bounded by `timeout`).
     pub async fn release(&self, timeout: Duration) {
-        if let Some(cancel) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((cancel, task)) = keeper {
             cancel.cancel();
+            let _ = tokio::time::timeout(timeout, task).await;
         }
         let held = Self::lock(&self.state).held_until.take().is_some();
         if held {
@@ -306,19 +383,34 @@ impl Leadership {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
-        if let Some(cancel) = self
+        if let Some((cancel, task)) = self
             .keeper
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
             cancel.cancel();
+            task.abort();
         }
     }
 }
 
-/// A name for this process as a lease holder: host, process id and start time, unique across
-/// the copies of a daemon.
+/// A suffix that makes a holder name this process's own (process id and a random number), so
+/// copies given the same configured name never share a lease.
+pub fn holder_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{}-{:08x}", std::process::id(), h.finish() as u32)
+}
+
+/// A name for this process as a lease holder: host, process id, start time and a random
+/// number, unique across the copies of a daemon.
 pub fn holder_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -330,7 +422,7 @@ pub fn holder_name() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() % 1_000_000)
         .unwrap_or(0);
-    format!("{host}:{}:{started}", std::process::id())
+    format!("{host}:{started}:{}", holder_suffix())
 }
 
 /// A lease store in memory, shared by the [`Leadership`]s of one process (for tests and the
@@ -346,6 +438,8 @@ pub struct MemoryLeaseStore {
 #[derive(Debug)]
 struct MemoryLease {
     holder: Option<(String, Instant)>,
+    /// Whether the last holder gave the lease up (rather than letting it run out).
+    released: bool,
     reachable: bool,
     grants: u64,
 }
@@ -356,6 +450,7 @@ impl MemoryLeaseStore {
         MemoryLeaseStore {
             shared: Arc::new(Mutex::new(MemoryLease {
                 holder: None,
+                released: true,
                 reachable: true,
                 grants: 0,
             })),
@@ -395,7 +490,9 @@ impl MemoryLeaseStore {
     /// holder's connection while another copy is asking).
     pub fn hand_to(&self, holder: &str) {
         let until = Instant::now() + self.period;
-        self.lock().holder = Some((holder.to_string(), until));
+        let mut s = self.lock();
+        s.holder = Some((holder.to_string(), until));
+        s.released = false;
     }
 
     /// How many requests were granted.
@@ -420,10 +517,16 @@ impl LeaseStore for MemoryLeaseStore {
             Some((h, until)) if *h != self.holder && now < *until => Ok(LeaseReply::HeldByOther {
                 holder: Some(h.clone()),
             }),
-            _ => {
+            current => {
+                let reply = match current {
+                    Some((h, until)) if *h == self.holder && now < *until => LeaseReply::Held,
+                    _ if s.released => LeaseReply::Held,
+                    _ => LeaseReply::Taken,
+                };
                 s.holder = Some((self.holder.clone(), now + self.period));
+                s.released = false;
                 s.grants += 1;
-                Ok(LeaseReply::Held)
+                Ok(reply)
             }
         }
     }
@@ -439,6 +542,7 @@ impl LeaseStore for MemoryLeaseStore {
         }
         if s.holder.as_ref().is_some_and(|(h, _)| *h == self.holder) {
             s.holder = None;
+            s.released = true;
         }
         Ok(())
     }

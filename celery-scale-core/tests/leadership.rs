@@ -114,20 +114,36 @@ async fn exactly_one_copy_acts_and_a_follower_takes_over_within_two_periods() {
     drop(a);
     let died = Instant::now();
     queue.publish_n("celery", 40);
+    let mut led_at = None;
     let took_over = loop {
         let r = b.tick().await;
         if role(&r) == "leader" {
-            assert!(matches!(r.outcome, Outcome::Set { .. }), "{:?}", r.outcome);
-            break Instant::now();
+            led_at.get_or_insert(Instant::now());
+            if matches!(r.outcome, Outcome::Set { .. }) {
+                break Instant::now();
+            }
+            // The lease ran out under `a`: the new term waits out `a`'s horizon first.
+            assert!(
+                matches!(&r.outcome, Outcome::Follower { why } if why.contains("acting in")),
+                "{:?}",
+                r.outcome
+            );
+        } else {
+            assert!(!matches!(r.outcome, Outcome::Set { .. }));
         }
-        assert!(!matches!(r.outcome, Outcome::Set { .. }));
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let after = took_over - died;
     assert!(after <= PERIOD * 2, "took over after {after:?}");
+    // `a` last set before it died; `b`'s first set comes a lease period after `a`'s last
+    // renewal or later.
+    let sets = scaler.sets();
+    let gap = sets[sets.len() - 1].0 - sets[sets.len() - 2].0;
+    assert!(gap >= PERIOD, "sets by two copies {gap:?} apart");
+    let waited = took_over - led_at.unwrap();
     assert!(
-        after >= PERIOD / 2,
-        "took over while the old lease ran: {after:?}"
+        waited >= PERIOD.mul_f64(0.6),
+        "acted {waited:?} after taking an expired lease"
     );
     assert_eq!(store.current_holder().as_deref(), Some("b"));
 }
@@ -153,7 +169,15 @@ async fn a_clean_close_hands_over_within_one_tick() {
     assert_eq!(role(&b.tick().await), "follower");
     a.close().await;
     assert_eq!(store.current_holder(), None);
-    assert_eq!(role(&b.tick().await), "leader");
+    // A lease given up is acted on at once (no horizon to wait out).
+    queue.publish_n("celery", 10);
+    let r = b.tick().await;
+    assert_eq!(role(&r), "leader");
+    assert!(
+        matches!(r.outcome, Outcome::Set { to: 2, .. }),
+        "{:?}",
+        r.outcome
+    );
 }
 
 /// A lease store whose calls hang while `frozen` (a process paused by SIGSTOP sends nothing).
@@ -260,9 +284,15 @@ async fn a_leader_whose_lease_ran_out_mid_tick_sets_nothing_and_steps_down() {
     tokio::time::sleep(PERIOD + Duration::from_secs(1)).await;
     let rb = b.tick().await;
     assert_eq!(role(&rb), "leader", "{:?}", rb.outcome);
-    assert_eq!(memory.desired(), 6);
-    frozen.store(false, Ordering::SeqCst);
+    // `b` took a lease that ran out: it acts once `a`'s horizon has passed.
+    while memory.desired() != 6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.tick().await;
+    }
+    // `a` resumes and finishes its tick while its store is still cut off (its renewals and
+    // its last check before setting get no answer): its own deadline alone stops it.
     let (mut a, ra) = paused.await.unwrap();
+    frozen.store(false, Ordering::SeqCst);
     assert!(
         matches!(&ra.outcome, Outcome::Follower { why } if why.contains("ran out")),
         "{:?}",
@@ -327,15 +357,19 @@ async fn nobody_acts_while_the_lease_store_is_lost() {
     let before = scaler.desired();
     assert!(before < 20, "{before}");
 
-    // The store returns: a leader is elected again and acts.
+    // The store returns: a leader is elected again and acts (once the lease that ran out
+    // under the store's loss is a horizon behind).
     store.set_reachable(true);
-    let (ra, rb) = (a.tick().await, b.tick().await);
-    let roles = [role(&ra), role(&rb)];
-    assert_eq!(
-        roles.iter().filter(|r| **r == "leader").count(),
-        1,
-        "{roles:?}"
-    );
+    for _ in 0..10 {
+        let (ra, rb) = (a.tick().await, b.tick().await);
+        let roles = [role(&ra), role(&rb)];
+        assert_eq!(
+            roles.iter().filter(|r| **r == "leader").count(),
+            1,
+            "{roles:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     assert_eq!(scaler.desired(), 20);
 }
 

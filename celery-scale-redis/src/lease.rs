@@ -2,9 +2,12 @@
 //! whose value names the holder and whose expiry is the lease's period.
 //!
 //! Taking and extending are one Lua script (one round trip, atomic on the server): `SET ... PX`
-//! when the key is missing, `PEXPIRE` when it names this holder, and the current holder
-//! otherwise. Giving up deletes the key only when it still names this holder. Both are safe to
-//! repeat, so a command resent after a lost connection does no harm. The key lives on the
+//! when the key is missing or empty, `PEXPIRE` when it names this holder, and the current holder
+//! otherwise. Giving up empties the key (for one more period) only when it still names this
+//! holder: a copy that finds it empty knows the lease was given up, not run out, and acts at
+//! once; one that finds it missing waits out the previous holder's horizon
+//! ([`LeaseReply::Taken`]). Both are safe to repeat, so a command resent after a lost connection
+//! does no harm. The key lives on the
 //! server the source reads (the master, with Sentinel); a Sentinel failover that loses the key
 //! before it reached the new master lets another copy take the lease at once, and the old
 //! holder then finds it taken at its next renewal (within a third of the period).
@@ -20,21 +23,25 @@ use redis::Script;
 use crate::RedisSourceError;
 use crate::connect::Connector;
 
+/// Replies `{1, holder}` extended, `{2, holder}` taken from nobody (run out), `{3, holder}`
+/// taken after a give-up, `{0, other}` held by another.
 const TAKE_OR_EXTEND: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {1, ARGV[1]}
-elseif v == ARGV[1] then
+if v == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, v}
+elseif v == false or v == '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if v == false then return {2, ARGV[1]} end
+  return {3, ARGV[1]}
 end
 return {0, v}
 ";
 
 const GIVE_UP: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], '', 'PX', ARGV[2])
+  return 1
 end
 return 0
 ";
@@ -43,9 +50,14 @@ return 0
 /// anyone with access to the database).
 const MAX_HOLDER_SHOWN: usize = 200;
 
-/// A lease on one Redis key (see the [module docs](self)); made by
-/// [`RedisQueueSource::lease`](crate::RedisQueueSource::lease), sharing the source's
-/// connection.
+/// A leader lease on one Redis key, made by
+/// [`RedisQueueSource::lease`](crate::RedisQueueSource::lease) on the source's connection.
+///
+/// One Lua script takes the key when it is missing or empty (`SET ... PX`), extends it when it
+/// names this holder (`PEXPIRE`), and returns the holder otherwise; another empties it (for one
+/// more period) only when it still names this holder, so the next copy knows the lease was
+/// given up and acts at once, while one that finds the key missing (run out) waits out the
+/// previous holder's horizon. Both are one atomic round trip and safe to resend.
 pub struct RedisLease {
     conn: Arc<Connector>,
     url: String,
@@ -123,8 +135,10 @@ impl LeaseStore for RedisLease {
             })
             .await
             .map_err(|e| self.error(e))?;
+        let ours = reply.1 == self.holder.as_bytes();
         Ok(match reply {
-            (1, holder) if holder == self.holder.as_bytes() => LeaseReply::Held,
+            (1 | 3, _) if ours => LeaseReply::Held,
+            (2, _) if ours => LeaseReply::Taken,
             (_, holder) => LeaseReply::HeldByOther {
                 holder: Some(shown_holder(&holder)),
             },
@@ -132,11 +146,12 @@ impl LeaseStore for RedisLease {
     }
 
     async fn release(&self) -> Result<(), Error> {
+        let ms = self.period_ms();
         let _: i64 = self
             .conn
             .run(|mut c| {
                 let mut call = self.give_up.key(&self.key);
-                call.arg(&self.holder);
+                call.arg(&self.holder).arg(ms);
                 async move { call.invoke_async(&mut c).await }
             })
             .await

@@ -35,7 +35,8 @@ async fn one_holder_at_a_time_extended_released_and_expired() {
     let a = lease(&url, &key, "a", period);
     let b = lease(&url, &key, "b", period);
 
-    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Held);
+    // A key nobody held: taken, as after a lease that ran out.
+    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Taken);
     assert_eq!(
         b.acquire().await.unwrap(),
         LeaseReply::HeldByOther {
@@ -62,12 +63,14 @@ async fn one_holder_at_a_time_extended_released_and_expired() {
         b.acquire().await.unwrap(),
         LeaseReply::HeldByOther { .. }
     ));
+    // Given up, it is taken as given up (acted on at once).
     a.release().await.unwrap();
     assert_eq!(b.acquire().await.unwrap(), LeaseReply::Held);
+    assert_eq!(b.acquire().await.unwrap(), LeaseReply::Held);
 
-    // Not extended, `b`'s lease ends with its period and `a` takes it.
+    // Not extended, `b`'s lease ends with its period and `a` takes it as run out.
     tokio::time::sleep(period + Duration::from_millis(200)).await;
-    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Held);
+    assert_eq!(a.acquire().await.unwrap(), LeaseReply::Taken);
     assert!(matches!(
         b.acquire().await.unwrap(),
         LeaseReply::HeldByOther { .. }
