@@ -391,7 +391,21 @@ impl Binding {
                     }
                     _ => may_act(self),
                 };
+                let act_time = |b: &Self| -> Option<Duration> {
+                    match (&b.leadership, leading) {
+                        (None, _) => Some(b.settings.timeout),
+                        (Some(l), Some(term)) => l.lease.time_left(term),
+                        (Some(_), None) => None,
+                    }
+                };
                 if let Some(protection) = self.scaler.protection().filter(|_| confirmed) {
+                    let leadership = self.leadership.as_ref().map(|l| &l.lease);
+                    let timeout = self.settings.timeout;
+                    let act = move || match (leadership, leading) {
+                        (None, _) => Some(timeout),
+                        (Some(l), Some(term)) => l.time_left(term),
+                        (Some(_), None) => None,
+                    };
                     let (protected, held_to) = protect_units(
                         protection,
                         &self.settings,
@@ -400,22 +414,9 @@ impl Binding {
                         units.desired,
                         to,
                         wall,
+                        &act,
                     )
-                let act_time = |b: &Self| -> Option<Duration> {
-                    match (&b.leadership, leading) {
-                        (None, _) => Some(b.settings.timeout),
-                        (Some(l), Some(term)) => l.lease.time_left(term),
-                        (Some(_), None) => None,
-                    }
-                };
                     .await;
-                    let leadership = self.leadership.as_ref().map(|l| &l.lease);
-                    let timeout = self.settings.timeout;
-                    let act = move || match (leadership, leading) {
-                        (None, _) => Some(timeout),
-                        (Some(l), Some(term)) => l.time_left(term),
-                        (Some(_), None) => None,
-                    };
                     had_transient |= protected.as_ref().is_some_and(|p| p.transient);
                     record.protection = protected;
                     to = held_to;
@@ -423,8 +424,12 @@ impl Binding {
                 record.desired_units = Some(to);
                 record.decision = Some(decision);
                 record.outcome = if !(confirmed && may_act(self)) {
+                    let waiting = self
+                        .leadership
+                        .as_ref()
+                        .and_then(|l| l.lease.waiting_until())
+                        .map(|t| t.saturating_duration_since(Instant::now()));
                     Outcome::Follower {
-                        &act,
                         why: follower_why(record.leadership.as_ref(), waiting, units.desired, to),
                     }
                 } else if to == units.desired {
@@ -434,11 +439,6 @@ impl Binding {
                         from: units.desired,
                         to,
                     }
-                    let waiting = self
-                        .leadership
-                        .as_ref()
-                        .and_then(|l| l.lease.waiting_until())
-                        .map(|t| t.saturating_duration_since(Instant::now()));
                 } else {
                     // The call ends by the lease's deadline (with several copies): a copy
                     // whose lease passed must not still be changing the target.
@@ -578,6 +578,7 @@ async fn protect_units(
     current: u32,
     to: u32,
     wall: SystemTime,
+    act_time: &(dyn Fn() -> Option<Duration> + Sync),
 ) -> (Option<crate::protection::ProtectionRecord>, u32) {
     use crate::protection::{ProtectionRecord, plan};
     let now = Instant::now();
@@ -588,7 +589,6 @@ async fn protect_units(
     // Often enough to renew protection that expires before it does.
     let renew = protection.renew_within();
     let every = if renew.is_zero() {
-    act_time: &(dyn Fn() -> Option<Duration> + Sync),
         PROTECTION_RECHECK
     } else {
         PROTECTION_RECHECK.min(renew / 2)
@@ -678,16 +678,6 @@ async fn protect_units(
             continue;
         }
         let verb = if protect { "protect" } else { "release" };
-        let error =
-            match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some(Error::timeout(verb, timeout)),
-            };
-        if let Some(e) = error {
-            let failure = failed(&format!("cannot {verb} {}", ids.join(", ")), &e);
-            record.error = failure.error;
-            record.error_kind = failure.error_kind;
         // Each call that changes the target checks the lease (with several copies) and ends by
         // its deadline.
         let Some(limit) = act_time() else {
@@ -699,6 +689,16 @@ async fn protect_units(
             return (Some(record), held);
         };
         let timeout = timeout.min(limit);
+        let error =
+            match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(Error::timeout(verb, timeout)),
+            };
+        if let Some(e) = error {
+            let failure = failed(&format!("cannot {verb} {}", ids.join(", ")), &e);
+            record.error = failure.error;
+            record.error_kind = failure.error_kind;
             record.transient = failure.transient;
             // A busy unit may be unprotected: no scale-in this tick.
             let to = if protect { held } else { to };
@@ -1019,6 +1019,9 @@ fn mark_binding_down(binding: &str) {
     ] {
         metrics::gauge!(gauge, &labels).set(f64::NAN);
     }
+    // Whether this copy leads is unknown too (for a binding without leader election the
+    // series then exists, NaN, which reads as "not known").
+    metrics::gauge!("celery_scale_leader", &labels).set(f64::NAN);
     for gauge in [
         "celery_scale_observation_fresh",
         "celery_scale_worker_figures_known",
@@ -1029,9 +1032,6 @@ fn mark_binding_down(binding: &str) {
 
 /// Runs one binding until `cancel`, rebuilding it after each abnormal end; returns the failures
 /// and, when it could not be brought back, the binding's name.
-    // Whether this copy leads is unknown too (for a binding without leader election the
-    // series then exists, NaN, which reads as "not known").
-    metrics::gauge!("celery_scale_leader", &labels).set(f64::NAN);
 async fn supervise(mut slot: Slot, cancel: CancellationToken) -> (u32, Option<String>) {
     const FIRST_BACKOFF: Duration = Duration::from_secs(1);
     let mut failures = 0u32;
