@@ -60,6 +60,7 @@ fn decision_cost(c: &mut Criterion) {
                     pending: 0,
                 },
                 now,
+                wall: std::time::SystemTime::UNIX_EPOCH,
             };
             black_box(decide_guarded(policy.as_mut(), black_box(&input)))
         })

@@ -41,6 +41,9 @@ enum Experiment {
     Holdout,
     Worlds,
     Startups,
+    RentOrBuy,
+    Schedule,
+    Frontier,
 }
 
 #[derive(Debug, Parser)]
@@ -498,6 +501,202 @@ fn startups() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Candidate policies against the four baselines on the suite and the holdout traces, seed by
+/// seed: traces where each dominates every baseline, total worker-seconds, p95 sum, misses.
+fn compare(
+    title: &str,
+    candidates: &[(&str, PolicyConfig)],
+    seeds: &[u64],
+) -> Result<(), Box<dyn std::error::Error>> {
+    println!("== {title}: per set and seed, traces dominated / total worker-s / p95 sum; misses");
+    for set in ["suite", "holdout"] {
+        // Per candidate: (dominated, runs, worker-s, p95 sum, misses).
+        let mut totals = vec![(0u32, 0u32, 0.0f64, 0.0f64, Vec::new()); candidates.len()];
+        for &seed in seeds {
+            let sim = Simulator::new(report::world(seed));
+            let traces = if set == "suite" {
+                suite::suite(seed)
+            } else {
+                holdout_traces(seed)
+            };
+            for (name, t) in &traces {
+                let theirs: Vec<Summary> =
+                    baselines(&sim, t)?.into_iter().map(|(_, s)| s).collect();
+                for (total, (_, config)) in totals.iter_mut().zip(candidates) {
+                    let s = sim.run(t, config.build()?)?.summary;
+                    total.1 += 1;
+                    total.2 += s.worker_seconds;
+                    total.3 += s.wait_p95_s;
+                    if dominates(&s, &theirs) {
+                        total.0 += 1;
+                    } else {
+                        total.4.push(format!(
+                            "{seed}:{name} {:.0}/{:.0}",
+                            s.worker_seconds, s.wait_p95_s
+                        ));
+                    }
+                }
+            }
+        }
+        for ((label, _), (won, runs, cost, p95, misses)) in candidates.iter().zip(&totals) {
+            println!(
+                "{set:<8} {label:<34} dominates {won:>2}/{runs} worker-s {cost:>10.0} p95 sum {p95:>8.0} s  misses {}",
+                misses.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn rent_or_buy(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
+    let candidates = [
+        ("default", default_policy()),
+        (
+            "rent_or_buy (start-up measured)",
+            PolicyConfig {
+                rent_or_buy: true,
+                ..default_policy()
+            },
+        ),
+        (
+            "rent_or_buy (start-up 60 s)",
+            PolicyConfig {
+                rent_or_buy: true,
+                worker_startup: Some(Duration::from_secs(60)),
+                ..default_policy()
+            },
+        ),
+    ];
+    compare("rent-or-buy", &candidates, seeds)
+}
+
+/// A known daily peak: three days from Monday 00:00 UTC (the simulator's default wall clock) of
+/// 0.05 task/s, and every day from 09:00 to 09:20 UTC 5 tasks/s; tasks of 5-15 s.
+fn morning_rush(seed: u64) -> Trace {
+    Trace::from_rate(
+        Duration::from_secs(3 * 24 * 3600),
+        seed * 100 + 50,
+        "celery",
+        |t| {
+            let of_day = t % 86_400.0;
+            if (9.0 * 3600.0..9.0 * 3600.0 + 1200.0).contains(&of_day) {
+                5.0
+            } else {
+                0.05
+            }
+        },
+        suite::uniform(5.0, 15.0),
+    )
+}
+
+fn schedule(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "== schedule: morning_rush (3 days, 5 tasks/s of 5-15 s every day 09:00-09:20 UTC), worker-s / p95 wait s; * = dominates every baseline"
+    );
+    // What a user who knows the peak writes: from a start-up before it to its end, the peak's
+    // work rate (5 tasks/s x 10 s) as the floor.
+    let floor = |from: &str| celery_scale::config::ScheduleConfig {
+        days: "daily".into(),
+        from: from.into(),
+        to: "09:20".into(),
+        tz: "UTC".into(),
+        min_workers: 50,
+    };
+    let candidates = [
+        ("default", default_policy()),
+        (
+            "schedule 08:59-09:20 50",
+            PolicyConfig {
+                schedule: vec![floor("08:59")],
+                ..default_policy()
+            },
+        ),
+        (
+            "schedule 09:00-09:20 50",
+            PolicyConfig {
+                schedule: vec![floor("09:00")],
+                ..default_policy()
+            },
+        ),
+    ];
+    for &seed in seeds {
+        let sim = Simulator::new(report::world(seed));
+        let t = morning_rush(seed);
+        let mut line = format!("seed {seed}");
+        let mut theirs = Vec::new();
+        for (policy, s) in baselines(&sim, &t)? {
+            line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
+            theirs.push(s);
+        }
+        for (label, config) in &candidates {
+            let s = sim.run(&t, config.build()?)?.summary;
+            line += &format!(
+                " | {label} {:.0} / {:.0}{}",
+                s.worker_seconds,
+                s.wait_p95_s,
+                if dominates(&s, &theirs) { " *" } else { "" }
+            );
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Where dominance fails (seed 1): each policy with its own knob swept, worker-s / p95 wait s.
+fn frontier() -> Result<(), Box<dyn std::error::Error>> {
+    println!("== frontier (seed 1): worker-s / p95 wait s, each policy's own knob swept");
+    let sim = Simulator::new(report::world(1));
+    let max = report::MAX_WORKERS;
+    for name in ["diurnal", "spike_50x", "ten_minute_tasks", "trickle"] {
+        let t = trace(1, name);
+        let mut points: Vec<(String, Box<dyn celery_scale::policy::ScalingPolicy>)> = Vec::new();
+        for per_worker in [2.0, 3.0, 4.0, 5.0, 8.0] {
+            let config = PolicyConfig {
+                messages_per_worker: per_worker,
+                ..default_policy()
+            };
+            points.push((format!("ours@{per_worker}"), config.build()?));
+        }
+        for target in [2.0, 3.0, 5.0, 8.0] {
+            points.push((
+                format!("keda@{target}"),
+                Box::new(Keda::new(target, 0, max)),
+            ));
+            points.push((
+                format!("aws@{target}"),
+                Box::new(AwsTargetTracking::new(target, 1, max)),
+            ));
+            points.push((
+                format!("aws-hr@{target}"),
+                Box::new(AwsTargetTracking::high_resolution(target, 1, max)),
+            ));
+        }
+        for up in [5u64, 10, 20, 40] {
+            points.push((
+                format!("judoscale@{up}s"),
+                Box::new(Judoscale::new(
+                    Duration::from_secs(up),
+                    Duration::from_secs(up) / 2,
+                    0,
+                    max,
+                )),
+            ));
+        }
+        let mut line = format!("{name:<17}");
+        for (label, p) in points {
+            let s = sim.run(&t, p)?.summary;
+            line += &format!(
+                " | {label} {:.0} / {:.0}{}",
+                s.worker_seconds,
+                s.wait_p95_s,
+                if complete(&s) { "" } else { " !" }
+            );
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let run = |e| args.only.is_empty() || args.only.contains(&e);
@@ -518,6 +717,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if run(Experiment::Startups) {
         startups()?;
+    }
+    if run(Experiment::RentOrBuy) {
+        rent_or_buy(&args.seeds)?;
+    }
+    if run(Experiment::Schedule) {
+        schedule(&args.seeds)?;
+    }
+    if run(Experiment::Frontier) {
+        frontier()?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{Leadership, Role};
-use crate::policy::{PolicyInput, ScalingPolicy, decide_guarded};
+use crate::policy::{PolicyInput, ScalingPolicy, WallClock, decide_guarded};
 use crate::record::{
     CapacityRecord, DecisionRecord, DecisionSink, ObservedRecord, Outcome, RecordedError,
 };
@@ -158,6 +158,7 @@ pub struct Binding {
     transient_errors: u32,
     protection: ProtectionState,
     leadership: Option<LeaderState>,
+    wall_clock: WallClock,
 }
 
 /// Builds a fresh policy for a new term of leadership (one that assumes the most).
@@ -244,7 +245,15 @@ impl Binding {
             transient_errors: 0,
             protection: ProtectionState::default(),
             leadership: None,
+            wall_clock: WallClock::System,
         })
+    }
+
+    /// Reads the wall-clock time handed to the policy ([`PolicyInput::wall`]) from `clock`
+    /// instead of the system clock (the simulator anchors it to virtual time).
+    pub fn with_wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall_clock = clock;
+        self
     }
 
     /// Acts only while this process holds the binding's lease (see [`crate::lease`]): without
@@ -374,6 +383,7 @@ impl Binding {
                     consecutive_failures: self.consecutive_failures,
                     capacity: per_unit.capacity_in_workers(units),
                     now,
+                    wall: self.wall_clock.at(now),
                 };
                 let decision = decide_guarded(self.policy.as_mut(), &input);
                 let mut to = per_unit.units_for(decision.desired);

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{PolicyExt, StepLimit};
+use crate::layer::{PolicyExt, ScheduleWindow, StepLimit};
 use crate::policy::{DrainTime, ScalingPolicy, TargetBacklog};
 use crate::{ConfigError, LoopSettings};
 
@@ -67,8 +67,42 @@ pub struct FallbackConfig {
     pub capacity: Option<u32>,
 }
 
+/// A window of the week with a floor of workers (see [`ScheduleWindow`]):
+/// `{ days = "mon-fri", from = "08:00", to = "18:00", tz = "UTC", min_workers = 4 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Days the window starts on: `mon-fri`, `sat,sun`, `mon,wed-fri`, `daily` (the default).
+    #[serde(default = "ScheduleConfig::every_day")]
+    pub days: String,
+    /// Local start, `HH:MM` (24-hour).
+    pub from: String,
+    /// Local end, `HH:MM` or `24:00`; at or before `from`, the window ends the next day.
+    pub to: String,
+    /// `UTC` (the default) or an IANA time zone name (`Europe/Paris`, `America/New_York`).
+    #[serde(default = "ScheduleConfig::utc")]
+    pub tz: String,
+    /// Workers kept at least during the window. At most `max_workers`.
+    pub min_workers: u32,
+}
+
+impl ScheduleConfig {
+    fn every_day() -> String {
+        "daily".into()
+    }
+    fn utc() -> String {
+        "UTC".into()
+    }
+
+    /// The window; errors name the field relative to this entry (`days`, `from`, `to`, `tz`).
+    pub fn window(&self) -> Result<ScheduleWindow, ConfigError> {
+        ScheduleWindow::parse(&self.days, &self.from, &self.to, &self.tz, self.min_workers)
+    }
+}
+
 /// A policy and its layers, as configured. [`PolicyConfig::build`] assembles
-/// `base -> in_flight_floor -> activation -> stabilize -> max_step -> bounds -> fallback`.
+/// `base -> in_flight_floor -> rent_or_buy -> activation -> stabilize -> schedule -> max_step
+/// -> bounds -> fallback`.
 ///
 /// # Bounds
 ///
@@ -93,6 +127,8 @@ pub struct FallbackConfig {
 /// | `max_step_up` / `max_step_down`: `period` | 1 s ..= 24 h |
 /// | `fallback.after_failures` | 1 ..= 10 000 |
 /// | `fallback.capacity` | `min_workers` ..= `max_workers` |
+/// | `worker_startup` | 1 s ..= 24 h |
+/// | `schedule[i].min_workers` | 0 ..= `max_workers` |
 ///
 /// ```
 /// use celery_scale_core::config::PolicyConfig;
@@ -140,6 +176,19 @@ pub struct PolicyConfig {
     pub held_per_worker: u32,
     /// What to do once observations keep failing.
     pub fallback: Option<FallbackConfig>,
+    /// Buy a new worker only for work that outlasts its start-up
+    /// ([`RentOrBuy`](crate::layer::RentOrBuy)): cuts a
+    /// scale-out to the workers the waiting work (at the task time heartbeats measure) keeps
+    /// busy for a start-up each. Does nothing while the task time, start-up or held count is
+    /// unknown.
+    pub rent_or_buy: bool,
+    /// The time from asking for a worker to its taking tasks, for `rent_or_buy`; absent:
+    /// measured from the target (scale-out to running). From 1 s to 24 h.
+    #[serde(default, with = "humantime_serde")]
+    pub worker_startup: Option<Duration>,
+    /// Windows of the week with a floor of workers
+    /// ([`ScheduledFloor`](crate::layer::ScheduledFloor)).
+    pub schedule: Vec<ScheduleConfig>,
 }
 
 impl Default for PolicyConfig {
@@ -160,6 +209,9 @@ impl Default for PolicyConfig {
             in_flight_floor: true,
             held_per_worker: 4,
             fallback: None,
+            rent_or_buy: false,
+            worker_startup: None,
+            schedule: Vec::new(),
         }
     }
 }
@@ -305,6 +357,9 @@ impl PolicyConfig {
         ] {
             duration_within(field, value, Duration::ZERO, MAX_DURATION)?;
         }
+        if let Some(startup) = self.worker_startup {
+            duration_within("worker_startup", startup, MIN_PERIOD, MAX_DURATION)?;
+        }
         let (min, max) = HELD_PER_WORKER;
         int_within("held_per_worker", self.held_per_worker, min, max)
     }
@@ -358,19 +413,40 @@ impl PolicyConfig {
             }
             PolicyKind::TargetBacklog => TargetBacklog::new(self.messages_per_worker)?.boxed(),
         };
+        let mut windows = Vec::with_capacity(self.schedule.len());
+        for (i, entry) in self.schedule.iter().enumerate() {
+            let at = format!("schedule[{i}]");
+            if entry.min_workers > self.max_workers {
+                return Err(ConfigError::new(
+                    format!("{at}.min_workers"),
+                    format!(
+                        "{} is above max_workers {}",
+                        entry.min_workers, self.max_workers
+                    ),
+                ));
+            }
+            windows.push(entry.window().map_err(|e| e.within(&at))?);
+        }
         let floored: Box<dyn ScalingPolicy> = if self.in_flight_floor {
             base.in_flight_floor(self.held_per_worker)?.boxed()
         } else {
             base
         };
-        let policy = crate::layer::MaxStep::new(
+        let bought: Box<dyn ScalingPolicy> = if self.rent_or_buy {
+            floored.rent_or_buy(self.worker_startup).boxed()
+        } else {
             floored
-                .activation(self.activation_messages, self.scale_to_zero_after)
-                .stabilize(self.stabilize_up, self.stabilize_down),
-            up,
-            down,
-        )
-        .bounded(self.min_workers, self.max_workers)?;
+        };
+        let stabilized = bought
+            .activation(self.activation_messages, self.scale_to_zero_after)
+            .stabilize(self.stabilize_up, self.stabilize_down);
+        let scheduled: Box<dyn ScalingPolicy> = if windows.is_empty() {
+            stabilized.boxed()
+        } else {
+            stabilized.scheduled_floor(windows).boxed()
+        };
+        let policy = crate::layer::MaxStep::new(scheduled, up, down)
+            .bounded(self.min_workers, self.max_workers)?;
         Ok(match self.fallback {
             Some(f) => policy.fallback(f.after_failures, f.capacity).boxed(),
             None => policy.boxed(),
@@ -730,6 +806,83 @@ fallback = { after_failures = 3, capacity = 2 }
         let toml_text = toml::to_string(&c).unwrap();
         let back: Config<Src, Tgt> = Config::from_toml(&toml_text, no_backend_rules).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn schedule_and_rent_or_buy_parse_and_errors_name_the_field() {
+        let with = |policy: &str| {
+            format!(
+                "[[bindings]]\nsource = {{ queue = \"q\" }}\nscaler = {{ service = \"s\" }}\n\
+                 [bindings.policy]\nmax_workers = 20\n{policy}\n"
+            )
+        };
+        let text = with(
+            "rent_or_buy = true\nworker_startup = \"45s\"\nschedule = [\n  \
+             { days = \"mon-fri\", from = \"08:00\", to = \"18:00\", tz = \"Europe/Paris\", min_workers = 4 },\n  \
+             { from = \"22:00\", to = \"02:00\", min_workers = 2 },\n]",
+        );
+        let c: Config<Src, Tgt> = Config::from_toml(&text, no_backend_rules).unwrap();
+        let p = &c.bindings[0].policy;
+        assert!(p.rent_or_buy);
+        assert_eq!(p.worker_startup, Some(Duration::from_secs(45)));
+        assert_eq!(p.schedule.len(), 2);
+        assert_eq!(
+            (p.schedule[1].days.as_str(), p.schedule[1].tz.as_str()),
+            ("daily", "UTC")
+        );
+        p.build().unwrap();
+        let back: Config<Src, Tgt> =
+            Config::from_toml(&toml::to_string(&c).unwrap(), no_backend_rules).unwrap();
+        assert_eq!(back, c);
+        let error = |policy: &str| {
+            Config::<Src, Tgt>::from_toml(&with(policy), no_backend_rules).unwrap_err()
+        };
+        for (policy, field) in [
+            (
+                "schedule = [{ days = \"mon-fry\", from = \"08:00\", to = \"18:00\", min_workers = 1 }]",
+                "bindings[0].policy.schedule[0].days",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", to = \"18:00\", min_workers = 1 }, { from = \"8\", to = \"18:00\", min_workers = 1 }]",
+                "bindings[0].policy.schedule[1].from",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", to = \"25:00\", min_workers = 1 }]",
+                "bindings[0].policy.schedule[0].to",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", to = \"18:00\", tz = \"Paris\", min_workers = 1 }]",
+                "bindings[0].policy.schedule[0].tz",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", to = \"18:00\", min_workers = 21 }]",
+                "bindings[0].policy.schedule[0].min_workers",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", min_workers = 1 }]",
+                "bindings[0].policy.schedule[0]",
+            ),
+            (
+                "schedule = [{ from = \"08:00\", to = \"09:00\", min_workers = 1, days_of_week = \"mon\" }]",
+                "bindings[0].policy.schedule[0].days_of_week",
+            ),
+            (
+                "worker_startup = \"0s\"",
+                "bindings[0].policy.worker_startup",
+            ),
+            (
+                "worker_startup = \"2days\"",
+                "bindings[0].policy.worker_startup",
+            ),
+        ] {
+            let e = error(policy);
+            assert_eq!(e.field, field, "{policy}: {e}");
+        }
+        let e = error("schedule = [{ from = \"08:00\", to = \"18:00\", min_workers = 21 }]");
+        assert_eq!(
+            e.to_string(),
+            "bindings[0].policy.schedule[0].min_workers: 21 is above max_workers 20"
+        );
     }
 
     fn error_for(edit: impl Fn(&mut Config<Src, Tgt>)) -> ConfigError {
@@ -1186,6 +1339,15 @@ fallback = { after_failures = 3, capacity = 2 }
                 after_failures: 10_000,
                 capacity: Some(100_000),
             }),
+            rent_or_buy: true,
+            worker_startup: Some(day),
+            schedule: vec![ScheduleConfig {
+                days: "sun-sat".into(),
+                from: "23:59".into(),
+                to: "24:00".into(),
+                tz: "UTC".into(),
+                min_workers: 100_000,
+            }],
         };
         at_max.validate().unwrap();
         let at_min = PolicyConfig {
@@ -1211,6 +1373,15 @@ fallback = { after_failures = 3, capacity = 2 }
                 after_failures: 1,
                 capacity: None,
             }),
+            rent_or_buy: true,
+            worker_startup: Some(Duration::from_secs(1)),
+            schedule: vec![ScheduleConfig {
+                days: "mon".into(),
+                from: "00:00".into(),
+                to: "00:01".into(),
+                tz: "UTC".into(),
+                min_workers: 0,
+            }],
         };
         at_min.validate().unwrap();
         PolicyConfig::default().validate().unwrap();

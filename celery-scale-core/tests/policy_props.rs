@@ -93,6 +93,7 @@ fn run(policy: &mut dyn ScalingPolicy, start: u32, ticks: &[Tick]) -> Vec<(u32, 
                 pending: 0,
             },
             now,
+            wall: std::time::SystemTime::UNIX_EPOCH,
         };
         let d = decide_guarded(policy, &input);
         out.push((current, obs.is_some(), d.desired));
@@ -142,7 +143,7 @@ proptest! {
         let decide = |p: &mut TargetBacklog, ready| {
             let mut o = Observation::new(ready, now);
             o.in_flight = in_flight;
-            p.decide(&PolicyInput { observation: Some(&o), consecutive_failures: 0, capacity: Capacity::default(), now }).desired
+            p.decide(&PolicyInput { observation: Some(&o), consecutive_failures: 0, capacity: Capacity::default(), now, wall: std::time::SystemTime::UNIX_EPOCH }).desired
         };
         prop_assert!(decide(&mut p, lo) <= decide(&mut p, hi));
     }
@@ -155,7 +156,7 @@ proptest! {
         let mut current = 0;
         let decide = |p: &mut dyn ScalingPolicy, ready: u64, now: Instant, current: u32| {
             let o = Observation::new(ready, now);
-            p.decide(&PolicyInput { observation: Some(&o), consecutive_failures: 0, capacity: Capacity { desired: current, running: current, pending: 0 }, now }).desired
+            p.decide(&PolicyInput { observation: Some(&o), consecutive_failures: 0, capacity: Capacity { desired: current, running: current, pending: 0 }, now, wall: std::time::SystemTime::UNIX_EPOCH }).desired
         };
         current = decide(&mut p, u64::from(high), now0, current);
         prop_assert_eq!(current, high);
@@ -217,6 +218,7 @@ proptest! {
                     consecutive_failures: 0,
                     capacity: Capacity { desired: current, running: current, pending: 0 },
                     now,
+                    wall: std::time::SystemTime::UNIX_EPOCH,
                 }
             }
             let a = decide_guarded(known.as_mut(), &input(&seen, current_known, now)).desired;

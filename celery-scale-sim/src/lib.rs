@@ -8,7 +8,7 @@ pub mod suite;
 mod trace;
 mod world;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,7 +56,15 @@ pub struct SimConfig {
     /// Interval of the time series.
     #[serde(with = "humantime_serde")]
     pub sample_every: Duration,
+    /// The wall-clock time of the trace's second 0, handed to the policy as
+    /// `PolicyInput::wall` (advancing with the virtual clock), for scheduled floors. RFC 3339;
+    /// by default Monday 2026-01-05 00:00 UTC, so a trace starts at midnight on a Monday.
+    #[serde(with = "humantime_serde")]
+    pub wall_start: SystemTime,
 }
+
+/// The default [`SimConfig::wall_start`]: Monday 2026-01-05 00:00:00 UTC.
+pub const DEFAULT_WALL_START: Duration = Duration::from_secs(1_767_571_200);
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -72,6 +80,7 @@ impl Default for SimConfig {
             settle: Duration::from_secs(900),
             horizon_after_last_arrival: Duration::from_secs(6 * 3600),
             sample_every: Duration::from_secs(5),
+            wall_start: SystemTime::UNIX_EPOCH + DEFAULT_WALL_START,
         }
     }
 }

@@ -11,7 +11,7 @@ use rand::{RngExt, SeedableRng};
 use tokio::time::Instant;
 
 use celery_scale_core::celery_events::{WorkerEvent, WorkerEventKind, WorkerRegistry};
-use celery_scale_core::policy::ScalingPolicy;
+use celery_scale_core::policy::{ScalingPolicy, WallClock};
 use celery_scale_core::record::Outcome;
 use celery_scale_core::{
     Binding, Capacity, CapacityUnit, ConfigError, LoopSettings, MemoryQueue, Observation,
@@ -358,7 +358,12 @@ impl World {
             fleet: Arc::clone(&self.fleet),
             per_unit,
         };
-        let mut binding = Binding::new(settings, Box::new(source), Box::new(scaler), policy)?;
+        let start = Instant::now();
+        let mut binding = Binding::new(settings, Box::new(source), Box::new(scaler), policy)?
+            .with_wall_clock(WallClock::Anchored {
+                wall: self.config.wall_start,
+                at: start,
+            });
 
         let arrivals = self.trace.arrivals().to_vec();
         let total = self.trace.tasks();
@@ -375,7 +380,6 @@ impl World {
         let mut peak = 0u32;
         let mut last_change_s = 0.0f64;
         let mut last_live = u32::MAX;
-        let start = Instant::now();
         let mut n: u64 = 0;
         loop {
             let now_s = n as f64 * step;

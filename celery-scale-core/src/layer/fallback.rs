@@ -61,6 +61,7 @@ mod tests {
                 pending: 0,
             },
             now: Instant::now(),
+            wall: std::time::SystemTime::UNIX_EPOCH,
         }
     }
 

@@ -26,6 +26,8 @@ mod fallback;
 mod history;
 mod in_flight_floor;
 mod max_step;
+mod rent_or_buy;
+mod schedule;
 mod stabilize;
 
 use std::time::Duration;
@@ -35,6 +37,8 @@ pub use bounds::Bounded;
 pub use fallback::Fallback;
 pub use in_flight_floor::InFlightFloor;
 pub use max_step::{MaxStep, StepLimit};
+pub use rent_or_buy::RentOrBuy;
+pub use schedule::{ScheduleWindow, ScheduledFloor};
 pub use stabilize::Stabilize;
 
 use crate::{ConfigError, policy::ScalingPolicy};
@@ -73,6 +77,19 @@ pub trait PolicyExt: ScalingPolicy + Sized {
     /// `held_per_worker` is 0.
     fn in_flight_floor(self, held_per_worker: u32) -> Result<InFlightFloor<Self>, ConfigError> {
         InFlightFloor::new(self, held_per_worker)
+    }
+
+    /// Cuts a scale-out to the new workers that the waiting work keeps busy for at least a
+    /// start-up each (`startup` when given, else measured from the target); does nothing while
+    /// the task time, the start-up or the held count is unknown.
+    fn rent_or_buy(self, startup: Option<Duration>) -> RentOrBuy<Self> {
+        RentOrBuy::new(self, startup)
+    }
+
+    /// At least a window's `min_workers` while the decision's wall-clock time is in one of
+    /// `windows` (the highest floor where several hold).
+    fn scheduled_floor(self, windows: Vec<ScheduleWindow>) -> ScheduledFloor<Self> {
+        ScheduledFloor::new(self, windows)
     }
 
     /// After `after_failures` failed observations in a row: hold (`None`), or raise to at least
@@ -124,6 +141,7 @@ pub(crate) mod testing {
                 pending: 0,
             },
             now,
+            wall: std::time::SystemTime::UNIX_EPOCH,
         }
     }
 }

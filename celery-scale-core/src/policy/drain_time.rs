@@ -99,6 +99,7 @@ mod tests {
                 pending: 0,
             },
             now: obs.at,
+            wall: std::time::SystemTime::UNIX_EPOCH,
         })
         .desired
     }
@@ -131,6 +132,7 @@ mod tests {
                 pending: 0,
             },
             now: obs.at,
+            wall: std::time::SystemTime::UNIX_EPOCH,
         });
         assert_eq!(protected.desired, 12);
     }

@@ -11,6 +11,7 @@ mod drain_time;
 mod target_backlog;
 
 use std::fmt::Debug;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -31,6 +32,44 @@ pub struct PolicyInput<'a> {
     pub capacity: Capacity,
     /// The time of the decision.
     pub now: Instant,
+    /// The wall-clock time of the decision, for calendar rules such as
+    /// [`ScheduledFloor`](crate::layer::ScheduledFloor). The loop reads it from its
+    /// [`WallClock`] (the system clock unless set otherwise; the simulator anchors it to its
+    /// virtual time, so runs stay deterministic). Policies and layers that are not about the
+    /// calendar never read it.
+    pub wall: SystemTime,
+}
+
+/// Where the loop reads the wall-clock time it hands to policies ([`PolicyInput::wall`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WallClock {
+    /// The system clock, at each decision.
+    #[default]
+    System,
+    /// `wall` at the instant `at` of the loop's (Tokio) clock, advancing with that clock: a
+    /// paused or simulated clock drives the calendar deterministically.
+    Anchored {
+        /// The wall-clock time at `at`.
+        wall: SystemTime,
+        /// The instant of the loop's clock that `wall` corresponds to.
+        at: Instant,
+    },
+}
+
+impl WallClock {
+    /// The wall-clock time at the loop's instant `now`.
+    pub fn at(&self, now: Instant) -> SystemTime {
+        match *self {
+            WallClock::System => SystemTime::now(),
+            WallClock::Anchored { wall, at } => {
+                if now >= at {
+                    wall + now.duration_since(at)
+                } else {
+                    wall - at.duration_since(now)
+                }
+            }
+        }
+    }
 }
 
 /// One stage of a decision: a policy or a layer, what it made of the value, and why.

@@ -9,7 +9,7 @@ use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 /// # let now = tokio::time::Instant::now();
 /// let mut p = TargetBacklog::new(5.0).unwrap();
 /// let obs = Observation::new(12, now);
-/// let input = PolicyInput { observation: Some(&obs), consecutive_failures: 0, capacity: Capacity::default(), now };
+/// let input = PolicyInput { observation: Some(&obs), consecutive_failures: 0, capacity: Capacity::default(), now, wall: std::time::SystemTime::UNIX_EPOCH };
 /// assert_eq!(p.decide(&input).desired, 3); // ceil(12 / 5)
 /// ```
 #[derive(Debug, Clone, PartialEq)]

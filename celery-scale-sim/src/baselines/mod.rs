@@ -66,6 +66,7 @@ mod tests {
                     pending: 0,
                 },
                 now,
+                wall: std::time::SystemTime::UNIX_EPOCH,
             });
             if d.desired != current {
                 changes.push((s, d.desired));
