@@ -421,8 +421,7 @@ impl Binding {
                         &self.settings,
                         &mut self.protection,
                         observation.as_ref(),
-                        units.desired,
-                        to,
+                        (units.desired, to),
                         wall,
                         &act,
                     )
@@ -580,13 +579,14 @@ impl Binding {
 /// protected), protects the busy ones and releases the idle ones. Returns what it did and the
 /// count to set: never below the busy units (up to `current`), and `current` when the units or
 /// their protection cannot be read or set, since which units are busy is then not known.
+/// `act_time` says how long each protection call may run, or `None` when it may not start (the
+/// lease passed).
 async fn protect_units(
     protection: &dyn crate::protection::UnitProtection,
     settings: &LoopSettings,
     state: &mut ProtectionState,
     observation: Option<&crate::Observation>,
-    current: u32,
-    to: u32,
+    (current, to): (u32, u32),
     wall: SystemTime,
     act_time: &(dyn Fn() -> Option<Duration> + Sync),
 ) -> (Option<crate::protection::ProtectionRecord>, u32) {
