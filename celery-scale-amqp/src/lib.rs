@@ -5,6 +5,7 @@ mod broker_url;
 mod config;
 mod connect;
 mod error;
+mod events;
 mod heartbeats;
 mod lease;
 mod management;
@@ -17,6 +18,7 @@ pub use config::{
     AmqpSourceConfig, AmqpSourceConfigBuilder, DiscoveryConfig, ManagementConfig, TlsConfig,
 };
 pub use error::AmqpSourceError;
+pub use events::CeleryEventConsumer;
 pub use lease::{AmqpLease, HOLDER_ARGUMENT, LOCK_QUEUE_PREFIX};
 pub use management::{
     MAX_CLOCK_SKEW, MAX_COUNT, MIN_HEAD_TIMESTAMP_SECS, ManagementClient, QueueStats,

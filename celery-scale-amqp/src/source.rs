@@ -755,6 +755,22 @@ impl fmt::Debug for AmqpQueueSource {
 }
 
 impl AmqpQueueSource {
+    /// Consumes, on a channel of the source's connection and a queue of its own, Celery's
+    /// event exchange `celeryev`: the worker events (`worker.#`), and with `task_events` the
+    /// task events that workers run with `-E` send (`task.#`, `task.multi` included, and
+    /// `task-sent` from publishers with `task_send_sent_event`). Reads nothing but events.
+    pub async fn subscribe_celery_events(
+        &self,
+        task_events: bool,
+    ) -> Result<crate::CeleryEventConsumer, AmqpSourceError> {
+        let keys: &[&str] = if task_events {
+            &["worker.#", "task.#"]
+        } else {
+            &["worker.#"]
+        };
+        crate::CeleryEventConsumer::start(&self.inner, keys).await
+    }
+
     /// Validates `config` and prepares the source, without connecting: the first
     /// [`observe`](QueueSource::observe) connects, so a source made while RabbitMQ is down works
     /// once it is up. Reads and checks the `[tls]` files now (an error names the field). With

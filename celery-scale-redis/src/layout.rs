@@ -110,6 +110,29 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The PUB/SUB channels of every Celery event a recorder reads: the worker events', and
+    /// with `task_events` each task event's (`{prefix}{fanout}celeryev/task.received`, ...,
+    /// `task.multi`). Without `fanout_patterns` every event shares the one channel already.
+    pub fn celery_event_channels(&self, task_events: bool) -> Vec<String> {
+        let mut channels = self.worker_event_channels();
+        if task_events && self.fanout_patterns {
+            let mut fanouts = vec![self.fanout.as_str()];
+            if let Some(legacy) = &self.legacy_fanout
+                && *legacy != self.fanout
+            {
+                fanouts.push(legacy);
+            }
+            for fanout in fanouts {
+                for key in crate::events::TASK_EVENT_KEYS {
+                    channels.push(format!("{}{fanout}celeryev/{key}", self.prefix));
+                }
+            }
+        }
+        channels
+    }
+}
+
 /// Escapes Redis glob metacharacters.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -569,6 +592,18 @@ mod tests {
             ..layout("")
         };
         assert_eq!(flat.worker_event_channels(), ["celeryev"]);
+        assert_eq!(flat.celery_event_channels(true), ["celeryev"]);
+        let all = layout("acme:").celery_event_channels(true);
+        assert_eq!(all.len(), 12);
+        assert!(
+            all.contains(&"acme:/12.celeryev/task.multi".to_string()),
+            "{all:?}"
+        );
+        assert!(
+            all.contains(&"acme:/12.celeryev/task.received".to_string()),
+            "{all:?}"
+        );
+        assert_eq!(layout("acme:").celery_event_channels(false).len(), 3);
         let compat = Layout {
             legacy_fanout: Some("/{db}.".into()),
             ..layout("")

@@ -5,6 +5,7 @@ mod broker;
 mod config;
 mod connect;
 mod error;
+mod events;
 mod heartbeats;
 mod layout;
 mod lease;
@@ -17,6 +18,7 @@ pub use config::{
     MAX_QUEUES, MAX_TIMEOUT, MIN_TIMEOUT, RedisSourceConfig, RedisSourceConfigBuilder, TlsConfig,
 };
 pub use error::RedisSourceError;
+pub use events::CeleryEventSubscription;
 pub use lease::RedisLease;
 pub use options::{DEFAULT_VISIBILITY_TIMEOUT, HONOURED_OPTIONS, IGNORED_OPTIONS};
 pub use source::RedisQueueSource;

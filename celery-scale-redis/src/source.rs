@@ -333,6 +333,25 @@ impl RedisQueueSource {
         )
     }
 
+    /// Subscribes, on a connection of its own, to Celery's event exchange as this source's
+    /// workers publish it (the database's fanout prefix, `global_keyprefix`,
+    /// `fanout_patterns`): the worker events, and with `task_events` the task events that
+    /// workers run with `-E` send (and `task-sent`, from publishers with
+    /// `task_send_sent_event`). Independent of the source's own heartbeat subscription; reads
+    /// nothing but events.
+    pub async fn subscribe_celery_events(
+        &self,
+        task_events: bool,
+    ) -> Result<crate::CeleryEventSubscription, RedisSourceError> {
+        crate::CeleryEventSubscription::subscribe(
+            &self.conn,
+            &self.layout.celery_event_channels(task_events),
+            &self.url,
+            self.config.connect_timeout,
+        )
+        .await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RedisSourceConfig {
         &self.config

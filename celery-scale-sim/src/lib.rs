@@ -3,6 +3,7 @@
 
 pub mod baselines;
 pub mod bounds;
+pub mod record;
 pub mod report;
 pub mod suite;
 mod trace;

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `count` tasks arrive at `at_s` seconds (from the start), each running `duration_s` seconds.
-//! The `queue` column is optional (default `celery`). Rows need not be sorted.
+//! The `queue` column is optional (default `celery`). Rows need not be sorted. Lines whose
+//! first non-blank character is `#` are comments (`celery-scale record` says there how the
+//! trace was measured).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -164,7 +166,7 @@ impl Trace {
         let mut lines = text
             .lines()
             .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
+            .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
         let (_, header) = lines.next().ok_or(TraceError::Parse {
             line: 1,
             message: "empty file: expected the header at_s,count,duration_s[,queue]".into(),
@@ -263,5 +265,9 @@ mod tests {
         assert_eq!(e.to_string(), "line 3: count \"x\" is not a whole number");
         assert!(Trace::from_csv("a,b,c\n").is_err());
         assert!(Trace::from_csv("at_s,count,duration_s\n-1,1,1\n").is_err());
+        let commented =
+            "# recorded\n  # mode: x\nat_s,count,duration_s,queue\n# between\n1,2,3,q\n";
+        let t = Trace::from_csv(commented).unwrap();
+        assert_eq!((t.tasks(), t.queues()), (2, vec!["q".to_string()]));
     }
 }
