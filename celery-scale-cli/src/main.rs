@@ -5,6 +5,8 @@
 //! - `celery-scale check --config FILE` validates, connects, waits for the worker-event warm-up
 //!   and prints what each binding would do and why; it sets nothing, and exits non-zero when a
 //!   binding cannot observe its queues or read its capacity.
+//! - `celery-scale record --config FILE --duration 10m --out trace.csv` writes a trace of one
+//!   binding's live traffic for `simulate`; it reads the broker only.
 //!
 //! Exit status: 0 after a clean run or check; 1 when a binding failed (a check that could not
 //! observe or read capacity, a run in which a binding's task ended abnormally); 2 when the
@@ -15,6 +17,7 @@ mod check;
 mod config;
 mod leader;
 mod logging;
+mod record;
 mod serve;
 mod simulate;
 
@@ -98,6 +101,45 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         startup: Duration,
     },
+    /// Record one binding's live traffic as a trace for `simulate --trace` (reads the broker
+    /// only: no capacity is read or set).
+    ///
+    /// With task events (Celery workers run with `-E`): each task's duration is its
+    /// task-succeeded runtime, its arrival its task-sent time (publishers with
+    /// task_send_sent_event) or, from task-received and the backlog read every --every, when
+    /// the queue's arrivals reached it. Without them (`--events off`, SQS, or `auto` when no
+    /// worker sends any): AN ESTIMATE from successive observations, arrivals from the backlog's
+    /// growth plus the tasks workers reserved (heartbeats), one mean duration for every task.
+    /// The file's header comments say which mode was used. SIGINT/SIGTERM stops it early and
+    /// writes what was recorded.
+    Record {
+        /// Configuration file (TOML, or JSON when it ends in .json): the binding's source is
+        /// read, its scaler never.
+        #[arg(long, env = "CELERY_SCALE_CONFIG", hide_env_values = true)]
+        config: PathBuf,
+        /// The binding to record (required when the file has several).
+        #[arg(long)]
+        binding: Option<String>,
+        /// How long to record, e.g. 10m, 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The trace file to write (CSV: at_s,count,duration_s,queue).
+        #[arg(long)]
+        out: PathBuf,
+        /// auto: task events when workers send them, else observations; on: task events only;
+        /// off: observations only (an estimate).
+        #[arg(long, value_enum, default_value = "auto")]
+        events: record::EventsArg,
+        /// How often the backlog is read.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        every: Duration,
+        /// Every task's duration in observations mode when heartbeats measured none.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        default_duration: Duration,
+        /// The most tasks in progress tracked at once (the oldest is forgotten past it).
+        #[arg(long, default_value_t = 100_000)]
+        max_tracked: usize,
+    },
 }
 
 /// Why the process ends, and with which status.
@@ -153,6 +195,30 @@ fn main() -> ExitCode {
                     startup,
                 },
             ),
+            Command::Record {
+                config,
+                binding,
+                duration,
+                out,
+                events,
+                every,
+                default_duration,
+                max_tracked,
+            } => {
+                record::record(
+                    &config,
+                    record::RecordArgs {
+                        binding: binding.as_deref(),
+                        duration,
+                        out: &out,
+                        events,
+                        every,
+                        default_duration,
+                        max_tracked,
+                    },
+                )
+                .await
+            }
         }
     });
     // Background tasks (worker-event feeds) end with the runtime.
