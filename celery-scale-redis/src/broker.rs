@@ -124,6 +124,9 @@ pub(crate) struct BrokerUrl {
     pub tls: UrlTls,
     /// Whether TLS is on (a `rediss://` entry or any `ssl_*` parameter).
     pub tls_on: bool,
+    /// With Sentinel: TLS to the Sentinels themselves and its files, from the
+    /// `sentinel_kwargs` transport option (set when the configuration is resolved).
+    pub sentinel_tls: Option<crate::config::TlsConfig>,
     /// Query parameters kombu accepts that do not change what is counted (logged once).
     pub ignored: Vec<String>,
 }
@@ -211,6 +214,7 @@ pub(crate) fn parse(url: &str) -> Result<BrokerUrl, String> {
         broker,
         tls: first.tls,
         tls_on,
+        sentinel_tls: None,
         ignored: first.ignored,
     })
 }

@@ -68,7 +68,10 @@ impl Default for DiscoveryConfig {
     }
 }
 
-/// Certificates for `rediss://` beyond the built-in web PKI roots.
+/// Certificates for `rediss://` (and for the master of a `sentinel://` URL) beyond the built-in
+/// web PKI roots. With `sentinel://` this table is Celery's `broker_use_ssl`: set, it turns TLS
+/// to the master on, as kombu does; TLS to the Sentinels themselves is kombu's
+/// `sentinel_kwargs` transport option (`ssl`, `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -160,7 +163,8 @@ pub struct RedisSourceConfig {
     /// Deadline of one connection attempt.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Certificates for `rediss://`.
+    /// Certificates for `rediss://` and for a `sentinel://` URL's master (Celery's
+    /// `broker_use_ssl`; with `sentinel://` it turns TLS to the master on).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
@@ -318,6 +322,10 @@ impl RedisSourceConfig {
         if let Some(tls) = &resolved.tls {
             crate::tls::load(tls).map_err(|e| tls_config_error(&e))?;
         }
+        if let Some(tls) = &resolved.url.sentinel_tls {
+            crate::tls::load_named(tls, crate::tls::SENTINEL_FIELDS)
+                .map_err(|e| tls_config_error(&e))?;
+        }
         Ok(())
     }
 
@@ -341,7 +349,7 @@ impl RedisSourceConfig {
         if self.url.expose().trim().is_empty() {
             return Err(ConfigError::new("url", "must not be empty"));
         }
-        let url = crate::broker::parse(self.url.expose())
+        let mut url = crate::broker::parse(self.url.expose())
             .map_err(|rule| ConfigError::new("url", rule))?;
         let mut transport = crate::options::resolve(&self.broker_transport_options)?;
         self.merge_typed(&mut transport)?;
@@ -451,7 +459,15 @@ impl RedisSourceConfig {
             "the deadline of one connection attempt",
         )?;
         let tls = self.check_tls(&url)?;
-        self.check_broker(&url, &transport, tls.as_ref())?;
+        if tls.is_some() && matches!(url.broker, Broker::Sentinel { .. }) {
+            // kombu's SentinelChannel reaches the master over TLS whenever the connection has
+            // `ssl` options: `broker_use_ssl` (our `tls`) as well as the URL's `ssl_*`.
+            url.tls_on = true;
+        }
+        if matches!(url.broker, Broker::Sentinel { .. }) {
+            url.sentinel_tls = transport.sentinel_tls.clone();
+        }
+        self.check_broker(&url, &transport)?;
         Ok(Resolved {
             url,
             transport,
@@ -496,12 +512,7 @@ impl RedisSourceConfig {
     }
 
     /// Sentinel, failover and in-flight rules that involve the URL and the options together.
-    fn check_broker(
-        &self,
-        url: &BrokerUrl,
-        t: &TransportOptions,
-        tls: Option<&TlsConfig>,
-    ) -> Result<(), ConfigError> {
+    fn check_broker(&self, url: &BrokerUrl, t: &TransportOptions) -> Result<(), ConfigError> {
         match &url.broker {
             Broker::Sentinel { .. } => {
                 if t.master_name.is_none() {
@@ -509,13 +520,6 @@ impl RedisSourceConfig {
                         "broker_transport_options.master_name",
                         "is required with a sentinel:// URL (kombu: \"'master_name' transport \
                          option must be specified\")",
-                    ));
-                }
-                if tls.is_some_and(|t| t.ca_file.is_some() || t.client_cert_file.is_some()) {
-                    return Err(ConfigError::new(
-                        "tls",
-                        "certificate files are not supported with sentinel:// (the master is \
-                         reached over TLS with the web PKI roots only)",
                     ));
                 }
             }
@@ -597,10 +601,11 @@ impl RedisSourceConfig {
                     "client_cert_file and client_key_file go together",
                 ));
             }
-            if !url.tls_on {
+            if !url.tls_on && !matches!(url.broker, Broker::Sentinel { .. }) {
                 return Err(ConfigError::new(
                     "tls",
-                    "is set but the URL does not use TLS (rediss://, or an ssl_* query parameter)",
+                    "is set but the URL does not use TLS (rediss://, or an ssl_* query parameter; \
+                     with sentinel:// it turns TLS to the master on)",
                 ));
             }
         }
@@ -783,7 +788,7 @@ impl RedisSourceConfigBuilder {
         self
     }
 
-    /// Sets the certificates for `rediss://`.
+    /// Sets the certificates for `rediss://` (or for a `sentinel://` URL's master).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.config.tls = Some(tls);
         self

@@ -5,10 +5,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
-use redis::{Client, RedisError, RedisResult, TlsCertificates, TlsMode};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, ConnectionAddr, RedisError, RedisResult, TlsCertificates, TlsMode};
 
-use crate::broker::{Broker, BrokerUrl, Node};
+use crate::broker::{Broker, BrokerUrl};
 
 /// One server of a failover list.
 pub(crate) struct DirectNode {
@@ -20,9 +20,9 @@ pub(crate) struct DirectNode {
 /// The master of a Sentinel group, looked up again after a connection failure or when it is
 /// no longer the master.
 pub(crate) struct SentinelConn {
-    sentinel: tokio::sync::Mutex<Sentinel>,
+    /// The Sentinels, with the master's database, credentials, TLS mode and certificates.
+    sentinel: tokio::sync::Mutex<SentinelClient>,
     master_name: String,
-    node_info: SentinelNodeConnectionInfo,
     manager_config: ConnectionManagerConfig,
     current: Mutex<Option<(String, ConnectionManager)>>,
 }
@@ -100,38 +100,64 @@ impl Connector {
                 })
             }
             Broker::Sentinel { sentinels, master } => {
-                let infos: Vec<redis::ConnectionInfo> = sentinels
-                    .iter()
-                    .map(|(host, port)| {
-                        Node {
-                            addr: crate::broker::Addr::Tcp {
-                                host: host.clone(),
-                                port: *port,
-                            },
-                            db: 0,
-                            username: sentinel_auth.0.map(str::to_string),
-                            password: sentinel_auth.1.map(str::to_string),
-                        }
-                        .connection_info()
-                    })
-                    .collect::<RedisResult<_>>()?;
-                let sentinel = Sentinel::build(infos)?;
-                let mut redis = redis::RedisConnectionInfo::default().set_db(master.db);
+                // The builder is the redis crate's only way to give the master's certificates
+                // to the Sentinel client: it uses them for its own check of the master's role
+                // and puts them in the master client it returns (`Sentinel::build` has none,
+                // so a private CA would fail that check with a TLS error).
+                // TLS to the Sentinels themselves is kombu's `sentinel_kwargs.ssl`.
+                let sentinel_tls = url.sentinel_tls.as_ref();
+                let mut builder = SentinelClientBuilder::new(
+                    sentinels.iter().map(|(host, port)| match sentinel_tls {
+                        Some(_) => ConnectionAddr::TcpTls {
+                            host: host.clone(),
+                            port: *port,
+                            insecure: false,
+                            tls_params: None,
+                        },
+                        None => ConnectionAddr::Tcp(host.clone(), *port),
+                    }),
+                    master_name.unwrap_or_default(),
+                    SentinelServerType::Master,
+                )?
+                .set_client_to_redis_db(master.db);
+                if let Some(tls) = sentinel_tls {
+                    celery_scale_tls::install_crypto_provider();
+                    builder = builder.set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                    if tls.ca_file.is_some() || tls.client_cert_file.is_some() {
+                        // Checked by `validate`; read again here, as the master's files are.
+                        let certs = crate::tls::load_named(tls, crate::tls::SENTINEL_FIELDS)
+                            .map_err(|e| {
+                                RedisError::from((
+                                    redis::ErrorKind::InvalidClientConfig,
+                                    "a Sentinel TLS file",
+                                    format!("{}: {}", e.field(), e.problem()),
+                                ))
+                            })?;
+                        builder = builder.set_client_to_sentinel_certificates(certs);
+                    }
+                }
                 if let Some(u) = &master.username {
-                    redis = redis.set_username(u);
+                    builder = builder.set_client_to_redis_username(u);
                 }
                 if let Some(p) = &master.password {
-                    redis = redis.set_password(p);
+                    builder = builder.set_client_to_redis_password(p);
                 }
-                let mut node_info =
-                    SentinelNodeConnectionInfo::default().set_redis_connection_info(redis);
+                if let Some(u) = sentinel_auth.0 {
+                    builder = builder.set_client_to_sentinel_username(u);
+                }
+                if let Some(p) = sentinel_auth.1 {
+                    builder = builder.set_client_to_sentinel_password(p);
+                }
                 if url.tls_on {
-                    node_info = node_info.set_tls_mode(TlsMode::Secure);
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                    if let Some(c) = certificates {
+                        builder = builder.set_client_to_redis_certificates(c.clone());
+                    }
                 }
+                let sentinel = builder.build()?;
                 Ok(Connector::Sentinel(Box::new(SentinelConn {
                     sentinel: tokio::sync::Mutex::new(sentinel),
                     master_name: master_name.unwrap_or_default().to_string(),
-                    node_info,
                     manager_config,
                     current: Mutex::new(None),
                 })))
@@ -238,11 +264,12 @@ impl Connector {
 }
 
 impl SentinelConn {
+    /// The master the Sentinels name now (checked with `ROLE`), as a client that carries the
+    /// master's database, credentials and, with TLS, the configured certificates: the source's
+    /// commands and the worker-event subscriber both connect through it.
     async fn master_client(&self) -> RedisResult<(String, Client)> {
         let mut sentinel = self.sentinel.lock().await;
-        let client = sentinel
-            .async_master_for(&self.master_name, Some(&self.node_info))
-            .await?;
+        let client = sentinel.async_get_client().await?;
         let shown = client.get_connection_info().addr().to_string();
         Ok((shown, client))
     }

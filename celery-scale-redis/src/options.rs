@@ -83,6 +83,9 @@ pub(crate) struct TransportOptions {
     pub sentinel_username: Option<String>,
     pub sentinel_password: Option<String>,
     pub sentinel_fanout_compat: bool,
+    /// TLS to the Sentinels (`sentinel_kwargs.ssl` on) and their files (`ssl_ca_certs`,
+    /// `ssl_certfile`, `ssl_keyfile`).
+    pub sentinel_tls: Option<crate::config::TlsConfig>,
     /// Options given that do not change what is counted.
     pub ignored: Vec<String>,
 }
@@ -102,6 +105,7 @@ impl Default for TransportOptions {
             sentinel_username: None,
             sentinel_password: None,
             sentinel_fanout_compat: false,
+            sentinel_tls: None,
             ignored: Vec::new(),
         }
     }
@@ -279,8 +283,49 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                         "must be a map of redis-py connection keywords (password, username, ...)",
                     ));
                 };
+                let mut ssl = false;
+                let mut files = crate::config::TlsConfig::default();
+                let mut ssl_keys = Vec::new();
                 for (k, kv) in kwargs {
                     let f = format!("{}.{k}", field(name));
+                    let path = |kv: &Value| match kv {
+                        Value::String(p) if !p.is_empty() => Ok(Some(p.into())),
+                        Value::Null => Ok(None),
+                        _ => Err(ConfigError::new(f.clone(), "must be a file path")),
+                    };
+                    match k.as_str() {
+                        // redis-py's `Redis(ssl=True, ssl_ca_certs=..., ...)` for the Sentinels.
+                        "ssl" => ssl = transport_option::boolean(&f, kv)?,
+                        "ssl_ca_certs" => files.ca_file = path(kv)?,
+                        "ssl_certfile" => files.client_cert_file = path(kv)?,
+                        "ssl_keyfile" => files.client_key_file = path(kv)?,
+                        "ssl_cert_reqs" | "ssl_check_hostname" => {
+                            // celery-scale always verifies the certificate and its name.
+                            let verifies = match kv {
+                                Value::String(r) => {
+                                    matches!(r.as_str(), "required" | "CERT_REQUIRED")
+                                }
+                                Value::Null => true,
+                                v => transport_option::truthy(v),
+                            };
+                            if !verifies {
+                                t.ignored.push(format!("sentinel_kwargs.{k}"));
+                            }
+                        }
+                        _ => {}
+                    }
+                    if matches!(
+                        k.as_str(),
+                        "ssl"
+                            | "ssl_ca_certs"
+                            | "ssl_certfile"
+                            | "ssl_keyfile"
+                            | "ssl_cert_reqs"
+                            | "ssl_check_hostname"
+                    ) {
+                        ssl_keys.push(k.clone());
+                        continue;
+                    }
                     match k.as_str() {
                         "password" if !kv.is_null() => {
                             t.sentinel_password =
@@ -301,11 +346,28 @@ pub(crate) fn resolve(options: &BTreeMap<String, Value>) -> Result<TransportOpti
                         _ => {
                             return Err(ConfigError::new(
                                 f,
-                                "is not supported (password, username and the socket_* \
-                                 keywords are)",
+                                "is not supported (password, username, the socket_* keywords, \
+                                 ssl, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs \
+                                 and ssl_check_hostname are)",
                             ));
                         }
                     }
+                }
+                if files.client_cert_file.is_some() != files.client_key_file.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{}.ssl_keyfile", field(name)),
+                        "ssl_certfile and ssl_keyfile go together",
+                    ));
+                }
+                if ssl {
+                    t.sentinel_tls = Some(files);
+                } else {
+                    // redis-py reads the ssl_* keywords only with ssl=True.
+                    t.ignored.extend(
+                        ssl_keys
+                            .iter()
+                            .map(|k| format!("sentinel_kwargs.{k} (ssl is off)")),
+                    );
                 }
             }
             n if IGNORED_OPTIONS.contains(&n) => t.ignored.push(n.to_string()),
@@ -399,8 +461,29 @@ mod tests {
         );
         let e = opts(json!({"visiblity_timeout": 10})).unwrap_err();
         assert_eq!(e.field, "broker_transport_options.visiblity_timeout");
-        let e = opts(json!({"sentinel_kwargs": {"ssl": true}})).unwrap_err();
-        assert_eq!(e.field, "broker_transport_options.sentinel_kwargs.ssl");
+        let e = opts(json!({"sentinel_kwargs": {"ssl_ciphers": "x"}})).unwrap_err();
+        assert_eq!(
+            e.field,
+            "broker_transport_options.sentinel_kwargs.ssl_ciphers"
+        );
+        let t = opts(json!({"sentinel_kwargs": {"ssl": true, "ssl_ca_certs": "/ca.pem"}})).unwrap();
+        let tls = t.sentinel_tls.expect("TLS to the Sentinels");
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        let t = opts(json!({"sentinel_kwargs": {"ssl_ca_certs": "/ca.pem"}})).unwrap();
+        assert!(
+            t.sentinel_tls.is_none(),
+            "redis-py ignores ssl_* without ssl=True"
+        );
+        assert_eq!(t.ignored, ["sentinel_kwargs.ssl_ca_certs (ssl is off)"]);
+        let e =
+            opts(json!({"sentinel_kwargs": {"ssl": true, "ssl_certfile": "/c.pem"}})).unwrap_err();
+        assert_eq!(
+            e.field,
+            "broker_transport_options.sentinel_kwargs.ssl_keyfile"
+        );
         assert!(opts(json!({"priority_steps": [0, 300]})).is_err());
         assert!(opts(json!({"visibility_timeout": -1})).is_err());
         assert!(opts(json!({"fanout_patterns": "yes"})).is_err());
