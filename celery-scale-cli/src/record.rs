@@ -246,10 +246,13 @@ async fn run(
             _ = tokio::time::sleep_until(deadline) => break "the duration was reached",
             _ = &mut signal => break "interrupted (SIGINT/SIGTERM)",
             _ = tick.tick() => {
+                let result = live.source().observe().await;
+                // The reading is as of its answer (the first one also connects).
                 let at = Instant::now().saturating_duration_since(start);
-                match live.source().observe().await {
+                match result {
                     Ok(o) => {
                         observed += 1;
+                        tracing::debug!(at_s = at.as_secs_f64(), ready = o.ready, in_flight = ?o.in_flight, task_events = recorder.stats().task_events, "observed");
                         recorder.observe(at, o.ready, o.in_flight.map(|f| f.saturating_add(o.ready)));
                     }
                     Err(e) => {

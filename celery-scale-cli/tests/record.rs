@@ -30,6 +30,12 @@ scaler = {{ kind = "ecs", cluster = "no-such-cluster", service = "no-such-servic
     path.to_str().unwrap().to_string()
 }
 
+/// Whether the worker's log has Celery's `{queue}@host ready.` line.
+fn worker_ready(log: &str, queue: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains(&format!("{queue}@")) && l.trim_end().ends_with(" ready."))
+}
+
 fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok() {
@@ -89,7 +95,7 @@ fn records_a_real_burst_from_task_events_and_from_observations() {
         .args(&["-E"])
         .spawn();
     wait_until("the worker is ready", Duration::from_secs(30), || {
-        worker.log_tail().contains("ready.")
+        worker_ready(&worker.log_tail(), &queue)
     });
     // A heartbeat (every 2 s) before the burst, so the observing recorder knows the worker.
     std::thread::sleep(Duration::from_millis(2500));
@@ -190,6 +196,91 @@ fn records_a_real_burst_from_task_events_and_from_observations() {
             "{stdout}"
         );
     }
+}
+
+#[test]
+fn records_task_events_from_rabbitmq() {
+    let (Some(amqp), Some(py)) = (
+        service("CELERY_SCALE_AMQP_URL"),
+        service("CELERY_SCALE_PYTHON"),
+    ) else {
+        return;
+    };
+    let queue = unique("record-amqp");
+    let dir = TempDir::new("cli-record-amqp");
+    let cfg = dir.join("amqp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[[bindings]]
+loop = {{ name = "amqp-burst" }}
+source = {{ kind = "amqp", url = "{amqp}", queues = ["{queue}"], worker_hostnames = ["{queue}@*"] }}
+scaler = {{ kind = "ecs", cluster = "c", service = "s" }}
+"#
+        ),
+    )
+    .unwrap();
+    // The worker declares the queue first: the source reads a queue it found missing again
+    // only after a while.
+    let worker = WorkerCommand::new(&py, &amqp)
+        .queues(&queue)
+        .concurrency(2)
+        .args(&["-E"])
+        .spawn();
+    wait_until("the worker is ready", Duration::from_secs(30), || {
+        worker_ready(&worker.log_tail(), &queue)
+    });
+    let out = dir.join("amqp.csv");
+    let mut recorder = Daemon::start(
+        Path::new(BIN),
+        &[
+            "record",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--duration",
+            "5m",
+            "--out",
+            out.to_str().unwrap(),
+            "--every",
+            "500ms",
+        ],
+        &[],
+        &dir.join("amqp.log"),
+    );
+    wait_until(
+        "the recorder subscribed and started",
+        Duration::from_secs(15),
+        || recorder.output().contains("recording"),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    publish(&py, &amqp, &queue, 6, 1.0);
+    std::thread::sleep(Duration::from_secs(6));
+    recorder.signal("INT");
+    assert!(
+        recorder.wait(Duration::from_secs(10)).success(),
+        "{}",
+        recorder.tail(20)
+    );
+    drop(worker);
+    let text = std::fs::read_to_string(&out).unwrap();
+    println!("{text}");
+    assert!(
+        text.contains("(amqp)") && text.contains("auto (task events heard: used)"),
+        "{text}"
+    );
+    assert!(!text.contains(&amqp), "{text}");
+    let trace = Trace::from_csv(&text).unwrap();
+    assert_eq!(trace.tasks(), 6, "{text}");
+    for a in trace.arrivals() {
+        assert_eq!(a.queue, queue);
+        assert!((1.0..1.3).contains(&a.duration.as_secs_f64()), "{text}");
+    }
+    // Four are received at once (two running, two prefetched), the last two a second later:
+    // placed by the backlog, all six arrive within about one --every.
+    assert!(
+        trace.end() - trace.arrivals()[0].at <= Duration::from_millis(700),
+        "{text}"
+    );
 }
 
 #[test]
