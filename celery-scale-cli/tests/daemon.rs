@@ -205,6 +205,12 @@ fn serves_metrics_health_and_readiness() {
 /// The policy line of the busy-worker tests: the shipped default with 5 s scale-in windows.
 const SHORT_WINDOWS: &str = "policy = { stabilize_down = \"5s\", scale_to_zero_after = \"5s\" }";
 
+/// Windows for `-P solo` workers: a solo worker reads idle from its last beat until it is
+/// found silent (two missed heartbeats, 4 s with Celery's default), so the scale-in window must
+/// be longer than that (the README says so); still well below the 30 s the test watches.
+const SOLO_WINDOWS: &str =
+    "policy = { stabilize_down = \"10s\", scale_to_zero_after = \"10s\" }";
+
 /// Unknown is never zero, in the daemon: it starts while two workers run long tasks (the queue
 /// empty, the service at 2). Its first ticks cannot see them (the worker-event warm-up), and a
 /// fresh loop remembers nothing: it must not scale in under them.
@@ -290,7 +296,7 @@ fn a_daemon_holds_silent_solo_workers_busy_on_long_tasks() {
     std::fs::write(
         &path,
         format!(
-            "[[bindings]]\nloop = {{ name = \"solo\", interval = \"1s\" }}\n{SHORT_WINDOWS}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
+            "[[bindings]]\nloop = {{ name = \"solo\", interval = \"1s\" }}\n{SOLO_WINDOWS}\n\n[bindings.source]\n{}\n[bindings.scaler]\n{}",
             broker.source_toml(&s, &queue),
             target.scaler_toml(1)
         ),
