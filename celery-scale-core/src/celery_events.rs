@@ -43,8 +43,9 @@ pub struct WorkerEvent {
     pub hostname: String,
     /// Tasks executing now.
     pub active: u64,
-    /// Tasks the worker has received so far (Celery's `all_total_count`: counted when a task is
-    /// reserved, so a prefetch shows up before the tasks run).
+    /// Tasks the worker has started so far (Celery's `all_total_count`, counted in
+    /// `celery.worker.state.task_accepted` when a pool process takes the task: prefetched tasks
+    /// are not in it until they start).
     pub processed: u64,
     /// Seconds between heartbeats: finite, above 0 and at most [`MAX_HEARTBEAT_FREQ`] in every
     /// decoded event.
@@ -222,9 +223,8 @@ pub struct WorkerSummary {
     /// Workers whose last heartbeat is recent.
     pub live_workers: u32,
     /// Tasks one busy worker process gets through per second, measured over the registry's
-    /// window: the rate at which workers take tasks (`processed`) divided by the mean number of
-    /// executing tasks (Little's law). Prefetching makes it read high for the first beats after a
-    /// burst arrives; over the window it converges to the completion rate. `None` until there is
+    /// window: the rate at which workers start tasks (`processed`) divided by the mean number of
+    /// executing tasks (Little's law); over the window it converges to the completion rate. `None` until there is
     /// history with work executing.
     pub throughput_per_worker: Option<f64>,
     /// Every live node, by name.
