@@ -208,8 +208,7 @@ const SHORT_WINDOWS: &str = "policy = { stabilize_down = \"5s\", scale_to_zero_a
 /// Windows for `-P solo` workers: a solo worker reads idle from its last beat until it is
 /// found silent (two missed heartbeats, 4 s with Celery's default), so the scale-in window must
 /// be longer than that (the README says so); still well below the 30 s the test watches.
-const SOLO_WINDOWS: &str =
-    "policy = { stabilize_down = \"10s\", scale_to_zero_after = \"10s\" }";
+const SOLO_WINDOWS: &str = "policy = { stabilize_down = \"10s\", scale_to_zero_after = \"10s\" }";
 
 /// Unknown is never zero, in the daemon: it starts while two workers run long tasks (the queue
 /// empty, the service at 2). Its first ticks cannot see them (the worker-event warm-up), and a
