@@ -275,10 +275,12 @@ scaler = {{ kind = "ecs", cluster = "c", service = "s" }}
         assert_eq!(a.queue, queue);
         assert!((1.0..1.3).contains(&a.duration.as_secs_f64()), "{text}");
     }
-    // Four are received at once (two running, two prefetched), the last two a second later:
-    // placed by the backlog, all six arrive within about one --every.
+    // Four are received at once (two running, two prefetched), the last two a second later
+    // and the last receipts about three seconds after the publish: placed by the backlog, all
+    // six arrive well within that (within two --every readings plus the management API's lag
+    // on a loaded machine: CI saw 0.9 s).
     assert!(
-        trace.end() - trace.arrivals()[0].at <= Duration::from_millis(700),
+        trace.end() - trace.arrivals()[0].at <= Duration::from_millis(1500),
         "{text}"
     );
 }
