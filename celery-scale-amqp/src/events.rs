@@ -38,81 +38,13 @@ impl CeleryEventConsumer {
     /// Binds a queue of its own to `celeryev` with `keys` and consumes it, on a channel of the
     /// source's connection.
     pub(crate) async fn start(inner: &Inner, keys: &[&str]) -> Result<Self, AmqpSourceError> {
-        let connect_timeout = inner.config().connect_timeout;
-        let setup = async {
-            let connection = inner.connection().await?;
-            let op = |what: &str| {
-                let what = what.to_string();
-                move |e| AmqpSourceError::from_operation(inner.url(), what, e)
-            };
-            let mut channel = connection
-                .create_channel()
-                .await
-                .map_err(op("channel.open (celery events)"))?;
-            // Declared as Celery declares it, so that the consumer can start before the first
-            // worker; bound to as it is when declared otherwise (406) or not ours to declare.
-            if let Err(e) = channel
-                .exchange_declare(
-                    EVENT_EXCHANGE.into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-            {
-                tracing::debug!(error = %e, "cannot declare the celeryev exchange; binding to it as it is");
-                channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(op("channel.open (celery events)"))?;
-            }
-            let mut args = FieldTable::default();
-            args.insert("x-message-ttl".into(), AMQPValue::LongInt(EVENT_TTL_MS));
-            let queue = channel
-                .queue_declare(
-                    "".into(),
-                    QueueDeclareOptions::exclusive().auto_delete(),
-                    args,
-                )
-                .await
-                .map_err(op("queue.declare (celery events)"))?;
-            for key in keys {
-                channel
-                    .queue_bind(
-                        queue.name().clone(),
-                        EVENT_EXCHANGE.into(),
-                        (*key).into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(op("queue.bind celeryev"))?;
-            }
-            let consumer = channel
-                .basic_consume(
-                    queue.name().clone(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        exclusive: true,
-                        ..BasicConsumeOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(op("basic.consume (celery events)"))?;
-            Ok::<_, AmqpSourceError>((channel, consumer))
-        };
-        let (channel, consumer) = tokio::time::timeout(connect_timeout, setup)
-            .await
-            .map_err(|_| AmqpSourceError::Timeout {
-                url: inner.url().to_string(),
-                operation: "the celery-event consumer setup",
-                after: connect_timeout,
-            })??;
+        let (channel, consumer) = consume_event_exchange(
+            inner,
+            keys,
+            EVENT_TTL_MS,
+            ("celery events", "the celery-event consumer setup"),
+        )
+        .await?;
         Ok(CeleryEventConsumer {
             _channel: channel,
             consumer,
@@ -130,4 +62,92 @@ impl CeleryEventConsumer {
                 .map_err(|e| AmqpSourceError::from_operation(&self.url, "celery events".into(), e)),
         )
     }
+}
+
+/// Consumes Celery's event exchange `celeryev` with `keys`, on a channel of the source's
+/// connection (so with its TLS settings) and an exclusive, auto-delete queue of its own whose
+/// messages live `ttl_ms`; the whole set-up bounded by the connect timeout. `what` names the
+/// consumer in errors: (operation, timeout operation).
+pub(crate) async fn consume_event_exchange(
+    inner: &Inner,
+    keys: &[&str],
+    ttl_ms: i32,
+    (what, setup_what): (&str, &'static str),
+) -> Result<(Channel, Consumer), AmqpSourceError> {
+    let connect_timeout = inner.config().connect_timeout;
+    let setup = async {
+        let connection = inner.connection().await?;
+        let op = |step: &str| {
+            let step = format!("{step} ({what})");
+            move |e| AmqpSourceError::from_operation(inner.url(), step, e)
+        };
+        let mut channel = connection
+            .create_channel()
+            .await
+            .map_err(op("channel.open"))?;
+        // Declare Celery's event exchange as Celery does, so the consumer can start before the
+        // first worker does. If someone declared it otherwise (406) or the user may not
+        // configure it (403), bind to it as it is.
+        if let Err(e) = channel
+            .exchange_declare(
+                EVENT_EXCHANGE.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "cannot declare the celeryev exchange; binding to it as it is");
+            channel = connection
+                .create_channel()
+                .await
+                .map_err(op("channel.open"))?;
+        }
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl_ms));
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions::exclusive().auto_delete(),
+                args,
+            )
+            .await
+            .map_err(op("queue.declare"))?;
+        for key in keys {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    EVENT_EXCHANGE.into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(op(&format!("queue.bind celeryev {key}")))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(op("basic.consume"))?;
+        Ok::<_, AmqpSourceError>((channel, consumer))
+    };
+    tokio::time::timeout(connect_timeout, setup)
+        .await
+        .map_err(|_| AmqpSourceError::Timeout {
+            url: inner.url().to_string(),
+            operation: setup_what,
+            after: connect_timeout,
+        })?
 }

@@ -5,11 +5,7 @@ use std::sync::Arc;
 
 use celery_scale_core::celery_events::{FeedSettings, FeedSink, WorkerEvent, WorkerFeed};
 use futures::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::Channel;
 use tokio::time::Instant;
 
 use crate::error::AmqpSourceError;
@@ -46,80 +42,13 @@ pub(crate) fn start(inner: Arc<Inner>, runtime: &tokio::runtime::Handle) -> Work
 /// Sets up the event queue on a channel of the shared connection (so with the source's TLS
 /// settings) and consumes until the connection or the channel goes away.
 async fn consume(inner: &Inner, sink: &FeedSink) -> Result<(), AmqpSourceError> {
-    let connect_timeout = inner.config().connect_timeout;
-    let setup = async {
-        let connection = inner.connection().await?;
-        let op = |what: &str| {
-            let what = what.to_string();
-            move |e| AmqpSourceError::from_operation(inner.url(), what, e)
-        };
-        let mut channel = connection
-            .create_channel()
-            .await
-            .map_err(op("channel.open (worker events)"))?;
-        // Declare Celery's event exchange as Celery does, so the consumer can start before the
-        // first worker does. If someone declared it otherwise (406) or the user may not
-        // configure it (403), bind to it as it is.
-        if let Err(e) = channel
-            .exchange_declare(
-                EVENT_EXCHANGE.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            tracing::debug!(error = %e, "cannot declare the celeryev exchange; binding to it as it is");
-            channel = connection
-                .create_channel()
-                .await
-                .map_err(op("channel.open (worker events)"))?;
-        }
-        let mut args = FieldTable::default();
-        args.insert("x-message-ttl".into(), AMQPValue::LongInt(EVENT_TTL_MS));
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions::exclusive().auto_delete(),
-                args,
-            )
-            .await
-            .map_err(op("queue.declare (worker events)"))?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                EVENT_EXCHANGE.into(),
-                WORKER_EVENTS.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(op("queue.bind celeryev worker.#"))?;
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(op("basic.consume (worker events)"))?;
-        Ok::<_, AmqpSourceError>((channel, consumer))
-    };
-    let (channel, mut consumer) = tokio::time::timeout(connect_timeout, setup)
-        .await
-        .map_err(|_| AmqpSourceError::Timeout {
-            url: inner.url().to_string(),
-            operation: "the worker-event consumer setup",
-            after: connect_timeout,
-        })??;
+    let (channel, mut consumer) = crate::events::consume_event_exchange(
+        inner,
+        &[WORKER_EVENTS],
+        EVENT_TTL_MS,
+        ("worker events", "the worker-event consumer setup"),
+    )
+    .await?;
     sink.up();
     tracing::debug!(url = %inner.url(), "consuming worker events");
     let _channel: Channel = channel;
