@@ -18,6 +18,17 @@
 //!   (Celery `--concurrency 4`), and `worker_prefetch_multiplier = 1` with the default policy
 //!   as shipped and as the README advises for that multiplier (`messages_per_worker` 2,
 //!   `held_per_worker` 1); the baselines target the same `messages_per_worker`.
+//! - `rent-or-buy`: the `rent_or_buy` option (start-up measured or configured) beside the
+//!   default on the suite and the holdout traces.
+//! - `schedule`: a scheduled floor on a known daily peak (three days), beside the default.
+//! - `frontier`: where the default does not dominate (seed 1), every policy with its own knob
+//!   swept (ours at 2-8 messages per worker, KEDA and AWS at 2-8, Judoscale at 5-40 s).
+//! - `defaults`: candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and
+//!   30 s windows) on the suite and the holdout traces.
+//! - `forecast`: the learned floor (`forecast`, period 1 d or 1 h, 1 or 2 cycles) on a daily
+//!   peak over five days and an hourly cron over eight hours, beside the default and a lower
+//!   target; then an hourly forecast on the suite and the holdout traces, where nothing recurs
+//!   hourly.
 //! - `startups`: the suite (seed 1) with a start-up per trace (`suite::varied_startup`, 15 s to
 //!   240 s): per trace, the default's cost against the busy and start-up-aware bounds, and the
 //!   baselines it dominates.
@@ -44,6 +55,8 @@ enum Experiment {
     RentOrBuy,
     Schedule,
     Frontier,
+    Defaults,
+    Forecast,
 }
 
 #[derive(Debug, Parser)]
@@ -570,11 +583,35 @@ fn rent_or_buy(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     compare("rent-or-buy", &candidates, seeds)
 }
 
-/// A known daily peak: three days from Monday 00:00 UTC (the simulator's default wall clock) of
-/// 0.05 task/s, and every day from 09:00 to 09:20 UTC 5 tasks/s; tasks of 5-15 s.
-fn morning_rush(seed: u64) -> Trace {
+/// Candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and 30 s windows)
+/// on the suite and the holdout traces.
+fn defaults(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut candidates = Vec::new();
+    for per_worker in [4.0, 5.0] {
+        for window in [15u64, 30] {
+            candidates.push((
+                format!("target_backlog {per_worker}, window {window} s"),
+                PolicyConfig {
+                    messages_per_worker: per_worker,
+                    stabilize_down: Duration::from_secs(window),
+                    scale_to_zero_after: Duration::from_secs(window),
+                    ..default_policy()
+                },
+            ));
+        }
+    }
+    let candidates: Vec<(&str, PolicyConfig)> = candidates
+        .iter()
+        .map(|(label, c)| (label.as_str(), c.clone()))
+        .collect();
+    compare("defaults", &candidates, seeds)
+}
+
+/// A known daily peak: `days` days from Monday 00:00 UTC (the simulator's default wall clock)
+/// of 0.05 task/s, and every day from 09:00 to 09:20 UTC 5 tasks/s; tasks of 5-15 s.
+fn morning_rush(seed: u64, days: u64) -> Trace {
     Trace::from_rate(
-        Duration::from_secs(3 * 24 * 3600),
+        Duration::from_secs(days * 24 * 3600),
         seed * 100 + 50,
         "celery",
         |t| {
@@ -621,7 +658,7 @@ fn schedule(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     ];
     for &seed in seeds {
         let sim = Simulator::new(report::world(seed));
-        let t = morning_rush(seed);
+        let t = morning_rush(seed, 3);
         let mut line = format!("seed {seed}");
         let mut theirs = Vec::new();
         for (policy, s) in baselines(&sim, &t)? {
@@ -640,6 +677,92 @@ fn schedule(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The learned floor: on a daily peak over five days (the forecast learns from the first
+/// days), and on the suite and the holdout traces (where a pattern does not recur, what it
+/// costs).
+fn forecast(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
+    use celery_scale::config::ForecastConfig;
+    let with = |period: u64, cycles: u32| PolicyConfig {
+        forecast: Some(ForecastConfig {
+            cycles,
+            ..ForecastConfig::every(Duration::from_secs(period))
+        }),
+        ..default_policy()
+    };
+    let lower_target = PolicyConfig {
+        messages_per_worker: 4.0,
+        ..default_policy()
+    };
+    // A cron at the top of every hour: 500 tasks of 2-5 s within 5 s, eight hours.
+    let hourly_cron = |seed: u64| {
+        Trace::from_rate(
+            Duration::from_secs(8 * 3600),
+            seed * 100 + 60,
+            "celery",
+            |t| if t % 3600.0 < 5.0 { 100.0 } else { 0.0 },
+            suite::uniform(2.0, 5.0),
+        )
+    };
+    /// A recurring trace (by seed) and the policies to run on it.
+    type Recurring<'a> = (
+        &'a str,
+        &'a dyn Fn(u64) -> Trace,
+        Vec<(&'a str, PolicyConfig)>,
+    );
+    let recurring: [Recurring; 2] = [
+        (
+            "morning_rush (5 days, 5 tasks/s of 5-15 s every day 09:00-09:20 UTC)",
+            &|seed| morning_rush(seed, 5),
+            vec![
+                ("default", default_policy()),
+                ("messages_per_worker 4", lower_target.clone()),
+                ("forecast 1d, 1 cycle", with(86_400, 1)),
+                ("forecast 1d, 2 cycles", with(86_400, 2)),
+            ],
+        ),
+        (
+            "hourly_cron (8 h, 500 tasks of 2-5 s at the top of every hour)",
+            &hourly_cron,
+            vec![
+                ("default", default_policy()),
+                ("messages_per_worker 4", lower_target),
+                ("forecast 1h, 1 cycle", with(3600, 1)),
+                ("forecast 1h, 2 cycles", with(3600, 2)),
+            ],
+        ),
+    ];
+    for (title, make, candidates) in &recurring {
+        println!("== forecast: {title}, worker-s / p95 wait s; * = dominates every baseline");
+        for &seed in seeds {
+            let sim = Simulator::new(report::world(seed));
+            let t = make(seed);
+            let mut line = format!("seed {seed}");
+            let mut theirs = Vec::new();
+            for (policy, s) in baselines(&sim, &t)? {
+                line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
+                theirs.push(s);
+            }
+            for (label, config) in candidates {
+                let s = sim.run(&t, config.build()?)?.summary;
+                line += &format!(
+                    " | {label} {:.0} / {:.0}{}",
+                    s.worker_seconds,
+                    s.wait_p95_s,
+                    if dominates(&s, &theirs) { " *" } else { "" }
+                );
+            }
+            println!("{line}");
+        }
+    }
+    // Where nothing recurs hourly, what an hourly forecast costs.
+    let candidates = [
+        ("default", default_policy()),
+        ("forecast 1h, 1 cycle", with(3600, 1)),
+        ("forecast 1h, 2 cycles", with(3600, 2)),
+    ];
+    compare("forecast 1h", &candidates, seeds)
 }
 
 /// Where dominance fails (seed 1): each policy with its own knob swept, worker-s / p95 wait s.
@@ -717,6 +840,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if run(Experiment::Startups) {
         startups()?;
+    }
+    if run(Experiment::Defaults) {
+        defaults(&args.seeds)?;
+    }
+    if run(Experiment::Forecast) {
+        forecast(&args.seeds)?;
     }
     if run(Experiment::RentOrBuy) {
         rent_or_buy(&args.seeds)?;

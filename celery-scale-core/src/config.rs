@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{PolicyExt, ScheduleWindow, StepLimit};
+use crate::layer::{ForecastSettings, PolicyExt, ScheduleWindow, StepLimit};
 use crate::policy::{DrainTime, ScalingPolicy, TargetBacklog};
 use crate::{ConfigError, LoopSettings};
 
@@ -100,9 +100,65 @@ impl ScheduleConfig {
     }
 }
 
+/// A learned floor for a recurring peak (see [`Forecast`](crate::layer::Forecast)):
+/// `forecast = { period = "1d", cycles = 2, lead = "60s" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastConfig {
+    /// How often the pattern recurs: `1h` (an hourly cron), `1d` (a daily peak), `7d`. From
+    /// 1 minute to 7 days.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// Past periods that must each have asked for the capacity (the floor is the lowest of
+    /// them): 1 replays yesterday, 2 (the default) ignores a one-off. From 1 to 10.
+    #[serde(default = "ForecastConfig::two")]
+    pub cycles: u32,
+    /// How far ahead to prepare: a worker start-up. Absent: `worker_startup`, else 60 s. At
+    /// most `period`.
+    #[serde(default, with = "humantime_serde")]
+    pub lead: Option<Duration>,
+    /// Bucket width of what is remembered (default 60 s): whole seconds dividing `period`, at
+    /// most 20 160 buckets per period.
+    #[serde(default = "ForecastConfig::minute", with = "humantime_serde")]
+    pub resolution: Duration,
+}
+
+impl ForecastConfig {
+    fn two() -> u32 {
+        2
+    }
+    fn minute() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    /// A forecast of `period` with the defaults (2 cycles, the lead from `worker_startup` or
+    /// 60 s, 60 s buckets).
+    pub fn every(period: Duration) -> Self {
+        ForecastConfig {
+            period,
+            cycles: Self::two(),
+            lead: None,
+            resolution: Self::minute(),
+        }
+    }
+
+    /// The checked settings, with `worker_startup` as the lead when none is given; errors name
+    /// the field relative to this struct.
+    pub fn settings(
+        &self,
+        worker_startup: Option<Duration>,
+    ) -> Result<ForecastSettings, ConfigError> {
+        let lead = self
+            .lead
+            .or(worker_startup)
+            .unwrap_or(Duration::from_secs(60));
+        ForecastSettings::new(self.period, self.cycles, lead, self.resolution)
+    }
+}
+
 /// A policy and its layers, as configured. [`PolicyConfig::build`] assembles
-/// `base -> in_flight_floor -> rent_or_buy -> activation -> stabilize -> schedule -> max_step
-/// -> bounds -> fallback`.
+/// `base -> in_flight_floor -> rent_or_buy -> activation -> forecast -> stabilize -> schedule
+/// -> max_step -> bounds -> fallback`.
 ///
 /// # Bounds
 ///
@@ -129,6 +185,10 @@ impl ScheduleConfig {
 /// | `fallback.capacity` | `min_workers` ..= `max_workers` |
 /// | `worker_startup` | 1 s ..= 24 h |
 /// | `schedule[i].min_workers` | 0 ..= `max_workers` |
+/// | `forecast.period` | 1 min ..= 7 days, whole seconds |
+/// | `forecast.cycles` | 1 ..= 10 |
+/// | `forecast.lead` | 0 ..= `forecast.period` |
+/// | `forecast.resolution` | 1 s ..= `forecast.period`, dividing it, at most 20 160 buckets per period |
 ///
 /// ```
 /// use celery_scale_core::config::PolicyConfig;
@@ -189,6 +249,9 @@ pub struct PolicyConfig {
     /// Windows of the week with a floor of workers
     /// ([`ScheduledFloor`](crate::layer::ScheduledFloor)).
     pub schedule: Vec<ScheduleConfig>,
+    /// A floor learned from the capacity asked at the same time of past periods
+    /// ([`Forecast`](crate::layer::Forecast)); absent: none.
+    pub forecast: Option<ForecastConfig>,
 }
 
 impl Default for PolicyConfig {
@@ -212,6 +275,7 @@ impl Default for PolicyConfig {
             rent_or_buy: false,
             worker_startup: None,
             schedule: Vec::new(),
+            forecast: None,
         }
     }
 }
@@ -437,9 +501,17 @@ impl PolicyConfig {
         } else {
             floored
         };
-        let stabilized = bought
-            .activation(self.activation_messages, self.scale_to_zero_after)
-            .stabilize(self.stabilize_up, self.stabilize_down);
+        let forecast = self
+            .forecast
+            .map(|f| f.settings(self.worker_startup))
+            .transpose()
+            .map_err(|e| e.within("forecast"))?;
+        let activated = bought.activation(self.activation_messages, self.scale_to_zero_after);
+        let forecasted: Box<dyn ScalingPolicy> = match forecast {
+            Some(settings) => activated.forecast(settings).boxed(),
+            None => activated.boxed(),
+        };
+        let stabilized = forecasted.stabilize(self.stabilize_up, self.stabilize_down);
         let scheduled: Box<dyn ScalingPolicy> = if windows.is_empty() {
             stabilized.boxed()
         } else {
@@ -823,6 +895,7 @@ fallback = { after_failures = 3, capacity = 2 }
         );
         let c: Config<Src, Tgt> = Config::from_toml(&text, no_backend_rules).unwrap();
         let p = &c.bindings[0].policy;
+        assert_eq!(p.forecast, None);
         assert!(p.rent_or_buy);
         assert_eq!(p.worker_startup, Some(Duration::from_secs(45)));
         assert_eq!(p.schedule.len(), 2);
@@ -831,6 +904,24 @@ fallback = { after_failures = 3, capacity = 2 }
             ("daily", "UTC")
         );
         p.build().unwrap();
+        let back: Config<Src, Tgt> =
+            Config::from_toml(&toml::to_string(&c).unwrap(), no_backend_rules).unwrap();
+        assert_eq!(back, c);
+        // A forecast with the defaults: two cycles, the lead from worker_startup, 60 s buckets.
+        let text = with("worker_startup = \"45s\"\nforecast = { period = \"1d\" }");
+        let c: Config<Src, Tgt> = Config::from_toml(&text, no_backend_rules).unwrap();
+        let f = c.bindings[0].policy.forecast.unwrap();
+        assert_eq!(f, ForecastConfig::every(Duration::from_secs(86_400)));
+        assert_eq!(
+            f.settings(Some(Duration::from_secs(45))).unwrap(),
+            ForecastSettings::new(
+                Duration::from_secs(86_400),
+                2,
+                Duration::from_secs(45),
+                Duration::from_secs(60)
+            )
+            .unwrap()
+        );
         let back: Config<Src, Tgt> =
             Config::from_toml(&toml::to_string(&c).unwrap(), no_backend_rules).unwrap();
         assert_eq!(back, c);
@@ -865,6 +956,26 @@ fallback = { after_failures = 3, capacity = 2 }
             (
                 "schedule = [{ from = \"08:00\", to = \"09:00\", min_workers = 1, days_of_week = \"mon\" }]",
                 "bindings[0].policy.schedule[0].days_of_week",
+            ),
+            (
+                "forecast = { period = \"30s\" }",
+                "bindings[0].policy.forecast.period",
+            ),
+            (
+                "forecast = { period = \"1d\", cycles = 0 }",
+                "bindings[0].policy.forecast.cycles",
+            ),
+            (
+                "forecast = { period = \"1h\", resolution = \"7s\" }",
+                "bindings[0].policy.forecast.resolution",
+            ),
+            (
+                "forecast = { period = \"1h\", lead = \"2h\" }",
+                "bindings[0].policy.forecast.lead",
+            ),
+            (
+                "forecast = { period = \"1h\", every = \"1h\" }",
+                "bindings[0].policy.forecast.every",
             ),
             (
                 "worker_startup = \"0s\"",
@@ -1348,6 +1459,12 @@ fallback = { after_failures = 3, capacity = 2 }
                 tz: "UTC".into(),
                 min_workers: 100_000,
             }],
+            forecast: Some(ForecastConfig {
+                period: Duration::from_secs(7 * 86_400),
+                cycles: 10,
+                lead: Some(Duration::from_secs(7 * 86_400)),
+                resolution: Duration::from_secs(30),
+            }),
         };
         at_max.validate().unwrap();
         let at_min = PolicyConfig {
@@ -1382,6 +1499,12 @@ fallback = { after_failures = 3, capacity = 2 }
                 tz: "UTC".into(),
                 min_workers: 0,
             }],
+            forecast: Some(ForecastConfig {
+                period: Duration::from_secs(60),
+                cycles: 1,
+                lead: Some(Duration::ZERO),
+                resolution: Duration::from_secs(1),
+            }),
         };
         at_min.validate().unwrap();
         PolicyConfig::default().validate().unwrap();

@@ -139,3 +139,68 @@ fn shipped_traces_are_what_the_generator_makes() {
         celery_scale_sim::suite::suite(5)[0].1
     );
 }
+
+/// An hourly burst (200 tasks of 30 s at half past each hour, three hours): with a forecast of
+/// period 1 h, the workers asked for in the first hour's burst are running when the next ones
+/// arrive; without it, nothing runs until the burst is seen.
+#[test]
+fn a_forecast_has_workers_running_when_an_hourly_burst_recurs() {
+    use celery_scale_core::config::ForecastConfig;
+    let trace = Trace::new(
+        (0..3)
+            .map(|h| Arrival {
+                at: Duration::from_secs(h * 3600 + 1800),
+                count: 200,
+                duration: Duration::from_secs(30),
+                queue: "celery".into(),
+            })
+            .collect(),
+    );
+    let sim = Simulator::new(SimConfig::default());
+    let policy = |forecast| PolicyConfig {
+        max_workers: 100,
+        forecast,
+        ..PolicyConfig::default()
+    };
+    let with = sim
+        .run(
+            &trace,
+            policy(Some(ForecastConfig {
+                cycles: 1,
+                ..ForecastConfig::every(Duration::from_secs(3600))
+            }))
+            .build()
+            .unwrap(),
+        )
+        .unwrap();
+    let without = sim.run(&trace, policy(None).build().unwrap()).unwrap();
+    let running_at = |r: &celery_scale_sim::SimResult, t: f64| {
+        r.series
+            .iter()
+            .rfind(|p| p.t_s <= t)
+            .map(|p| p.running_workers)
+            .unwrap()
+    };
+    for hour in 0..3 {
+        let burst = (hour * 3600 + 1800) as f64;
+        // Asked for a start-up (the 60 s lead) before the burst, running as it arrives.
+        assert_eq!(running_at(&without, burst + 5.0), 0, "hour {hour}");
+        let expected = if hour == 0 { 0 } else { 40 };
+        assert!(
+            running_at(&with, burst + 5.0) >= expected,
+            "hour {hour}: {} running as the burst arrives",
+            running_at(&with, burst + 5.0)
+        );
+        // Between bursts the floor is gone: back to zero.
+        assert_eq!(running_at(&with, burst + 1500.0), 0, "hour {hour}");
+    }
+    assert_eq!(running_at(&with, 1799.0), 0, "nothing learned yet");
+    assert_eq!(with.summary.completed, with.summary.tasks);
+    // The first hour's waits are the same with and without; the median falls in the others.
+    assert!(
+        with.summary.wait_p50_s + 20.0 < without.summary.wait_p50_s,
+        "{} vs {}",
+        with.summary.wait_p50_s,
+        without.summary.wait_p50_s
+    );
+}

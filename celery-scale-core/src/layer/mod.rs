@@ -23,6 +23,7 @@
 mod activation;
 mod bounds;
 mod fallback;
+mod forecast;
 mod history;
 mod in_flight_floor;
 mod max_step;
@@ -35,6 +36,7 @@ use std::time::Duration;
 pub use activation::Activation;
 pub use bounds::Bounded;
 pub use fallback::Fallback;
+pub use forecast::{Forecast, ForecastSettings};
 pub use in_flight_floor::InFlightFloor;
 pub use max_step::{MaxStep, StepLimit};
 pub use rent_or_buy::RentOrBuy;
@@ -90,6 +92,12 @@ pub trait PolicyExt: ScalingPolicy + Sized {
     /// `windows` (the highest floor where several hold).
     fn scheduled_floor(self, windows: Vec<ScheduleWindow>) -> ScheduledFloor<Self> {
         ScheduledFloor::new(self, windows)
+    }
+
+    /// At least what was asked for at the same time (up to the lead ahead) of each of the last
+    /// `cycles` periods: capacity ready for a recurring peak.
+    fn forecast(self, settings: ForecastSettings) -> Forecast<Self> {
+        Forecast::new(self, settings)
     }
 
     /// After `after_failures` failed observations in a row: hold (`None`), or raise to at least
