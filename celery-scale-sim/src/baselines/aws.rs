@@ -12,7 +12,8 @@ use super::due;
 /// Application Auto Scaling target tracking on a backlog-per-task metric (AWS's documented way
 /// to scale queue workers), with its defaults:
 ///
-/// - the metric (ready messages / running tasks) is one datapoint per period: 60 s
+/// - the metric (ready messages / running tasks, AWS's recipe; or / desired count with
+///   [`AwsTargetTracking::per_desired_task`]) is one datapoint per period: 60 s
 ///   ([`AwsTargetTracking::new`]), or 10 s for the high-resolution option
 ///   ([`AwsTargetTracking::high_resolution`]: AWS documents 10 s as the lowest metric period
 ///   target tracking supports on a custom metric, and 10, 30 and 60 s as the accepted periods);
@@ -33,6 +34,7 @@ pub struct AwsTargetTracking {
     min: u32,
     max: u32,
     period: Duration,
+    per_desired_task: bool,
     datapoints: VecDeque<f64>,
     last_datapoint: Option<Instant>,
     last_out: Option<Instant>,
@@ -59,6 +61,7 @@ impl AwsTargetTracking {
             min: min.max(1),
             max: max.max(min).max(1),
             period: Self::PERIOD,
+            per_desired_task: false,
             datapoints: VecDeque::new(),
             last_datapoint: None,
             last_out: None,
@@ -74,6 +77,16 @@ impl AwsTargetTracking {
             ..AwsTargetTracking::new(target, min, max)
         }
     }
+
+    /// The metric divided by the desired count instead of the running tasks (a custom metric
+    /// a user publishes with the service's desired count): capacity that is starting no longer
+    /// reads as missing, so a scale-out is not repeated while tasks start.
+    pub fn per_desired_task(self) -> Self {
+        AwsTargetTracking {
+            per_desired_task: true,
+            ..self
+        }
+    }
 }
 
 impl ScalingPolicy for AwsTargetTracking {
@@ -86,7 +99,12 @@ impl ScalingPolicy for AwsTargetTracking {
         };
         // The metric is published every period whatever the policy does.
         let fresh = due(self.last_datapoint, self.period, now);
-        let per_task = obs.ready as f64 / f64::from(input.capacity.running.max(1));
+        let tasks = if self.per_desired_task {
+            input.capacity.desired
+        } else {
+            input.capacity.running
+        };
+        let per_task = obs.ready as f64 / f64::from(tasks.max(1));
         if fresh {
             self.last_datapoint = Some(now);
             self.datapoints.push_back(per_task);

@@ -122,6 +122,49 @@ mod tests {
     }
 
     #[test]
+    fn aws_per_running_task_overshoots_while_tasks_start_per_desired_task_does_not() {
+        // 100 ready messages that stay; new tasks run 60 s after they are asked for. Per running
+        // task the metric stays high while the 20 start, so the next alarms raise to the
+        // maximum; per desired task it is on target once 20 are asked for.
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        for mut p in [
+            AwsTargetTracking::high_resolution(5.0, 1, 100),
+            AwsTargetTracking::high_resolution(5.0, 1, 100).per_desired_task(),
+        ] {
+            let mut asked: Vec<(u64, u32)> = vec![(0, 0)];
+            let mut peak = 0;
+            for s in 0..120u64 {
+                let now = t0 + Duration::from_secs(s);
+                let desired = asked.last().unwrap().1;
+                let running = asked
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| at + 60 <= s)
+                    .map_or(0, |a| a.1);
+                let obs = Observation::new(100, now);
+                let d = p.decide(&PolicyInput {
+                    observation: Some(&obs),
+                    consecutive_failures: 0,
+                    capacity: Capacity {
+                        desired,
+                        running,
+                        pending: desired.saturating_sub(running),
+                    },
+                    now,
+                    wall: std::time::SystemTime::UNIX_EPOCH,
+                });
+                if d.desired != desired {
+                    asked.push((s, d.desired));
+                }
+                peak = peak.max(d.desired);
+            }
+            out.push(peak);
+        }
+        assert_eq!(out, [100, 20]);
+    }
+
+    #[test]
     fn keda_scales_in_no_sooner_than_300_s_after_load_ends() {
         let mut p = Keda::new(5.0, 0, 100);
         // 50 ready until just after the poll at 600 s (the last poll that sees load), then none.
