@@ -94,8 +94,9 @@ impl LeaderElection {
                 "a failover list of independent servers cannot hold one lease (two copies could each hold it on a different server): name one Redis, or Sentinel",
             ));
         }
-        if self.redis_url.is_some() {
-            return Ok(());
+        if let Some(url) = &self.redis_url {
+            // Checked here, so that `check` and `run` reject it when the configuration loads.
+            return self.lease_redis(url).map(|_| ());
         }
         for (name, source) in sources {
             match source {
@@ -119,6 +120,19 @@ impl LeaderElection {
             }
         }
         Ok(())
+    }
+
+    /// The Redis of `redis_url` as a source configuration for the leases (checked: scheme,
+    /// options, TLS files); errors name `leader_election.redis_url`.
+    fn lease_redis(&self, url: &SecretUrl) -> Result<RedisSourceConfig, ConfigError> {
+        RedisSourceConfig::builder(url.clone())
+            .queue("celery")
+            .heartbeats(false)
+            .build()
+            .map_err(|e| match e.field.as_str() {
+                "url" => ConfigError::new("leader_election.redis_url", e.rule),
+                _ => e.within("leader_election.redis_url"),
+            })
     }
 
     /// This copy's holder name: the configured one or the host and start time, with the
@@ -147,13 +161,7 @@ impl LeaderElection {
             )))
         };
         match (&self.redis_url, source) {
-            (Some(url), _) => redis_lease(
-                RedisSourceConfig::builder(url.clone())
-                    .queue("celery")
-                    .heartbeats(false)
-                    .build()
-                    .map_err(|e| Error::Config(e.within("leader_election.redis_url")))?,
-            ),
+            (Some(url), _) => redis_lease(self.lease_redis(url).map_err(Error::Config)?),
             (None, SourceConfig::Redis(c)) => redis_lease(RedisSourceConfig {
                 heartbeats: false,
                 ..c.clone()
@@ -226,6 +234,16 @@ scaler = { kind = "ecs", cluster = "prod", service = "workers" }
             (
                 "lease = \"15s\"",
                 "redis_url = \"redis://a:6379/0;redis://b:6379/0\"",
+                "leader_election.redis_url",
+            ),
+            (
+                "lease = \"15s\"",
+                "redis_url = \"http://lease:6379/0\"",
+                "leader_election.redis_url",
+            ),
+            (
+                "lease = \"15s\"",
+                "redis_url = \"\"",
                 "leader_election.redis_url",
             ),
         ] {
