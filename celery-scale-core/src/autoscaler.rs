@@ -387,35 +387,27 @@ impl Binding {
                 };
                 let decision = decide_guarded(self.policy.as_mut(), &input);
                 let mut to = per_unit.units_for(decision.desired);
-                let may_act = |b: &Self| match (&b.leadership, leading) {
-                    (None, _) => true,
-                    (Some(l), Some(term)) => l.lease.may_act(term),
-                    (Some(_), None) => false,
+                let mut gate = match (&self.leadership, leading) {
+                    (None, _) => ActGate::Alone {
+                        timeout: self.settings.timeout,
+                    },
+                    (Some(l), Some(term)) => ActGate::Leader {
+                        lease: &l.lease,
+                        term,
+                        timeout: self.settings.timeout,
+                        confirmed: None,
+                    },
+                    (Some(_), None) => ActGate::Follower,
                 };
                 // A leader about to change the target asks the store once more first: a lease
                 // already given to another copy is found out now, not at the next renewal.
-                let about_to_act = self.scaler.protection().is_some() || to != units.desired;
-                let confirmed = match (&self.leadership, leading) {
-                    (Some(l), Some(term)) if about_to_act && !self.settings.dry_run => {
-                        l.lease.confirm(term, self.settings.timeout).await
-                    }
-                    _ => may_act(self),
-                };
-                let act_time = |b: &Self| -> Option<Duration> {
-                    match (&b.leadership, leading) {
-                        (None, _) => Some(b.settings.timeout),
-                        (Some(l), Some(term)) => l.lease.time_left(term),
-                        (Some(_), None) => None,
-                    }
+                // Protection calls ask (once a tick) when they are about to be made.
+                let confirmed = if to != units.desired && !self.settings.dry_run {
+                    gate.confirm().await
+                } else {
+                    gate.may_act()
                 };
                 if let Some(protection) = self.scaler.protection().filter(|_| confirmed) {
-                    let leadership = self.leadership.as_ref().map(|l| &l.lease);
-                    let timeout = self.settings.timeout;
-                    let act = move || match (leadership, leading) {
-                        (None, _) => Some(timeout),
-                        (Some(l), Some(term)) => l.time_left(term),
-                        (Some(_), None) => None,
-                    };
                     let (protected, held_to) = protect_units(
                         protection,
                         &self.settings,
@@ -423,7 +415,7 @@ impl Binding {
                         observation.as_ref(),
                         (units.desired, to),
                         wall,
-                        &act,
+                        &mut gate,
                     )
                     .await;
                     had_transient |= protected.as_ref().is_some_and(|p| p.transient);
@@ -432,7 +424,7 @@ impl Binding {
                 }
                 record.desired_units = Some(to);
                 record.decision = Some(decision);
-                record.outcome = if !(confirmed && may_act(self)) {
+                record.outcome = if !(confirmed && gate.may_act()) {
                     let waiting = self
                         .leadership
                         .as_ref()
@@ -451,11 +443,8 @@ impl Binding {
                 } else {
                     // The call ends by the lease's deadline (with several copies): a copy
                     // whose lease passed must not still be changing the target.
-                    let limit = act_time(self).unwrap_or(Duration::ZERO);
-                    let call = tokio::time::timeout(
-                        self.settings.timeout.min(limit),
-                        self.scaler.set_desired(to),
-                    );
+                    let limit = gate.time_left().unwrap_or(Duration::ZERO);
+                    let call = tokio::time::timeout(limit, self.scaler.set_desired(to));
                     match call
                         .await
                         .unwrap_or_else(|_| Err(Error::timeout("set_desired", limit)))
@@ -574,13 +563,76 @@ impl Binding {
     }
 }
 
+/// Whether a call that changes the target (capacity or protection) may be made in this tick,
+/// and for how long.
+enum ActGate<'a> {
+    /// No leader election: always, for the loop's `timeout`.
+    Alone { timeout: Duration },
+    /// Leading in `term`: while the lease allows it, after asking the store once this tick.
+    Leader {
+        lease: &'a Leadership,
+        term: u64,
+        timeout: Duration,
+        /// The store's answer, once asked this tick.
+        confirmed: Option<bool>,
+    },
+    /// Another copy leads: never.
+    Follower,
+}
+
+impl ActGate<'_> {
+    /// Whether a call may start now, without asking the store.
+    fn may_act(&self) -> bool {
+        match self {
+            ActGate::Alone { .. } => true,
+            ActGate::Leader { lease, term, .. } => lease.may_act(*term),
+            ActGate::Follower => false,
+        }
+    }
+
+    /// Whether a call may start now, after asking the store once this tick (a second call in
+    /// the same tick does not ask again).
+    async fn confirm(&mut self) -> bool {
+        match self {
+            ActGate::Alone { .. } => true,
+            ActGate::Follower => false,
+            ActGate::Leader {
+                lease,
+                term,
+                timeout,
+                confirmed,
+            } => {
+                if confirmed.is_none() {
+                    *confirmed = Some(lease.confirm(*term, *timeout).await);
+                }
+                *confirmed == Some(true) && lease.may_act(*term)
+            }
+        }
+    }
+
+    /// How long a call may run: the loop's timeout, cut to the lease's deadline; `None` when it
+    /// may not start.
+    fn time_left(&self) -> Option<Duration> {
+        match self {
+            ActGate::Alone { timeout } => Some(*timeout),
+            ActGate::Leader {
+                lease,
+                term,
+                timeout,
+                ..
+            } => lease.time_left(*term).map(|t| t.min(*timeout)),
+            ActGate::Follower => None,
+        }
+    }
+}
+
 /// Scale-in protection for one tick (see [`crate::protection`]): looks at the units before the
 /// desired count drops from `current` to `to` (and every [`PROTECTION_RECHECK`] while some are
 /// protected), protects the busy ones and releases the idle ones. Returns what it did and the
 /// count to set: never below the busy units (up to `current`), and `current` when the units or
 /// their protection cannot be read or set, since which units are busy is then not known.
-/// `act_time` says how long each protection call may run, or `None` when it may not start (the
-/// lease passed).
+/// `gate` says whether a protection call may be made (with several copies it asks the lease
+/// store before the first call of the tick) and how long it may run.
 async fn protect_units(
     protection: &dyn crate::protection::UnitProtection,
     settings: &LoopSettings,
@@ -588,7 +640,7 @@ async fn protect_units(
     observation: Option<&crate::Observation>,
     (current, to): (u32, u32),
     wall: SystemTime,
-    act_time: &(dyn Fn() -> Option<Duration> + Sync),
+    gate: &mut ActGate<'_>,
 ) -> (Option<crate::protection::ProtectionRecord>, u32) {
     use crate::protection::{ProtectionRecord, plan};
     let now = Instant::now();
@@ -688,9 +740,14 @@ async fn protect_units(
             continue;
         }
         let verb = if protect { "protect" } else { "release" };
-        // Each call that changes the target checks the lease (with several copies) and ends by
-        // its deadline.
-        let Some(limit) = act_time() else {
+        // Each call that changes the target checks the lease (with several copies: the store
+        // is asked before the tick's first call) and ends by its deadline.
+        let limit = if gate.confirm().await {
+            gate.time_left()
+        } else {
+            None
+        };
+        let Some(timeout) = limit else {
             record.error = Some(format!(
                 "the lease ran out before {verb}ing {}",
                 ids.join(", ")
@@ -698,7 +755,6 @@ async fn protect_units(
             record.transient = true;
             return (Some(record), held);
         };
-        let timeout = timeout.min(limit);
         let error =
             match tokio::time::timeout(timeout, protection.set_protected(&ids, protect)).await {
                 Ok(Ok(())) => None,

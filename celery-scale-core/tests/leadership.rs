@@ -451,3 +451,86 @@ async fn a_leader_asks_the_store_before_it_sets_so_a_lease_taken_under_it_stops_
     assert_eq!(scaler.sets().len(), 1, "{:?}", scaler.sets());
     assert_eq!(role(&a.tick().await), "follower");
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_protection_a_leader_asks_the_store_only_before_a_call_that_changes_the_target() {
+    let queue = MemoryQueue::new();
+    let scaler = MemoryScaler::new(0).with_protection();
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let mut a = leader_binding(
+        &queue,
+        Box::new(scaler.clone()),
+        store.clone(),
+        policy(Duration::ZERO),
+    );
+    for _ in 0..3 {
+        a.tick().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(role(&a.tick().await), "leader");
+    // Nothing to change for 30 ticks: the keeper's renewals (every third of the 6 s period,
+    // about 15) are all the store hears; asking before every tick would add 30.
+    let before = store.grants();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = a.tick().await;
+        assert!(
+            matches!(r.outcome, Outcome::Unchanged { .. }),
+            "{:?}",
+            r.outcome
+        );
+    }
+    let asked = store.grants() - before;
+    assert!((14..=17).contains(&asked), "{asked} grants in 30 ticks");
+    // A change is still made (asking first: the test above).
+    queue.publish_n("celery", 10);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = a.tick().await;
+    assert!(matches!(r.outcome, Outcome::Set { .. }), "{:?}", r.outcome);
+    assert_eq!(scaler.desired(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_protection_call_without_a_capacity_change_asks_the_store_first() {
+    use celery_scale_core::celery_events::WorkerNode;
+    let nodes = |busy: &[&str]| {
+        ["unit-0", "unit-1", "unit-2"]
+            .iter()
+            .map(|u| WorkerNode {
+                hostname: format!("celery@{u}"),
+                executing: u64::from(busy.contains(u)),
+                last_beat: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let queue = MemoryQueue::new();
+    queue.declare("celery");
+    queue.set_worker_nodes(nodes(&["unit-1", "unit-2"]));
+    let scaler = MemoryScaler::new(3).with_protection();
+    let store = MemoryLeaseStore::new("a", PERIOD);
+    let p = PolicyConfig {
+        min_workers: 2,
+        ..policy(Duration::ZERO)
+    };
+    let mut a = leader_binding(&queue, Box::new(scaler.clone()), store.clone(), p);
+    // 3 -> 2: the busy units are protected, the idle one stops.
+    let r = a.tick().await;
+    assert_eq!(role(&r), "leader");
+    assert_eq!(scaler.unit_ids(), ["unit-1", "unit-2"], "{r:?}");
+    assert_eq!(scaler.protected(), ["unit-1", "unit-2"]);
+    // unit-1 goes idle; the count stays at the floor of 2. At the recheck its protection is
+    // released: a call with no change of capacity, made by the leader.
+    queue.set_worker_nodes(nodes(&["unit-2"]));
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let r = a.tick().await;
+    assert!(matches!(r.outcome, Outcome::Unchanged { .. }), "{r:?}");
+    assert_eq!(scaler.protected(), ["unit-2"], "{r:?}");
+    // unit-2 goes idle too, but the store has given the lease to `b` (a connection dropped
+    // under `a`): asked before the release, it is found out, and nothing is released.
+    queue.set_worker_nodes(nodes(&[]));
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    store.hand_to("b");
+    let r = a.tick().await;
+    assert!(matches!(r.outcome, Outcome::Follower { .. }), "{r:?}");
+    assert_eq!(scaler.protected(), ["unit-2"]);
+}
