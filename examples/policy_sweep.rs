@@ -629,6 +629,31 @@ fn morning_rush(seed: u64, days: u64) -> Trace {
     )
 }
 
+/// The four baselines' runs of `trace`, then each candidate's, as ` | name worker-s / p95 s`
+/// (` *` where a candidate dominates every baseline).
+fn beside_baselines(
+    sim: &Simulator,
+    trace: &Trace,
+    candidates: &[(&str, PolicyConfig)],
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut line = String::new();
+    let mut theirs = Vec::new();
+    for (policy, s) in baselines(sim, trace)? {
+        line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
+        theirs.push(s);
+    }
+    for (label, config) in candidates {
+        let s = sim.run(trace, config.build()?)?.summary;
+        line += &format!(
+            " | {label} {:.0} / {:.0}{}",
+            s.worker_seconds,
+            s.wait_p95_s,
+            if dominates(&s, &theirs) { " *" } else { "" }
+        );
+    }
+    Ok(line)
+}
+
 fn schedule(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "== schedule: morning_rush (3 days, 5 tasks/s of 5-15 s every day 09:00-09:20 UTC), worker-s / p95 wait s; * = dominates every baseline"
@@ -662,22 +687,7 @@ fn schedule(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     for &seed in seeds {
         let sim = Simulator::new(report::world(seed));
         let t = morning_rush(seed, 3);
-        let mut line = format!("seed {seed}");
-        let mut theirs = Vec::new();
-        for (policy, s) in baselines(&sim, &t)? {
-            line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
-            theirs.push(s);
-        }
-        for (label, config) in &candidates {
-            let s = sim.run(&t, config.build()?)?.summary;
-            line += &format!(
-                " | {label} {:.0} / {:.0}{}",
-                s.worker_seconds,
-                s.wait_p95_s,
-                if dominates(&s, &theirs) { " *" } else { "" }
-            );
-        }
-        println!("{line}");
+        println!("seed {seed}{}", beside_baselines(&sim, &t, &candidates)?);
     }
     Ok(())
 }
@@ -741,22 +751,7 @@ fn forecast(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
         for &seed in seeds {
             let sim = Simulator::new(report::world(seed));
             let t = make(seed);
-            let mut line = format!("seed {seed}");
-            let mut theirs = Vec::new();
-            for (policy, s) in baselines(&sim, &t)? {
-                line += &format!(" | {policy} {:.0} / {:.0}", s.worker_seconds, s.wait_p95_s);
-                theirs.push(s);
-            }
-            for (label, config) in candidates {
-                let s = sim.run(&t, config.build()?)?.summary;
-                line += &format!(
-                    " | {label} {:.0} / {:.0}{}",
-                    s.worker_seconds,
-                    s.wait_p95_s,
-                    if dominates(&s, &theirs) { " *" } else { "" }
-                );
-            }
-            println!("{line}");
+            println!("seed {seed}{}", beside_baselines(&sim, &t, candidates)?);
         }
     }
     // Where nothing recurs hourly, what an hourly forecast costs.
