@@ -24,7 +24,8 @@
 //! - `frontier`: where the default does not dominate (seed 1), every policy with its own knob
 //!   swept (ours at 2-8 messages per worker, KEDA and AWS at 2-8, Judoscale at 5-40 s).
 //! - `defaults`: candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and
-//!   30 s windows) on the suite and the holdout traces.
+//!   30 s windows; and the default going to zero after 60 s) on the suite and the holdout
+//!   traces.
 //! - `forecast`: the learned floor (`forecast`, period 1 d or 1 h, 1 or 2 cycles) on a daily
 //!   peak over five days and an hourly cron over eight hours, beside the default and a lower
 //!   target; then an hourly forecast on the suite and the holdout traces, where nothing recurs
@@ -586,8 +587,8 @@ fn rent_or_buy(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     compare("rent-or-buy", &candidates, seeds)
 }
 
-/// Candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and 30 s windows)
-/// on the suite and the holdout traces.
+/// Candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and 30 s windows;
+/// the default going to zero after 60 s) on the suite and the holdout traces.
 fn defaults(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     let mut candidates = Vec::new();
     for per_worker in [4.0, 5.0] {
@@ -603,6 +604,15 @@ fn defaults(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
             ));
         }
     }
+    // Keeping the last worker for one start-up before going to zero (rent or buy: an idle
+    // worker kept through a gap costs the gap, a stop and restart a start-up and the wait).
+    candidates.push((
+        "target_backlog 5, window 30 s, to zero after 60 s".to_string(),
+        PolicyConfig {
+            scale_to_zero_after: Duration::from_secs(60),
+            ..default_policy()
+        },
+    ));
     let candidates: Vec<(&str, PolicyConfig)> = candidates
         .iter()
         .map(|(label, c)| (label.as_str(), c.clone()))
