@@ -22,7 +22,8 @@
 //!   default on the suite and the holdout traces.
 //! - `schedule`: a scheduled floor on a known daily peak (three days), beside the default.
 //! - `frontier`: where the default does not dominate (seed 1), every policy with its own knob
-//!   swept (ours at 2-8 messages per worker, KEDA and AWS at 2-8, Judoscale at 5-40 s).
+//!   swept (ours at 2-8 messages per worker, KEDA and AWS at 2-8, Judoscale at 5-40 s); and
+//!   when the default's long waits on `diurnal` arrive.
 //! - `defaults`: candidate defaults (`target_backlog` at 4 and 5 messages per worker, 15 and
 //!   30 s windows; and the default going to zero after 60 s) on the suite and the holdout
 //!   traces.
@@ -857,6 +858,23 @@ fn frontier() -> Result<(), Box<dyn std::error::Error>> {
         }
         println!("{line}");
     }
+    // Where the default's long waits on `diurnal` are.
+    let run = sim.run(&trace(1, "diurnal"), default_policy().build()?)?;
+    let long: Vec<f64> = run
+        .task_waits
+        .iter()
+        .filter(|(_, wait)| *wait > 45.0)
+        .map(|(arrived, _)| *arrived)
+        .collect();
+    let day = long
+        .iter()
+        .filter(|a| (6.0 * 3600.0..17.0 * 3600.0).contains(*a))
+        .count();
+    println!(
+        "diurnal, default: {} tasks waited over 45 s, {day} ({:.0}%) of them arriving from 06:00 to 17:00",
+        long.len(),
+        100.0 * day as f64 / long.len().max(1) as f64
+    );
     Ok(())
 }
 

@@ -166,6 +166,8 @@ pub struct SimResult {
     pub series: Vec<SimPoint>,
     /// The summary.
     pub summary: Summary,
+    /// Each task that started: (arrival, wait), seconds, in the order they started.
+    pub task_waits: Vec<(f64, f64)>,
 }
 
 /// Runs traces through a policy.

@@ -124,7 +124,8 @@ pub(crate) struct World {
     dispatch_rng: StdRng,
     /// Message id -> (arrival second, duration seconds), until the task starts.
     tasks: HashMap<u64, (f64, f64)>,
-    waits: Vec<f64>,
+    /// (arrival second, wait seconds) of each task started.
+    waits: Vec<(f64, f64)>,
     completed: u64,
     next_host: u64,
 }
@@ -291,7 +292,7 @@ impl World {
     fn start(&mut self, id: u64, now_s: f64) -> f64 {
         self.broker.ack(id);
         let (arrived, duration) = self.tasks.remove(&id).unwrap_or((now_s, 0.0));
-        self.waits.push((now_s - arrived).max(0.0));
+        self.waits.push((arrived, (now_s - arrived).max(0.0)));
         now_s + duration
     }
 
@@ -461,7 +462,7 @@ impl World {
             .sum::<f64>()
             * f64::from(per_unit.get());
         // Tasks that never started waited until the end.
-        let mut waits = self.waits.clone();
+        let mut waits: Vec<f64> = self.waits.iter().map(|&(_, w)| w).collect();
         waits.extend(self.tasks.values().map(|(arrived, _)| end_s - arrived));
         waits.sort_by(f64::total_cmp);
         let pct = |p: f64| -> f64 {
@@ -472,6 +473,7 @@ impl World {
             waits[rank.min(waits.len()) - 1]
         };
         Ok(SimResult {
+            task_waits: self.waits.clone(),
             series,
             summary: Summary {
                 tasks: total,
