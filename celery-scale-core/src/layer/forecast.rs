@@ -7,13 +7,13 @@ use crate::ConfigError;
 use crate::policy::{Decision, PolicyInput, ScalingPolicy};
 
 /// Most buckets in one period (a week at 30 s), which bounds the memory the layer keeps.
-pub const MAX_BUCKETS_PER_PERIOD: u64 = 20_160;
+const MAX_BUCKETS_PER_PERIOD: u64 = 20_160;
 /// Most past periods the layer may compare.
-pub const MAX_CYCLES: u32 = 10;
+const MAX_CYCLES: u32 = 10;
 /// Longest period (a week).
-pub const MAX_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Shortest period.
-pub const MIN_PERIOD: Duration = Duration::from_secs(60);
+const MIN_PERIOD: Duration = Duration::from_secs(60);
 
 /// The settings of a [`Forecast`]: the length of the recurring pattern, how many past periods
 /// must agree, how far ahead to look and how finely to remember.
@@ -30,7 +30,7 @@ impl ForecastSettings {
     /// weekly one); the floor is the lowest of the last `cycles` periods (1 ..= 10) so that a
     /// one-off burst is not replayed when `cycles` >= 2; demand up to `lead` ahead (0 ..=
     /// `period`: a worker start-up) is prepared for; remembered in buckets of `resolution` (1 s
-    /// ..= `period`, at most [`MAX_BUCKETS_PER_PERIOD`] per period, a whole number of them).
+    /// ..= `period`, at most 20 160 per period, a whole number of them).
     /// Errors name the field.
     pub fn new(
         period: Duration,
