@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use celery_scale_core::config::non_empty_patterns;
 use celery_scale_core::{ConfigError, SecretUrl, wildcard_match};
 use serde::{Deserialize, Serialize};
 
@@ -116,28 +117,11 @@ fn management_setting<'de, D: serde::Deserializer<'de>>(
     }
 }
 
-/// Queue discovery through the management API (`GET /api/queues/{vhost}`).
+/// Queue discovery through the management API (`GET /api/queues/{vhost}`), every `refresh`.
 ///
 /// Celery's internal queues are always left out: `*.celery.pidbox`, `*.reply.celery.pidbox`,
 /// `celeryev.*`, `*.dq2` and `celery_delayed_*`, and RabbitMQ's server-named `amq.gen-*`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
-    /// How often to list the vhost's queues again.
-    #[serde(with = "humantime_serde")]
-    pub refresh: Duration,
-    /// Discovered queue names to leave out; `*` matches any run of characters (e.g. `"tmp-*"`).
-    pub exclude: Vec<String>,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        DiscoveryConfig {
-            refresh: Duration::from_secs(60),
-            exclude: Vec::new(),
-        }
-    }
-}
+pub use celery_scale_core::config::DiscoveryConfig;
 
 /// Certificates for `amqps://` beyond the built-in web PKI roots: a private certificate authority
 /// and, for mutual TLS, a client identity (a PEM certificate and key, or a PKCS#12 file).
@@ -636,23 +620,9 @@ impl AmqpSourceConfig {
                 ));
             }
             within("discovery.refresh", d.refresh, DISCOVERY_REFRESH)?;
-            for (i, p) in d.exclude.iter().enumerate() {
-                if p.is_empty() {
-                    return Err(ConfigError::new(
-                        format!("discovery.exclude[{i}]"),
-                        "must not be empty",
-                    ));
-                }
-            }
+            non_empty_patterns("discovery.exclude", &d.exclude)?;
         }
-        for (i, p) in self.worker_hostnames.iter().enumerate() {
-            if p.is_empty() {
-                return Err(ConfigError::new(
-                    format!("worker_hostnames[{i}]"),
-                    "must not be empty (use \"*\" for every worker)",
-                ));
-            }
-        }
+        non_empty_patterns("worker_hostnames", &self.worker_hostnames)?;
         within("heartbeat_window", self.heartbeat_window, HEARTBEAT_WINDOW)?;
         within("heartbeat_warmup", self.heartbeat_warmup, HEARTBEAT_WARMUP)?;
         within("timeout", self.timeout, TIMEOUTS)?;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use celery_scale_core::celery_events::WorkerFeed;
-use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
+use celery_scale_core::{Observation, QueueDepth, QueueSource};
 use futures::StreamExt as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -677,7 +677,7 @@ impl Inner {
             .filter(|s| s.exclusive != Some(true))
             .map(|s| s.name)
             .filter(|n| !n.is_empty() && !is_internal_queue(n))
-            .filter(|n| !discovery.exclude.iter().any(|p| wildcard_match(p, n)))
+            .filter(|n| !discovery.excludes(n))
             .filter(|n| !configured.contains(n.as_str()))
             .collect();
         found.sort();

@@ -100,6 +100,54 @@ impl ScheduleConfig {
     }
 }
 
+/// Discovery of a broker's queues, shared by the sources that offer it (each says how it lists
+/// them and which of Celery's internal queues it always leaves out):
+/// `discovery = { refresh = "60s", exclude = ["tmp-*"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often to list the queues again (default 60 s; each source bounds it).
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// Discovered queue names to leave out; `*` matches any run of characters (e.g. `"tmp-*"`).
+    pub exclude: Vec<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh: Duration::from_secs(60),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    /// Whether a discovered queue `name` is left out by an `exclude` pattern.
+    pub fn excludes(&self, name: &str) -> bool {
+        self.exclude.iter().any(|p| crate::wildcard_match(p, name))
+    }
+}
+
+/// Checks a list of `*` patterns (queue names, worker hostnames): none may be empty. The error
+/// names `field[i]`.
+///
+/// ```
+/// use celery_scale_core::config::non_empty_patterns;
+/// assert!(non_empty_patterns("exclude", &["tmp-*".into()]).is_ok());
+/// let e = non_empty_patterns("exclude", &["a".into(), "".into()]).unwrap_err();
+/// assert_eq!(e.field, "exclude[1]");
+/// ```
+pub fn non_empty_patterns(field: &str, patterns: &[String]) -> Result<(), ConfigError> {
+    match patterns.iter().position(String::is_empty) {
+        Some(i) => Err(ConfigError::new(
+            format!("{field}[{i}]"),
+            "must not be empty (use \"*\" for every name)",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A learned floor for a recurring peak (see [`Forecast`](crate::layer::Forecast)):
 /// `forecast = { period = "1d", cycles = 2, lead = "60s" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

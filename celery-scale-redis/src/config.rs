@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use celery_scale_core::config::non_empty_patterns;
 use celery_scale_core::{ConfigError, SecretUrl};
 
 use crate::broker::{Broker, BrokerUrl};
@@ -46,27 +47,11 @@ pub enum InFlightMode {
     PerQueue,
 }
 
-/// Optional discovery of queues from kombu's binding tables (`_kombu.binding.<exchange>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
-    /// How often to list the binding tables again (a `SCAN` of the keyspace and one `SMEMBERS`
-    /// per exchange, outside the observation's pipeline).
-    #[serde(with = "humantime_serde")]
-    pub refresh: Duration,
-    /// Discovered queue names to leave out; `*` matches any run of characters
-    /// (e.g. `"tmp-*"`). Celery's pidbox, reply and event queues are always left out.
-    pub exclude: Vec<String>,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        DiscoveryConfig {
-            refresh: Duration::from_secs(60),
-            exclude: Vec::new(),
-        }
-    }
-}
+/// Optional discovery of queues from kombu's binding tables (`_kombu.binding.<exchange>`):
+/// `refresh` says how often to list them again (a `SCAN` of the keyspace and one `SMEMBERS` per
+/// exchange, outside the observation's pipeline). Celery's pidbox, reply and event queues are
+/// always left out.
+pub use celery_scale_core::config::DiscoveryConfig;
 
 /// Certificates for `rediss://` (and for the master of a `sentinel://` URL) beyond the built-in
 /// web PKI roots. With `sentinel://` this table is Celery's `broker_use_ssl`: set, it turns TLS
@@ -427,9 +412,9 @@ impl RedisSourceConfig {
                 Duration::from_secs(24 * 3600),
                 "discovery scans the keyspace",
             )?;
-            patterns("discovery.exclude", &d.exclude)?;
+            non_empty_patterns("discovery.exclude", &d.exclude)?;
         }
-        patterns("worker_hostnames", &self.worker_hostnames)?;
+        non_empty_patterns("worker_hostnames", &self.worker_hostnames)?;
         within(
             "heartbeat_window",
             self.heartbeat_window,
@@ -647,16 +632,6 @@ fn within(
 }
 
 /// No empty pattern (it would match only an empty name).
-fn patterns(field: &str, patterns: &[String]) -> Result<(), ConfigError> {
-    match patterns.iter().position(String::is_empty) {
-        Some(i) => Err(ConfigError::new(
-            format!("{field}[{i}]"),
-            "must not be empty (use \"*\" for every name)",
-        )),
-        None => Ok(()),
-    }
-}
-
 /// A TLS file error as a configuration error naming its field, with every reason in the chain.
 fn tls_config_error(e: &celery_scale_tls::TlsFileError) -> ConfigError {
     ConfigError::new(e.field(), e.problem())

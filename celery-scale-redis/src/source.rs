@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use celery_scale_core::celery_events::{WorkerFeed, WorkerSummary};
-use celery_scale_core::{Observation, QueueDepth, QueueSource, wildcard_match};
+use celery_scale_core::{Observation, QueueDepth, QueueSource};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio::time::Instant;
@@ -945,7 +945,7 @@ impl RedisQueueSource {
         let mut queues = self.config.queues.clone();
         let mut known: HashSet<String> = queues.iter().cloned().collect();
         for q in found {
-            if !known.contains(&q) && !discovery.exclude.iter().any(|p| wildcard_match(p, &q)) {
+            if !known.contains(&q) && !discovery.excludes(&q) {
                 known.insert(q.clone());
                 queues.push(q);
             }

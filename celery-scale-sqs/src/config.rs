@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use celery_scale_core::config::non_empty_patterns;
 use celery_scale_core::{ConfigError, SecretUrl};
 use serde::{Deserialize, Serialize};
 
@@ -89,27 +90,10 @@ impl PredefinedQueue {
     }
 }
 
-/// Discovery of queues by name prefix (`ListQueues`, paginated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
-    /// How often to list the queues again.
-    #[serde(with = "humantime_serde")]
-    pub refresh: Duration,
-    /// SQS queue names (the prefix included) to leave out; `*` matches any run of characters.
-    /// Celery's pidbox and reply queues (`*-celery-pidbox`) and event monitors' queues
-    /// (`celeryev-*`) are always left out.
-    pub exclude: Vec<String>,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        DiscoveryConfig {
-            refresh: Duration::from_secs(60),
-            exclude: Vec::new(),
-        }
-    }
-}
+/// Discovery of queues by name prefix (`ListQueues`, paginated), every `refresh`. `exclude`
+/// names SQS queue names (the prefix included). Celery's pidbox and reply queues
+/// (`*-celery-pidbox`) and event monitors' queues (`celeryev-*`) are always left out.
+pub use celery_scale_core::config::DiscoveryConfig;
 
 /// Configuration of an [`SqsQueueSource`](crate::SqsQueueSource): Celery's `broker_url` and the
 /// `broker_transport_options` kombu's SQS transport reads, pasted as they are, plus how this
@@ -412,12 +396,7 @@ impl SqsSourceConfig {
                 ));
             }
             within("discovery.refresh", d.refresh, MIN_REFRESH, MAX_REFRESH)?;
-            if let Some(i) = d.exclude.iter().position(String::is_empty) {
-                return Err(ConfigError::new(
-                    format!("discovery.exclude[{i}]"),
-                    "must not be empty (use \"*\" for every name)",
-                ));
-            }
+            non_empty_patterns("discovery.exclude", &d.exclude)?;
         }
         Ok(())
     }

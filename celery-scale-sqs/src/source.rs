@@ -11,12 +11,12 @@ use aws_credential_types::Credentials;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::QueueAttributeName;
 use celery_scale_aws::{AwsError, AwsSettings, SetupError};
-use celery_scale_core::{Observation, QueueDepth, QueueSource, WorkersUnknown, wildcard_match};
+use celery_scale_core::{Observation, QueueDepth, QueueSource, WorkersUnknown};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::config::{MAX_QUEUES, SqsSourceConfig};
+use crate::config::{DiscoveryConfig, MAX_QUEUES, SqsSourceConfig};
 use crate::error::{
     GET_QUEUE_ATTRIBUTES, GET_QUEUE_URL, LIST_QUEUES, SqsError, classify, is_queue_missing,
 };
@@ -515,9 +515,7 @@ impl SqsQueueSource {
             .into_iter()
             .filter_map(|url| {
                 let sqs_name = name_of_url(&url).to_owned();
-                if !sqs_name.starts_with(&prefix)
-                    || excluded(&sqs_name, &prefix, &discovery.exclude)
-                {
+                if !sqs_name.starts_with(&prefix) || excluded(&sqs_name, &prefix, discovery) {
                     return None;
                 }
                 Some(Target {
@@ -680,11 +678,11 @@ fn strip_prefix(name: &str, prefix: &str) -> String {
 /// (`*.celery.pidbox`, `*.reply.celery.pidbox`, which kombu's table turns into
 /// `*-celery-pidbox`) and event monitors' queues (`celeryev.*`, `celeryev-*` in SQS), plus the
 /// configured patterns (matched against the SQS name).
-fn excluded(sqs_name: &str, prefix: &str, patterns: &[String]) -> bool {
+fn excluded(sqs_name: &str, prefix: &str, discovery: &DiscoveryConfig) -> bool {
     let bare = sqs_name.strip_prefix(prefix).unwrap_or(sqs_name);
     bare.ends_with("-celery-pidbox")
         || bare.starts_with("celeryev-")
-        || patterns.iter().any(|p| wildcard_match(p, sqs_name))
+        || discovery.excludes(sqs_name)
 }
 
 #[async_trait]
@@ -709,11 +707,16 @@ mod tests {
 
     #[test]
     fn celery_queues_are_left_out_of_discovery() {
-        assert!(excluded("p-w1-celery-pidbox", "p-", &[]));
-        assert!(excluded("p-abc-reply-celery-pidbox", "p-", &[]));
-        assert!(excluded("p-celeryev-123", "p-", &[]));
-        assert!(!excluded("p-celery", "p-", &[]));
-        assert!(excluded("p-tmp-1", "p-", &["p-tmp-*".to_owned()]));
+        let none = DiscoveryConfig::default();
+        assert!(excluded("p-w1-celery-pidbox", "p-", &none));
+        assert!(excluded("p-abc-reply-celery-pidbox", "p-", &none));
+        assert!(excluded("p-celeryev-123", "p-", &none));
+        assert!(!excluded("p-celery", "p-", &none));
+        let tmp = DiscoveryConfig {
+            exclude: vec!["p-tmp-*".to_owned()],
+            ..DiscoveryConfig::default()
+        };
+        assert!(excluded("p-tmp-1", "p-", &tmp));
         assert_eq!(strip_prefix("p-celery", "p-"), "celery");
         assert_eq!(strip_prefix("p-", "p-"), "p-");
     }
