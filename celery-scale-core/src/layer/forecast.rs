@@ -112,11 +112,11 @@ impl ForecastSettings {
 /// does not come (the policy asks for less than half of what it asked at this time before,
 /// less one worker, for `lead` in a row: a holiday, a cron that was removed) the floor is
 /// dropped until the ask tracks the past again, so a broken pattern costs about a lead of
-/// capacity instead of a period. Decisions
-/// without a fresh observation (holds) are not remembered. It only ever raises, so it never
-/// turns a fault into a scale-in; with nothing remembered for a past period (the loop was not
-/// running, or just started) it does nothing. What it learned lives in memory: a restarted loop
-/// (or a new leader) starts over.
+/// capacity instead of a period. Decisions without a fresh observation (holds) are not
+/// remembered, and none is raised. It only ever raises, so it never turns a fault into a
+/// scale-in; with nothing remembered for a past period (the loop was not running, or just
+/// started) it does nothing. What it learned lives in memory: a restarted loop (or a new
+/// leader) starts over.
 ///
 /// The wall-clock time is [`PolicyInput::wall`]; a period's buckets are counted from the Unix
 /// epoch, so a period of a day is aligned with UTC days.
