@@ -162,11 +162,12 @@ pub struct ForecastConfig {
     #[serde(default = "ForecastConfig::two")]
     pub cycles: u32,
     /// How far ahead to prepare: a worker start-up. Absent: `worker_startup`, else 60 s. At
-    /// most `period`.
+    /// most half the `period`.
     #[serde(default, with = "humantime_serde")]
     pub lead: Option<Duration>,
     /// Bucket width of what is remembered (default 60 s): whole seconds dividing `period`, at
-    /// most 20 160 buckets per period.
+    /// most 20 160 buckets per period; keep it at least the loop's interval (a bucket no tick
+    /// fell in is nothing remembered).
     #[serde(default = "ForecastConfig::minute", with = "humantime_serde")]
     pub resolution: Duration,
 }
@@ -200,7 +201,15 @@ impl ForecastConfig {
             .lead
             .or(worker_startup)
             .unwrap_or(Duration::from_secs(60));
-        ForecastSettings::new(self.period, self.cycles, lead, self.resolution)
+        ForecastSettings::new(self.period, self.cycles, lead, self.resolution).map_err(|e| {
+            match (e.field.as_str(), self.lead, worker_startup) {
+                ("lead", None, Some(_)) => ConfigError::new(
+                    "lead",
+                    format!("{} (the lead defaults to worker_startup)", e.rule),
+                ),
+                _ => e,
+            }
+        })
     }
 }
 
@@ -235,7 +244,7 @@ impl ForecastConfig {
 /// | `schedule[i].min_workers` | 0 ..= `max_workers` |
 /// | `forecast.period` | 1 min ..= 7 days, whole seconds |
 /// | `forecast.cycles` | 1 ..= 10 |
-/// | `forecast.lead` | 0 ..= `forecast.period` |
+/// | `forecast.lead` | 0 ..= half the `forecast.period` |
 /// | `forecast.resolution` | 1 s ..= `forecast.period`, dividing it, at most 20 160 buckets per period |
 ///
 /// ```
@@ -1018,7 +1027,7 @@ fallback = { after_failures = 3, capacity = 2 }
                 "bindings[0].policy.forecast.resolution",
             ),
             (
-                "forecast = { period = \"1h\", lead = \"2h\" }",
+                "forecast = { period = \"1h\", lead = \"31m\" }",
                 "bindings[0].policy.forecast.lead",
             ),
             (
@@ -1510,7 +1519,7 @@ fallback = { after_failures = 3, capacity = 2 }
             forecast: Some(ForecastConfig {
                 period: Duration::from_secs(7 * 86_400),
                 cycles: 10,
-                lead: Some(Duration::from_secs(7 * 86_400)),
+                lead: Some(Duration::from_secs(7 * 86_400 / 2)),
                 resolution: Duration::from_secs(30),
             }),
         };

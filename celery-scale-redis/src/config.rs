@@ -631,7 +631,6 @@ fn within(
     Ok(())
 }
 
-/// No empty pattern (it would match only an empty name).
 /// A TLS file error as a configuration error naming its field, with every reason in the chain.
 fn tls_config_error(e: &celery_scale_tls::TlsFileError) -> ConfigError {
     ConfigError::new(e.field(), e.problem())

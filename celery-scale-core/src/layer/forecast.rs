@@ -28,8 +28,8 @@ pub struct ForecastSettings {
 impl ForecastSettings {
     /// A pattern that recurs every `period` (1 min ..= 7 days: an hourly cron, a daily peak, a
     /// weekly one); the floor is the lowest of the last `cycles` periods (1 ..= 10) so that a
-    /// one-off burst is not replayed when `cycles` >= 2; demand up to `lead` ahead (0 ..=
-    /// `period`: a worker start-up) is prepared for; remembered in buckets of `resolution` (1 s
+    /// one-off burst is not replayed when `cycles` >= 2; demand up to `lead` ahead (0 ..= half
+    /// the `period`: a worker start-up) is prepared for; remembered in buckets of `resolution` (1 s
     /// ..= `period`, at most 20 160 per period, a whole number of them).
     /// Errors name the field.
     pub fn new(
@@ -56,10 +56,14 @@ impl ForecastSettings {
                 format!("{cycles} must be from 1 to {MAX_CYCLES}"),
             ));
         }
-        if lead > period {
+        if lead > period / 2 {
             return Err(ConfigError::new(
                 "lead",
-                format!("{} is longer than the period {}", show(lead), show(period)),
+                format!(
+                    "{} is more than half the period {}",
+                    show(lead),
+                    show(period)
+                ),
             ));
         }
         let res = resolution.as_secs();
@@ -219,18 +223,24 @@ fn tracks(asked_now: u32, asked_then: u32) -> bool {
 impl<P: ScalingPolicy> ScalingPolicy for Forecast<P> {
     fn decide(&mut self, input: &PolicyInput<'_>) -> Decision {
         let mut d = self.inner.decide(input);
-        if input.observation.is_none() {
+        let Some(obs) = input.observation else {
             return d;
+        };
+        // While the worker figures are unknown (units it started are booting, not heard yet)
+        // the ask beneath follows the running units, which may be this layer's own floor: it
+        // is neither remembered nor taken as the pattern coming.
+        let heard = !obs.workers_are_unknown();
+        if heard {
+            self.remember(input.wall, d.desired);
         }
-        self.remember(input.wall, d.desired);
         let Some(recalled) = self.recalled(input.wall) else {
             self.untracked_since = None;
             return d;
         };
         let s = self.settings;
-        if tracks(d.desired, recalled.same_time) {
+        if heard && tracks(d.desired, recalled.same_time) {
             self.untracked_since = None;
-        } else {
+        } else if heard || self.untracked_since.is_some() {
             let since = *self.untracked_since.get_or_insert(input.now);
             if input.now.saturating_duration_since(since) >= s.lead {
                 // The pattern did not come (a holiday, a cron that was removed): no floor until
@@ -281,9 +291,17 @@ mod tests {
 
     /// The layer's decision at `secs` when the policy beneath asks for `asked`.
     fn decide(f: &mut Forecast<Scripted>, secs: u64, asked: u32) -> Decision {
+        decide_seeing(f, secs, asked, true)
+    }
+
+    /// As [`decide`], with the worker figures known (`heard`) or not.
+    fn decide_seeing(f: &mut Forecast<Scripted>, secs: u64, asked: u32, heard: bool) -> Decision {
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let now = *START.get_or_init(Instant::now) + Duration::from_secs(secs);
-        let obs = Observation::new(0, now);
+        let mut obs = Observation::new(0, now);
+        if !heard {
+            obs.workers_unknown = Some(crate::WorkersUnknown::new("units not heard yet"));
+        }
         f.inner.next = asked;
         let mut i = input(&obs, 0, now);
         i.wall = at(secs);
@@ -313,7 +331,7 @@ mod tests {
         // 08:59: within a lead of it: raised to what was asked at 09:00 yesterday.
         let d = decide(&mut f, DAY + 9 * 3600 - 60, 1);
         assert_eq!(d.desired, 50, "{}", d.reason());
-        assert!(d.reason().contains("forecast") || d.steps.last().unwrap().stage == "forecast");
+        assert_eq!(d.steps.last().unwrap().stage, "forecast");
         // Through the peak, and not past its end.
         assert_eq!(decide(&mut f, DAY + 9 * 3600 + 600, 3).desired, 50);
         assert_eq!(decide(&mut f, DAY + 9 * 3600 + 1260, 1).desired, 1);
@@ -354,6 +372,36 @@ mod tests {
     }
 
     #[test]
+    fn asks_while_the_workers_are_unknown_are_not_remembered_nor_tracking() {
+        let mut f = daily(1);
+        live_a_day(&mut f, 0, 50);
+        let day1 = DAY + 9 * 3600;
+        let unknown =
+            |f: &mut Forecast<Scripted>, secs, asked| decide_seeing(f, secs, asked, false);
+        // The floor's 50 units boot at 09:00, unheard: the ask beneath follows them (50), which
+        // must not count as the peak coming, nor be remembered for day 2.
+        assert_eq!(decide(&mut f, day1 - 30, 1).desired, 50);
+        assert_eq!(decide(&mut f, day1, 1).desired, 50, "untracked from here");
+        for t in (5..=55).step_by(5) {
+            assert_eq!(unknown(&mut f, day1 + t, 50).desired, 50);
+        }
+        assert_eq!(
+            unknown(&mut f, day1 + 60, 50).desired,
+            50,
+            "the policy's own 50"
+        );
+        assert_eq!(
+            decide(&mut f, day1 + 65, 1).desired,
+            1,
+            "let go after a lead"
+        );
+        for t in (70..1200).step_by(5) {
+            decide(&mut f, day1 + t, 1);
+        }
+        assert_eq!(decide(&mut f, 2 * DAY + 9 * 3600 - 60, 1).desired, 1);
+    }
+
+    #[test]
     fn holds_and_gaps_are_not_demand_and_memory_is_bounded() {
         let mut f = daily(1);
         // A hold (no observation) at 09:00 on day 0 is not remembered.
@@ -390,7 +438,8 @@ mod tests {
         assert_eq!(s(8 * DAY, 1, 0, 60).unwrap_err().field, "period");
         assert_eq!(s(DAY, 0, 60, 60).unwrap_err().field, "cycles");
         assert_eq!(s(DAY, 11, 60, 60).unwrap_err().field, "cycles");
-        assert_eq!(s(3600, 1, 3601, 60).unwrap_err().field, "lead");
+        assert_eq!(s(3600, 1, 1801, 60).unwrap_err().field, "lead");
+        assert!(s(3600, 1, 1800, 60).is_ok());
         assert_eq!(s(3600, 1, 60, 7).unwrap_err().field, "resolution");
         assert_eq!(s(3600, 1, 60, 0).unwrap_err().field, "resolution");
         assert_eq!(s(7 * DAY, 1, 60, 1).unwrap_err().field, "resolution");
