@@ -1051,6 +1051,10 @@ fallback = { after_failures = 3, capacity = 2 }
             e.to_string(),
             "bindings[0].policy.schedule[0].min_workers: 21 is above max_workers 20"
         );
+        // A lead taken from worker_startup says where it came from.
+        let e = error("worker_startup = \"40m\"\nforecast = { period = \"1h\" }");
+        assert_eq!(e.field, "bindings[0].policy.forecast.lead", "{e}");
+        assert!(e.rule.contains("worker_startup"), "{e}");
     }
 
     fn error_for(edit: impl Fn(&mut Config<Src, Tgt>)) -> ConfigError {
