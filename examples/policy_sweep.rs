@@ -784,6 +784,8 @@ fn aws_per_desired(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
         let sim = Simulator::new(report::world(seed));
         let mut dominated = 0;
         let mut line = String::new();
+        // Suite totals: theirs (worker-s, p95 sum), the busy bound.
+        let (mut cost, mut p95, mut busy) = (0.0, 0.0, 0.0);
         for (name, t) in suite::suite(seed) {
             let target = default_policy().messages_per_worker;
             let aws = AwsTargetTracking::high_resolution(target, 1, report::MAX_WORKERS)
@@ -792,6 +794,9 @@ fn aws_per_desired(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
             let ours = sim.run(&t, default_policy().build()?)?.summary;
             let won = dominates(&ours, std::slice::from_ref(&theirs));
             dominated += u32::from(won);
+            cost += theirs.worker_seconds;
+            p95 += theirs.wait_p95_s;
+            busy += theirs.busy_seconds;
             line += &format!(
                 " | {name} {:.0}/{:.0} vs ours {:.0}/{:.0}{}",
                 theirs.worker_seconds,
@@ -801,7 +806,10 @@ fn aws_per_desired(seeds: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
                 if won { " *" } else { "" }
             );
         }
-        println!("seed {seed}: the default dominates it on {dominated} of 9{line}");
+        println!(
+            "seed {seed}: suite {cost:.0} worker-s ({:.2}x the busy bound), p95 sum {p95:.0} s; the default dominates it on {dominated} of 9{line}",
+            cost / busy
+        );
     }
     Ok(())
 }
